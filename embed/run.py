@@ -1,0 +1,159 @@
+"""Stage 1 end to end: dataset -> top-k gene prompts -> LLM hidden states -> shared cache.
+
+Everything that can be wrong with the input (dataset, genes, k, model, cache identity) is checked
+before the cache is opened for writing, so bad input never touches the cache. Prompts already in the
+cache are never computed again: not within a run, not across runs, datasets or k_g settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared.config import DEFAULT_MODEL_DIR, EmbedConfig
+from shared.hashing import json_hash, prompt_hash
+
+
+class EmbedError(RuntimeError):
+    """Stage 1 cannot run as asked; the message says why and what to do."""
+
+
+@dataclass
+class EmbedReport:
+    dataset: str
+    tag: str
+    space_id: str
+    n_spots: int
+    n_prompts: int  # distinct prompts
+    n_cached: int
+    n_computed: int
+    seconds: float
+    spot_table: Path
+
+
+def model_label(model: str) -> str:
+    """Human label of a model string, derived without touching the disk (stage 2 uses it too)."""
+    if model == "default":
+        return DEFAULT_MODEL_DIR.name
+    return Path(model.rstrip("/")).name or model
+
+
+def embedding_tag(cfg: EmbedConfig) -> str:
+    """Name of the spot -> prompt-hash table one embed setting writes and stage 2 looks up.
+
+    Readable parts plus a short hash of everything that changes the prompts (k_g, template, which
+    genes are ranked, and the preprocessing that picks the HVGs), so two settings never share a tag.
+    """
+    prompt_settings = {"k": cfg.k_genes, "template": cfg.template, "genes_from": cfg.genes_from,
+                       "preprocess": dataclasses.asdict(cfg.preprocess) if cfg.genes_from == "hvg" else None}
+    return f"{model_label(cfg.model)}.{cfg.pooling}.k{cfg.k_genes}.{cfg.template}.{json_hash(prompt_settings, 8)}"
+
+
+def spot_gene_lists(cfg: EmbedConfig, adata) -> list[list[str]]:
+    """Top-k_g genes of each spot, in descending raw count (see shared.preprocess.top_k_genes)."""
+    from shared.preprocess import preprocess, top_k_genes
+
+    source = preprocess(adata, cfg.preprocess) if cfg.genes_from == "hvg" else adata
+    return top_k_genes(source, cfg.k_genes)
+
+
+def embedding_space(model_dir: Path, cfg: EmbedConfig):
+    """The cache partition these settings write to, computed without loading the model."""
+    import json
+
+    from embed.cache import EmbeddingSpace
+    from shared.hashing import weights_fingerprint
+
+    model_cfg = json.loads((model_dir / "config.json").read_text())
+    dim = model_cfg.get("hidden_size") or model_cfg.get("text_config", {}).get("hidden_size")
+    if not dim:
+        raise EmbedError(f"{model_dir}/config.json has no hidden_size; is this a causal LM checkpoint?")
+    return EmbeddingSpace(model=model_label(cfg.model), weights=weights_fingerprint(model_dir), pooling=cfg.pooling,
+                          dtype=cfg.dtype, dim=int(dim))
+
+
+def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
+                  progress: bool = True, log=print) -> EmbedReport:
+    """Fill the cache with the embeddings of every spot of ``cfg.dataset`` and write its spot table."""
+    from transformers import AutoTokenizer
+
+    from embed.cache import EmbeddingCache
+    from embed.models import resolve_model
+    from embed.prompts import render_prompts
+    from shared.datasets import load_dataset
+
+    t0 = time.perf_counter()
+    # 1. Input: everything checked before the cache is touched.
+    if adata is None:
+        adata = load_dataset(cfg.dataset)
+    if max_spots is not None:
+        if max_spots < 1:
+            raise EmbedError(f"--max-spots must be >= 1, got {max_spots}")
+        adata = adata[:max_spots].copy()
+    gene_lists = spot_gene_lists(cfg, adata)
+    model_dir = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = render_prompts(gene_lists, tokenizer, cfg.template)
+    spot_hashes = [prompt_hash(p) for p in prompts]
+    unique: dict[str, str] = {}
+    for h, p in zip(spot_hashes, prompts):
+        unique.setdefault(h, p)
+    space = embedding_space(model_dir, cfg)
+    tag = embedding_tag(cfg)
+
+    # 2. What is missing (the cache refuses a store or space of another identity here).
+    cache = EmbeddingCache(cfg.cache, create=True)
+    hashes = list(unique)
+    missing = [h for h, present in zip(hashes, cache.contains(space, hashes)) if not present]
+    log(f"{cfg.dataset}: {len(adata)} spots, {len(hashes)} distinct prompts: "
+        f"{len(hashes) - len(missing)} cached, {len(missing)} to compute ({space.model}, {space.pooling})")
+
+    # 3. Compute only what is missing, committing every batch (a killed run keeps its batches).
+    n_computed = 0
+    if missing:
+        n_computed = _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, log)
+
+    table = cache.write_spot_table(cfg.dataset, tag, list(adata.obs_names), spot_hashes, {
+        "dataset": cfg.dataset, "tag": tag, "space": dataclasses.asdict(space), "space_id": space.space_id,
+        "model": cfg.model, "model_dir": str(model_dir), "k_genes": cfg.k_genes, "template": cfg.template,
+        "genes_from": cfg.genes_from, "pooling": cfg.pooling, "n_spots": len(adata),
+        "n_empty_spots": sum(1 for g in gene_lists if not g)})
+    seconds = time.perf_counter() - t0
+    n_cached = len(hashes) - n_computed
+    log(f"{len(hashes)} prompts: {n_cached} cached, {n_computed} computed "
+        f"(spot table {tag}, {seconds:.1f} s)")
+    return EmbedReport(cfg.dataset, tag, space.space_id, len(adata), len(hashes), n_cached, n_computed,
+                       seconds, table)
+
+
+def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, log) -> int:
+    from tqdm import tqdm
+
+    from embed.backends import load_backend
+
+    backend = load_backend(cfg.backend, str(model_dir), pooling=cfg.pooling, dtype=cfg.dtype,
+                           batch_size=cfg.batch_size)
+    # The label is ours (derived from the model string); everything else must agree exactly.
+    got = backend.space()
+    if (got.weights, got.pooling, got.dtype, got.dim) != (space.weights, space.pooling, space.dtype, space.dim):
+        raise EmbedError(f"backend reports embedding space {got} but the cache key was computed as "
+                         f"{space}; refusing to mix them")
+    computed = 0
+    bar = tqdm(total=len(missing), unit="prompt", desc="embedding", disable=not progress)
+    try:
+        for start in range(0, len(missing), cfg.batch_size):
+            batch = missing[start:start + cfg.batch_size]
+            # Another run on the same cache may have committed some of these meanwhile.
+            batch = [h for h, present in zip(batch, cache.contains(space, batch)) if not present]
+            if batch:
+                texts = [unique[h] for h in batch]
+                vectors = np.asarray(backend.embed(texts), dtype=np.float32)
+                cache.add(space, batch, vectors, texts, backend.count_tokens(texts))
+                computed += len(batch)
+            bar.update(cfg.batch_size if start + cfg.batch_size <= len(missing) else len(missing) - start)
+    finally:
+        bar.close()
+    return computed

@@ -1,0 +1,204 @@
+"""The `semst` command: a thin layer over the library API (shared.datasets, embed.run, cluster.run).
+
+Stage modules are imported inside each command so `semst cache info` never pays for importing
+vLLM or DGL. Every expected failure (bad input, missing files, wrong cache) becomes one clear
+line on stderr and a non-zero exit; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from shared.config import DEFAULT_CACHE, ConfigError
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes that mean 'bad input or missing prerequisite', not 'bug'."""
+    errors: list[type[BaseException]] = [ConfigError]
+    for module, names in (
+        ("shared.datasets", ("DatasetError",)),
+        ("shared.download", ("DownloadError",)),
+        ("embed.cache", ("CacheError",)),
+        ("embed.models", ("ModelNotFoundError",)),
+        ("embed.backends", ("BackendError",)),
+        ("embed.prompts", ("PromptError",)),
+        ("embed.run", ("EmbedError",)),
+        ("cluster.graphs", ("GraphError",)),
+        ("cluster.run", ("ClusterError",)),
+        ("cluster.experiment", ("ExperimentError",)),
+    ):
+        mod = sys.modules.get(module)
+        for name in names:
+            cls = getattr(mod, name, None) if mod else None
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                errors.append(cls)
+    return tuple(errors)
+
+
+class SemstGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except Exception as exc:  # only the expected ones are turned into a clean message
+            if isinstance(exc, _expected_errors()):
+                click.echo(f"error: {exc}", err=True)
+                ctx.exit(2)
+            raise
+
+
+cache_option = click.option(
+    "--cache", "cache", type=click.Path(path_type=Path), default=None,
+    help=f"Zarr embedding cache to use (default {DEFAULT_CACHE.relative_to(DEFAULT_CACHE.parents[2])}); "
+         "share one between checkouts by pointing them at the same path.")
+config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+                             help="TOML config to use instead of the dataset's own.")
+
+
+@click.group(cls=SemstGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """semst: spatial domains steered by what an LLM makes of each spot's top genes."""
+
+
+@main.command("data")
+@click.argument("dataset", required=False)
+@click.option("--list", "list_only", is_flag=True, help="List known datasets and where each is found.")
+@click.option("--mirror", default=None, help="Base URL replacing each source's host (e.g. a local mirror).")
+def data_cmd(dataset, list_only, mirror):
+    """Download DATASET from its public source into data/raw/ (verified; never half-written)."""
+    from shared import datasets
+
+    if list_only or not dataset:
+        for row in datasets.describe_datasets():
+            click.echo("  ".join(str(v) for v in row))
+        return
+    from shared.download import download_dataset
+    path = download_dataset(dataset, mirror=mirror)
+    click.echo(f"{dataset}: ready in {path}")
+
+
+@main.command("embed")
+@click.argument("dataset")
+@cache_option
+@config_option
+@click.option("--model", default=None, help="'default' (converted SmolLM2), a local directory or an HF id in the local HF cache.")
+@click.option("--k-genes", "k_genes", type=int, default=None, help="k_g: top expressed genes per spot (default from config, 20).")
+@click.option("--pooling", type=click.Choice(["mean", "last"]), default=None)
+@click.option("--backend", type=click.Choice(["vllm", "transformers"]), default=None)
+@click.option("--template", default=None, help="Prompt template: semst (the paper's) or nonbio (control).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--max-spots", type=int, default=None, help="Only the first N spots (quick checks).")
+def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, template, batch_size, max_spots):
+    """Stage 1: embed DATASET's top-k gene prompts into the shared cache."""
+    from shared.config import config_to_toml, load_embed_config
+    from embed.run import embed_dataset
+
+    cfg = load_embed_config(dataset, {"cache": str(cache) if cache else None, "model": model,
+                                      "k_genes": k_genes, "pooling": pooling, "backend": backend,
+                                      "template": template, "batch_size": batch_size}, config_path)
+    click.echo("# semst embed config\n" + config_to_toml(cfg))
+    embed_dataset(cfg, max_spots=max_spots)
+
+
+def _parse_seeds(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        seeds = [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"seeds must be comma-separated integers, got {value!r}")
+    if not seeds:
+        raise click.BadParameter("seeds must list at least one integer")
+    return seeds
+
+
+@main.command("cluster")
+@click.argument("dataset")
+@cache_option
+@config_option
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2,3,4 (mean +- sd reported).")
+@click.option("--n-domains", "n_domains", type=int, default=None, help="Number of domains (default: annotated domains).")
+@click.option("--fusion", type=click.Choice(["film", "concat", "add", "cross-attention", "none"]), default=None)
+@click.option("--embedding", default=None, help="llm (default), random, or an embedding tag from `semst cache info`.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--model", default=None, help="Which model's cached embeddings to use (as given to `semst embed`).")
+@click.option("--k-genes", "k_genes", type=int, default=None)
+@click.option("--pooling", type=click.Choice(["mean", "last"]), default=None)
+@click.option("--template", default=None)
+@click.option("--run-name", default=None, help="Name of the run folder (default: derived from the settings).")
+def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, embedding, epochs,
+                model, k_genes, pooling, template, run_name):
+    """Stage 2: train SemST on cached embeddings and find spatial domains."""
+    from shared.config import config_to_toml, load_cluster_config
+    from cluster.run import cluster_dataset
+
+    cfg = load_cluster_config(
+        dataset,
+        {"cache": str(cache) if cache else None, "seeds": _parse_seeds(seeds), "n_domains": n_domains,
+         "fusion": fusion, "embedding": embedding, "epochs": epochs},
+        config_path,
+        embed_overrides={"cache": str(cache) if cache else None, "model": model, "k_genes": k_genes,
+                         "pooling": pooling, "template": template})
+    click.echo("# semst cluster config\n" + config_to_toml(cfg))
+    cluster_dataset(cfg, out_dir=out_dir, run_name=run_name)
+
+
+@main.group("cache")
+def cache_group():
+    """Inspect, check and tidy the shared embedding cache."""
+
+
+def _open_cache(cache: Path | None):
+    from embed.cache import EmbeddingCache
+    return EmbeddingCache(cache or DEFAULT_CACHE, create=False)
+
+
+@cache_group.command("info")
+@cache_option
+def cache_info(cache):
+    """Embedding spaces, rows, size and the datasets' spot tables."""
+    from embed.cache import format_info
+    click.echo(format_info(_open_cache(cache).info()))
+
+
+@cache_group.command("verify")
+@cache_option
+def cache_verify(cache):
+    """Check every committed row and index part; exit 1 if anything is wrong."""
+    c = _open_cache(cache)
+    problems = c.verify()
+    if problems:
+        for p in problems:
+            click.echo(f"problem: {p}", err=True)
+        raise SystemExit(1)
+    click.echo(f"{c.path}: OK")
+
+
+@cache_group.command("gc")
+@cache_option
+def cache_gc(cache):
+    """Compact index parts, drop uncommitted rows and temp files (never a committed row)."""
+    report = _open_cache(cache).gc()
+    for k, v in report.items():
+        click.echo(f"{k}: {v}")
+
+
+@main.command("experiment")
+@click.argument("grid", type=click.Path(path_type=Path, exists=True))
+@cache_option
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+def experiment_cmd(grid, cache, out_dir):
+    """Run a declared grid (TOML) of datasets x variants x seeds and write results/report/REPORT.md."""
+    from cluster.experiment import run_experiment
+    report = run_experiment(grid, cache=cache, out_dir=out_dir)
+    click.echo(f"report: {report}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""One config object per stage, loaded from a per-dataset TOML.
+
+Every dataset has ``shared/configs/<dataset>.toml`` (``default.toml`` is the base every
+dataset file overrides). A file has three sections:
+
+- ``[preprocess]`` -> :class:`PreprocessConfig` (used by both stages),
+- ``[embed]``      -> :class:`EmbedConfig` (stage 1),
+- ``[cluster]``    -> :class:`ClusterConfig` (stage 2).
+
+Command-line options override single fields (``overrides``); the resolved config is printed with
+every run (:func:`config_to_toml`) and saved beside the results, so a run can be repeated exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = REPO_ROOT / "data" / "cache" / "embeddings.zarr"
+DEFAULT_MODEL_DIR = REPO_ROOT / "data" / "models" / "SmolLM2-135M-Instruct"
+
+
+class ConfigError(ValueError):
+    """A config file or an override that cannot be used; the message says which field and why."""
+
+
+@dataclass
+class PreprocessConfig:
+    """Expression preprocessing, as in the paper (Spatial-MGCN / SemST preprocessing scripts)."""
+
+    min_cells: int = 3  # drop genes detected in fewer spots
+    n_top_genes: int = 3000  # highly variable genes kept (capped at the number of genes)
+    hvg_flavor: str = "seurat_v3"  # computed on raw counts, as scanpy requires for seurat_v3
+    target_sum: float | None = 1e4  # library-size normalisation target; None = median library size
+    log1p: bool = True
+    scale: bool = True  # z-score each gene
+    max_value: float | None = 10.0  # clip after scaling; None = no clip
+
+
+@dataclass
+class EmbedConfig:
+    """Stage 1: which prompts are built and which LLM turns them into hidden states."""
+
+    dataset: str = ""
+    k_genes: int = 20  # k_g: top expressed genes per spot listed in the prompt
+    genes_from: str = "hvg"  # rank genes among "hvg" (after preprocessing's gene filter) or "all"
+    template: str = "semst"  # prompt template name, see embed.prompts.TEMPLATES
+    model: str = "default"  # "default" = the converted SmolLM2 in data/models, or any id / path
+    pooling: str = "mean"  # "mean" (the paper's code) or "last", over the final layer
+    backend: str = "vllm"  # "vllm" or "transformers"
+    dtype: str = "float32"
+    batch_size: int = 64  # prompts per backend call (and per cache commit)
+    cache: str = str(DEFAULT_CACHE)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+
+@dataclass
+class ClusterConfig:
+    """Stage 2: graphs, the SemST network, training and clustering."""
+
+    dataset: str = ""
+    # graphs
+    radius: float | None = None  # spatial graph radius in obsm["spatial"] units
+    spatial_k: int | None = None  # k nearest spatial neighbours instead of a radius
+    expr_k: int = 14  # k_n: cosine kNN expression graph
+    # network (paper: nhid1=256, nhid2=128)
+    hidden1: int = 256
+    hidden2: int = 128
+    dropout: float = 0.0
+    fsm_hidden_ratio: float = 1.2  # FSM MLP hidden width = ratio * hidden2
+    fusion: str = "film"  # film | concat | add | cross-attention | none
+    embedding: str = "llm"  # llm | random | <embedding tag in the cache>
+    random_embedding_std: float = 0.85  # the paper's "random" control, N(0, 0.85)
+    # training
+    epochs: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    zinb_weight: float = 1.0
+    gamma: float = 0.1  # correlation-reduction weight
+    lambda_s: float = 0.1  # spatial-regularisation weight
+    n_negatives: int = 5  # sampled non-neighbours per spot for L_s
+    decoder_batch: int = 4096  # spots per ZINB-decoder mini-batch (memory stays linear)
+    # clustering
+    n_domains: int | None = None  # None = number of annotated domains
+    seeds: list[int] = field(default_factory=lambda: [0])
+    cache: str = str(DEFAULT_CACHE)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml") if p.stem != "default")
+
+
+def read_toml(dataset: str, path: str | Path | None = None) -> dict[str, Any]:
+    """``default.toml`` merged with the dataset's own file (or ``path``), section by section."""
+    base = tomllib.loads((CONFIG_DIR / "default.toml").read_text())
+    own_path = Path(path) if path else CONFIG_DIR / f"{dataset}.toml"
+    if path and not own_path.exists():
+        raise ConfigError(f"config file {own_path} does not exist")
+    own = tomllib.loads(own_path.read_text()) if own_path.exists() else {}
+    merged: dict[str, Any] = {}
+    for section in set(base) | set(own):
+        merged[section] = {**base.get(section, {}), **own.get(section, {})}
+    return merged
+
+
+def _build(cls, values: dict[str, Any], section: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+def _drop_none(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (overrides or {}).items() if v is not None}
+
+
+def load_embed_config(dataset: str, overrides: dict[str, Any] | None = None,
+                      path: str | Path | None = None) -> EmbedConfig:
+    raw = read_toml(dataset, path)
+    prep = _build(PreprocessConfig, raw.get("preprocess", {}), "preprocess")
+    values = {**raw.get("embed", {}), **_drop_none(overrides), "dataset": dataset}
+    cfg = _build(EmbedConfig, {**values, "preprocess": prep}, "embed")
+    validate_embed_config(cfg)
+    return cfg
+
+
+def load_cluster_config(dataset: str, overrides: dict[str, Any] | None = None,
+                        path: str | Path | None = None,
+                        embed_overrides: dict[str, Any] | None = None) -> ClusterConfig:
+    raw = read_toml(dataset, path)
+    emb = load_embed_config(dataset, embed_overrides, path)
+    values = {**raw.get("cluster", {}), **_drop_none(overrides), "dataset": dataset}
+    cfg = _build(ClusterConfig, {**values, "preprocess": emb.preprocess, "embed": emb}, "cluster")
+    validate_cluster_config(cfg)
+    return cfg
+
+
+def validate_embed_config(cfg: EmbedConfig) -> None:
+    if cfg.k_genes < 1:
+        raise ConfigError(f"k_genes must be >= 1, got {cfg.k_genes}")
+    if cfg.pooling not in ("mean", "last"):
+        raise ConfigError(f"pooling must be 'mean' or 'last', got {cfg.pooling!r}")
+    if cfg.backend not in ("vllm", "transformers"):
+        raise ConfigError(f"backend must be 'vllm' or 'transformers', got {cfg.backend!r}")
+    if cfg.genes_from not in ("hvg", "all"):
+        raise ConfigError(f"genes_from must be 'hvg' or 'all', got {cfg.genes_from!r}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+
+
+FUSIONS = ("film", "concat", "add", "cross-attention", "none")
+
+
+def validate_cluster_config(cfg: ClusterConfig) -> None:
+    if cfg.fusion not in FUSIONS:
+        raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got {cfg.fusion!r}")
+    if cfg.radius is None and cfg.spatial_k is None:
+        raise ConfigError("the spatial graph needs either radius or spatial_k in [cluster]")
+    if cfg.radius is not None and cfg.radius <= 0:
+        raise ConfigError(f"radius must be > 0, got {cfg.radius}")
+    if cfg.spatial_k is not None and cfg.spatial_k < 1:
+        raise ConfigError(f"spatial_k must be >= 1, got {cfg.spatial_k}")
+    if cfg.n_domains is not None and cfg.n_domains < 2:
+        raise ConfigError(f"n_domains must be >= 2, got {cfg.n_domains}")
+    if cfg.epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
+    if not cfg.seeds:
+        raise ConfigError("seeds must list at least one seed")
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_toml(cfg) -> str:
+    """Render a resolved config as TOML (nested dataclasses become sub-tables)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict]] = []
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    def emit(prefix: str, d: dict[str, Any]) -> None:
+        if prefix:
+            lines.append(f"\n[{prefix}]")
+        for k, v in d.items():
+            if isinstance(v, dict):
+                tables.append((f"{prefix}.{k}" if prefix else k, v))
+            elif v is None:
+                lines.append(f"# {k} = (unset)")
+            else:
+                lines.append(f"{k} = {fmt(v)}")
+
+    emit("", config_to_dict(cfg))
+    while tables:
+        emit(*tables.pop(0))
+    return "\n".join(lines).lstrip("\n") + "\n"
