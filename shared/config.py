@@ -180,32 +180,37 @@ def config_to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def config_sections(cfg) -> dict[str, dict[str, Any]]:
+    """The config in the per-dataset file layout: [preprocess], [embed], [cluster]."""
+    if isinstance(cfg, ClusterConfig):
+        cluster = {k: v for k, v in config_to_dict(cfg).items() if k not in ("preprocess", "embed")}
+        embed = {k: v for k, v in config_to_dict(cfg.embed).items() if k != "preprocess"}
+        return {"preprocess": config_to_dict(cfg.preprocess), "embed": embed, "cluster": cluster}
+    if isinstance(cfg, EmbedConfig):
+        embed = {k: v for k, v in config_to_dict(cfg).items() if k != "preprocess"}
+        return {"preprocess": config_to_dict(cfg.preprocess), "embed": embed}
+    raise TypeError(f"not a stage config: {type(cfg).__name__}")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
 def config_to_toml(cfg) -> str:
-    """Render a resolved config as TOML (nested dataclasses become sub-tables)."""
+    """Render a resolved config as a TOML file that ``--config`` loads back to the same config.
+
+    Unset (None) values are written as comments: TOML has no null, and absent means "default".
+    """
     lines: list[str] = []
-    tables: list[tuple[str, dict]] = []
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return repr(v)
-
-    def emit(prefix: str, d: dict[str, Any]) -> None:
-        if prefix:
-            lines.append(f"\n[{prefix}]")
-        for k, v in d.items():
-            if isinstance(v, dict):
-                tables.append((f"{prefix}.{k}" if prefix else k, v))
-            elif v is None:
-                lines.append(f"# {k} = (unset)")
-            else:
-                lines.append(f"{k} = {fmt(v)}")
-
-    emit("", config_to_dict(cfg))
-    while tables:
-        emit(*tables.pop(0))
-    return "\n".join(lines).lstrip("\n") + "\n"
+    for section, values in config_sections(cfg).items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"# {k} = (unset)" if v is None else f"{k} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)

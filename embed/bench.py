@@ -1,0 +1,87 @@
+"""`make bench-embed`: stage-1 speed, measured in one run on the same prompts.
+
+Prints prompts/s for the vLLM and the transformers backend on the default model (same prompts, same
+batch size, after one warm-up batch), and the time to load cached embeddings for 100k spots
+(open the cache, read the spot table, fetch every vector). Not a test: numbers, not assertions.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def bench_prompts(n: int, k: int, tokenizer) -> list[str]:
+    """Prompts of real spots (dlpfc-151673) when the dataset is on the search path, else synthetic."""
+    from embed.prompts import render_prompts
+    from shared.config import load_embed_config
+
+    try:
+        from embed.run import spot_gene_lists
+        from shared.datasets import load_dataset
+
+        adata = load_dataset("dlpfc-151673")
+        cfg = load_embed_config("dlpfc-151673", {"k_genes": k})
+        lists = spot_gene_lists(cfg, adata)[:n]
+        source = "dlpfc-151673"
+    except Exception as exc:  # any reason the real data is unavailable -> synthetic symbols
+        import numpy as np
+        rng = np.random.default_rng(0)
+        pool = [f"GENE{i}" for i in range(3000)]
+        lists = [list(rng.choice(pool, size=k, replace=False)) for _ in range(n)]
+        source = f"synthetic ({type(exc).__name__})"
+    return render_prompts(lists, tokenizer, "semst"), source
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--prompts", type=int, default=128)
+    ap.add_argument("--k-genes", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--spots", type=int, default=100_000)
+    args = ap.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from embed.backends import load_backend
+    from embed.bench_cache import bench_load
+    from embed.models import resolve_model
+
+    model_dir = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts, source = bench_prompts(args.prompts, args.k_genes, tokenizer)
+    n_tokens = None
+    rows = []
+    for name in ("vllm", "transformers"):
+        t0 = time.perf_counter()
+        backend = load_backend(name, str(model_dir), pooling="mean", batch_size=args.batch_size)
+        load_s = time.perf_counter() - t0
+        if n_tokens is None:
+            n_tokens = backend.count_tokens(prompts)
+        backend.embed(prompts[: args.batch_size])  # warm-up (graph capture, allocator)
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), args.batch_size):
+            backend.embed(prompts[i:i + args.batch_size])
+        s = time.perf_counter() - t0
+        rows.append((name, load_s, len(prompts) / s))
+        del backend
+    load = bench_load(n_spots=args.spots)
+
+    print(f"\nbench-embed: {len(prompts)} prompts from {source}, k_g={args.k_genes}, "
+          f"{sum(n_tokens) / len(n_tokens):.0f} tokens/prompt on average, model {model_dir.name}, "
+          f"batch {args.batch_size}, {os.environ.get('OMP_NUM_THREADS')} threads")
+    print(f"{'backend':<14}{'load s':>8}{'prompts/s':>12}")
+    for name, load_s, rate in rows:
+        print(f"{name:<14}{load_s:>8.1f}{rate:>12.2f}")
+    secs = load["seconds"] if isinstance(load, dict) else load
+    print(f"load cached embeddings for {args.spots} spots: {secs:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
