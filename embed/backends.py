@@ -1,0 +1,264 @@
+"""LLM backends: rendered prompts -> pooled final-layer hidden states, one float32 vector each.
+
+Two interchangeable backends compute the same embedding space (tested to agree per prompt):
+
+- ``"vllm"``: vLLM in-process, the model run as a pooling model (``runner="pooling"``,
+  ``convert="embed"``) with MEAN or LAST pooling and no normalisation. The fast path.
+- ``"transformers"``: ``AutoModel`` (the decoder without its LM head) in padded batches with masked
+  mean / last-token pooling over ``last_hidden_state``. The reference, and the fallback where vLLM
+  does not install.
+
+"Final-layer hidden states" are the decoder's output after its final norm: transformers'
+``last_hidden_state`` and what vLLM's pooler receives. Vectors are returned raw (not normalised).
+
+Tokenization is done here, once, for both backends: ``tokenizer(text, add_special_tokens=False)``,
+and vLLM receives the token ids. The rendered chat text already contains every special token the
+model's chat template wants (``<|im_start|>``, or Llama-3's ``<|begin_of_text|>``); letting the
+tokenizer add its own would put a second BOS in front for tokenizers that add one (vLLM adds them by
+default for text prompts). For SmolLM2 and Qwen, whose tokenizers add nothing, this is token for token
+what the SemST authors' ``tokenizer(prompts)`` produced. Prompts longer than ``max_tokens`` are an
+error, never silently truncated.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+POOLINGS = ("mean", "last")
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("vllm", "transformers")
+MAX_TOKENS = 2048  # longest prompt accepted (a 20-gene SemST prompt is ~145 SmolLM2 tokens)
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be loaded or run as asked; the message says why and what to do."""
+
+
+class Backend(Protocol):
+    name: str  # "vllm" | "transformers"
+    tokenizer: object  # the HF tokenizer prompts are rendered and tokenized with
+
+    def space(self): ...  # -> embed.cache.EmbeddingSpace
+
+    def embed(self, prompts: list[str]) -> np.ndarray: ...  # float32 (n, dim)
+
+    def count_tokens(self, prompts: list[str]) -> list[int]: ...
+
+
+def _text_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return getattr(config, "text_config", None) or config
+
+
+class _TokenizingBackend:
+    """What both backends share: the checkpoint, its tokenizer, tokenization, the embedding space."""
+
+    name = ""
+
+    def __init__(self, model_dir: Path, pooling: str, dtype: str, batch_size: int, max_tokens: int):
+        from transformers import AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.pooling = pooling
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        config = _text_config(self.model_dir)
+        self.dim = int(config.hidden_size)
+        # Both backends accept the same prompts: at most what the model has positions for.
+        self.max_tokens = min(max_tokens, int(getattr(config, "max_position_embeddings", None) or max_tokens))
+        self._space = None
+
+    def token_ids(self, prompts: list[str]) -> list[list[int]]:
+        """The exact token ids each backend runs (see the module docstring on special tokens)."""
+        if isinstance(prompts, str):
+            raise BackendError("prompts must be a list of strings, got a single string")
+        if not prompts:
+            return []
+        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        for text, seq in zip(prompts, ids):
+            if not seq:
+                raise BackendError(f"prompt {text!r} has no tokens; render prompts with embed.prompts")
+            if len(seq) > self.max_tokens:
+                raise BackendError(f"a prompt has {len(seq)} tokens, more than max_tokens={self.max_tokens}; "
+                                   "use fewer genes (k_genes) or a larger max_tokens")
+        return ids
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return [len(seq) for seq in self.token_ids(prompts)]
+
+    def space(self):
+        """The cache partition these vectors belong to; identical for both backends."""
+        if self._space is None:
+            from embed.cache import EmbeddingSpace
+            from embed.models import model_label
+            from shared.hashing import weights_fingerprint
+
+            self._space = EmbeddingSpace(model=model_label(self.model_dir),
+                                         weights=weights_fingerprint(self.model_dir),
+                                         pooling=self.pooling, dtype=self.dtype, dim=self.dim)
+        return self._space
+
+    def embed(self, prompts: list[str]) -> np.ndarray:
+        ids = self.token_ids(prompts)
+        if not ids:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = np.asarray(self._embed_ids(ids), dtype=np.float32)
+        if out.shape != (len(ids), self.dim):
+            raise BackendError(f"{self.name} returned shape {out.shape}, expected {(len(ids), self.dim)}")
+        if not np.isfinite(out).all():
+            raise BackendError(f"{self.name} produced non-finite hidden states for {self.model_dir.name} "
+                               f"in {self.dtype}; try --dtype float32")
+        return out
+
+    def _embed_ids(self, ids: list[list[int]]) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.model_dir.name}, pooling={self.pooling}, dtype={self.dtype}, "
+                f"dim={self.dim})")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _set_vllm_env() -> None:
+    """vLLM in-process on CPU; only where the user has not chosen otherwise. Read at vllm import."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache (vLLM's CPU default is larger)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ.setdefault("OMP_NUM_THREADS", str(cores or 1))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO start-up log is pages long
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def _global_random_state_kept():
+    import random
+
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+class VLLMBackend(_TokenizingBackend):
+    name = "vllm"
+
+    def __init__(self, model_dir: Path, pooling: str = "mean", dtype: str = "float32", batch_size: int = 64,
+                 max_tokens: int = MAX_TOKENS):
+        super().__init__(model_dir, pooling, dtype, batch_size, max_tokens)
+        _set_vllm_env()
+        try:
+            from vllm import LLM, PoolingParams
+            from vllm.config import PoolerConfig
+        except Exception as exc:  # ImportError, or a broken install failing at import time
+            raise BackendError(f"vLLM cannot be imported ({type(exc).__name__}: {exc}); "
+                               "use --backend transformers (same embeddings, slower)") from exc
+        try:
+            # In-process, vLLM seeds the global random, numpy and torch generators; the caller's
+            # random state (e.g. a training run in the same process) is put back afterwards.
+            with _global_random_state_kept():
+                self.llm = LLM(
+                    model=str(self.model_dir),
+                    runner="pooling", convert="embed",  # hidden states out, no sampling
+                    pooler_config=PoolerConfig(pooling_type=pooling.upper(), use_activation=False),
+                    dtype=dtype,
+                    max_model_len=self.max_tokens,  # bounds the KV cache and the batched-token budget
+                    max_num_seqs=batch_size,
+                    # No graph compilation: start-up in seconds. Measured on 2 CPU cores, torch.compile
+                    # costs ~100 s of start-up (even when cached) for ~10% more prompts/s.
+                    enforce_eager=True,
+                )
+        except Exception as exc:
+            raise BackendError(f"vLLM could not load {self.model_dir} ({type(exc).__name__}: {exc}); "
+                               "use --backend transformers") from exc
+        # Per request as well: normalisation (the embed task's "activation") is off whatever the
+        # model's own pooler defaults say.
+        self._params = PoolingParams(use_activation=False)
+
+    def _embed_ids(self, ids: list[list[int]]) -> np.ndarray:
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.embed([TokensPrompt(prompt_token_ids=seq) for seq in ids],
+                                 pooling_params=self._params, use_tqdm=False)
+        return np.asarray([o.outputs.embedding for o in outputs], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class TransformersBackend(_TokenizingBackend):
+    name = "transformers"
+
+    def __init__(self, model_dir: Path, pooling: str = "mean", dtype: str = "float32", batch_size: int = 64,
+                 max_tokens: int = MAX_TOKENS):
+        super().__init__(model_dir, pooling, dtype, batch_size, max_tokens)
+        import torch
+        from transformers import AutoModel
+
+        try:
+            self.model = AutoModel.from_pretrained(self.model_dir, dtype=getattr(torch, dtype))
+        except Exception as exc:
+            raise BackendError(f"transformers could not load {self.model_dir} "
+                               f"({type(exc).__name__}: {exc})") from exc
+        self.model.eval()
+
+    def _embed_ids(self, ids: list[list[int]]) -> np.ndarray:
+        import torch
+
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        # Similar lengths together: less padding, same results (padding is masked out).
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start:start + self.batch_size]
+                lengths = torch.tensor([len(ids[i]) for i in rows])
+                width = int(lengths.max())
+                # Right padding: real tokens keep positions 0..n-1, and the causal mask keeps every real
+                # token from seeing the pads after it; the pad id itself is never attended to.
+                input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for r, i in enumerate(rows):
+                    input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
+                    mask[r, :len(ids[i])] = 1
+                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+                if self.pooling == "mean":
+                    pooled = (hidden * mask.unsqueeze(-1)).sum(dim=1) / lengths.unsqueeze(-1)
+                else:  # last real token
+                    pooled = hidden[torch.arange(len(rows)), lengths - 1]
+                out[rows] = pooled.numpy()
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def load_backend(name: str, model: str, pooling: str = "mean", dtype: str = "float32", batch_size: int = 64,
+                 max_tokens: int = MAX_TOKENS) -> Backend:
+    """Load ``model`` ("default", a checkpoint directory or a cached HF id) into backend ``name``."""
+    from embed.models import resolve_model
+
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} "
+                           "(--backend transformers works wherever PyTorch does)")
+    if pooling not in POOLINGS:
+        raise BackendError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if dtype not in DTYPES:
+        raise BackendError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise BackendError(f"batch_size must be >= 1, got {batch_size}")
+    model_dir = resolve_model(model)
+    cls = VLLMBackend if name == "vllm" else TransformersBackend
+    return cls(model_dir, pooling=pooling, dtype=dtype, batch_size=batch_size, max_tokens=max_tokens)
