@@ -1,0 +1,236 @@
+"""The embedding cache: keyed by prompt hash, partitioned by space, append-only, crash-safe, shared."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embed.cache import CacheError, EmbeddingCache, EmbeddingSpace, SpaceMismatchError
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = EmbeddingSpace(model="tiny", weights="f" * 64, pooling="mean", dtype="float32", dim=4)
+OTHER = EmbeddingSpace(model="tiny", weights="f" * 64, pooling="last", dtype="float32", dim=4)
+
+
+def h(i) -> str:
+    return hashlib.sha256(f"prompt {i}".encode()).hexdigest()
+
+
+def vec(i, dim=4) -> np.ndarray:
+    """A vector derived from the key alone, so any row can be checked after a crash."""
+    return np.arange(dim, dtype=np.float32) + float(i)
+
+
+def add(cache, ids, space=SPACE):
+    ids = list(ids)
+    return cache.add(space, [h(i) for i in ids], np.stack([vec(i, space.dim) for i in ids]),
+                     [f"prompt {i}" for i in ids], [3] * len(ids))
+
+
+@pytest.fixture
+def cache(tmp_path) -> EmbeddingCache:
+    return EmbeddingCache(tmp_path / "emb.zarr")
+
+
+def test_get_returns_vectors_in_the_requested_order(cache):
+    add(cache, range(5))
+    got = cache.get(SPACE, [h(3), h(0), h(4)])
+    np.testing.assert_array_equal(got, np.stack([vec(3), vec(0), vec(4)]))
+
+
+def test_a_prompt_is_stored_once_within_and_across_calls(cache):
+    assert add(cache, [1, 2, 2, 3]) == 3
+    assert add(cache, [2, 3, 4]) == 1
+    assert cache.count(SPACE) == 4
+
+
+def test_contains_tells_which_hashes_are_committed(cache):
+    add(cache, [1])
+    assert cache.contains(SPACE, [h(1), h(2)]).tolist() == [True, False]
+    assert cache.contains(OTHER, [h(1)]).tolist() == [False]
+
+
+def test_missing_prompts_are_an_error_that_counts_them(cache):
+    add(cache, [1])
+    with pytest.raises(CacheError, match="2 of 3 prompts are not in the cache"):
+        cache.get(SPACE, [h(1), h(2), h(3)])
+
+
+def test_spaces_are_isolated(cache):
+    add(cache, [1], SPACE)
+    cache.add(OTHER, [h(1)], np.full((1, 4), 9.0, dtype=np.float32), ["p"], [1])
+    np.testing.assert_array_equal(cache.get(SPACE, [h(1)])[0], vec(1))
+    np.testing.assert_array_equal(cache.get(OTHER, [h(1)])[0], np.full(4, 9.0))
+    assert set(cache.spaces()) == {SPACE, OTHER}
+
+
+def test_a_space_written_with_another_identity_is_refused(cache):
+    add(cache, [1])
+    group = cache._root[f"spaces/{SPACE.space_id}"]
+    group.attrs["identity"] = {**group.attrs["identity"], "dim": 8}  # as if written by another space
+    with pytest.raises(SpaceMismatchError, match="another embedding space"):
+        cache.get(SPACE, [h(1)])
+
+
+def test_a_directory_that_is_not_a_cache_is_refused_untouched(tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(CacheError, match="not a semst embedding cache"):
+        EmbeddingCache(other)
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_opening_a_missing_cache_without_create_names_make_embed(tmp_path):
+    with pytest.raises(CacheError, match="make embed"):
+        EmbeddingCache(tmp_path / "nothing.zarr", create=False)
+    assert not (tmp_path / "nothing.zarr").exists()
+
+
+def test_bad_rows_are_refused_before_anything_is_written(cache):
+    with pytest.raises(CacheError, match="non-finite"):
+        cache.add(SPACE, [h(1)], np.full((1, 4), np.nan, dtype=np.float32), ["p"], [1])
+    with pytest.raises(CacheError, match="vectors of shape"):
+        cache.add(SPACE, [h(1)], np.zeros((1, 3), dtype=np.float32), ["p"], [1])
+    with pytest.raises(CacheError, match="not SHA-256"):
+        cache.add(SPACE, ["abc"], np.zeros((1, 4), dtype=np.float32), ["p"], [1])
+    assert cache.count(SPACE) == 0
+
+
+def test_spot_table_round_trip(cache):
+    cache.write_spot_table("mob", "tiny.k5", ["s1", "s2"], [h(1), h(2)], {"space_id": SPACE.space_id})
+    table, meta = cache.read_spot_table("mob", "tiny.k5")
+    assert table["spot_id"].tolist() == ["s1", "s2"]
+    assert table["prompt_hash"].tolist() == [h(1), h(2)]
+    assert meta["space_id"] == SPACE.space_id and meta["n_spots"] == 2
+
+
+def test_missing_spot_table_lists_the_tags_that_exist(cache):
+    cache.write_spot_table("mob", "a", ["s"], [h(1)], {})
+    with pytest.raises(CacheError, match="tags that exist for mob: a"):
+        cache.read_spot_table("mob", "b")
+
+
+def test_verify_accepts_a_consistent_cache(cache):
+    add(cache, range(10))
+    add(cache, range(5, 15))
+    assert cache.verify() == []
+
+
+def test_verify_reports_an_index_pointing_past_the_vectors(cache):
+    add(cache, range(3))
+    array = cache._root[f"spaces/{SPACE.space_id}/vectors"]
+    array.resize((2, 4))
+    problems = cache.verify()
+    assert any("past the 2 rows" in p for p in problems)
+
+
+def test_verify_reports_one_prompt_on_two_rows(cache):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    add(cache, range(3))
+    d = cache.path / "index" / SPACE.space_id
+    pq.write_table(pa.table({"prompt_hash": [h(0)], "row": pa.array([2], pa.int64()), "prompt": ["x"],
+                             "n_tokens": pa.array([1], pa.int32())}), d / "part-zz.parquet")
+    assert any("indexed at rows 0 and 2" in p for p in cache.verify())
+
+
+def test_gc_compacts_parts_trims_garbage_and_keeps_every_committed_row(cache):
+    for start in range(0, 20, 4):
+        add(cache, range(start, start + 4))
+    array = cache._root[f"spaces/{SPACE.space_id}/vectors"]
+    array.resize((25, 4))  # trailing rows of a killed writer
+    (cache.path / "index" / SPACE.space_id / ".tmp-x-part.parquet").write_text("half")
+    report = cache.gc()
+    assert report["parts_merged"] == 5 and report["rows_trimmed"] == 5 and report["temp_files_removed"] == 1
+    fresh = EmbeddingCache(cache.path, create=False)
+    np.testing.assert_array_equal(fresh.get(SPACE, [h(i) for i in range(20)]),
+                                  np.stack([vec(i) for i in range(20)]))
+    assert len(list((cache.path / "index" / SPACE.space_id).glob("part-*"))) == 1
+    assert fresh.verify() == []
+
+
+WRITER = textwrap.dedent("""
+    import hashlib, sys, numpy as np
+    sys.path.insert(0, {repo!r})
+    from embed.cache import EmbeddingCache, EmbeddingSpace
+    space = EmbeddingSpace(model="tiny", weights="f" * 64, pooling="mean", dtype="float32", dim=4)
+    cache = EmbeddingCache(sys.argv[1])
+    ids = list(range(int(sys.argv[2]), int(sys.argv[3])))
+    for start in range(0, len(ids), 7):
+        batch = ids[start:start + 7]
+        hs = [hashlib.sha256(f"prompt {{i}}".encode()).hexdigest() for i in batch]
+        have = cache.contains(space, hs)
+        todo = [(i, x) for i, x, present in zip(batch, hs, have) if not present]
+        if todo:
+            cache.add(space, [x for _, x in todo],
+                      np.stack([np.arange(4, dtype=np.float32) + float(i) for i, _ in todo]),
+                      [f"prompt {{i}}" for i, _ in todo], [3] * len(todo))
+    print("done", flush=True)
+""")
+
+
+def _writer(path, lo, hi) -> subprocess.Popen:
+    code = WRITER.format(repo=str(REPO))
+    return subprocess.Popen([sys.executable, "-c", code, str(path), str(lo), str(hi)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _check_committed_rows(path) -> int:
+    if not path.exists():  # killed before it created the cache: nothing to check, nothing lost
+        return 0
+    cache = EmbeddingCache(path, create=False)
+    assert cache.verify() == []
+    if not cache.spaces():
+        return 0
+    rows = cache._hash_rows(SPACE)
+    by_row = {r: k for k, r in rows.items()}
+    ids = {h(i): i for i in range(400)}
+    got = cache.get(SPACE, list(rows))
+    for key, vector in zip(rows, got):
+        np.testing.assert_array_equal(vector, vec(ids[key]))
+    assert sorted(by_row) == list(range(len(rows)))
+    return len(rows)
+
+
+def test_a_writer_killed_at_any_moment_leaves_a_valid_cache_and_resumes(tmp_path):
+    path = tmp_path / "emb.zarr"
+    rng = np.random.default_rng(0)
+    committed = []
+    for delay in sorted(rng.uniform(0.5, 3.0, size=5)):
+        proc = _writer(path, 0, 400)
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        committed.append(_check_committed_rows(path))
+    proc = _writer(path, 0, 400)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert _check_committed_rows(path) == 400
+    # What was committed before a kill is never computed again: the count only grows.
+    assert committed == sorted(committed)
+    print("committed after each kill:", committed)
+
+
+def test_two_concurrent_writers_never_duplicate_a_row(tmp_path):
+    path = tmp_path / "emb.zarr"
+    EmbeddingCache(path)  # created once, as `semst embed` does before its first batch
+    a, b = _writer(path, 0, 150), _writer(path, 50, 200)
+    for proc in (a, b):
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+    cache = EmbeddingCache(path, create=False)
+    assert cache.count(SPACE) == 200
+    assert cache.verify() == []
+    np.testing.assert_array_equal(cache.get(SPACE, [h(i) for i in range(200)]),
+                                  np.stack([vec(i) for i in range(200)]))
