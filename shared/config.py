@@ -36,8 +36,9 @@ class PreprocessConfig:
     n_top_genes: int = 3000  # highly variable genes kept (capped at the number of genes)
     hvg_flavor: str = "seurat_v3"  # computed on raw counts, as scanpy requires for seurat_v3
     target_sum: float | None = 1e4  # library-size normalisation target; None = median library size
-    log1p: bool = True
-    scale: bool = True  # z-score each gene
+    log1p: bool = False  # the paper's scripts do not log-transform
+    scale: bool = True  # divide each gene by its standard deviation
+    zero_center: bool = False  # the paper scales without centring (sc.pp.scale(zero_center=False))
     max_value: float | None = 10.0  # clip after scaling; None = no clip
 
 

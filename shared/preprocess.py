@@ -1,0 +1,96 @@
+"""Expression preprocessing as in the paper, and each spot's top expressed genes.
+
+:func:`preprocess` follows SemST's / Spatial-MGCN's scripts with every choice in PreprocessConfig:
+gene filter (``min_cells``) -> highly variable genes (``seurat_v3`` on raw counts) -> library-size
+normalisation (``target_sum``) -> optional ``log1p`` (off in the paper) -> scaling by each gene's
+standard deviation (centred only with ``zero_center``; off in the paper) clipped at ``max_value``.
+It returns a new AnnData (the input is not modified) restricted to the selected genes, with
+``layers["counts"]`` = their raw counts (what the ZINB decoder reconstructs) and
+``obs["size_factor"]`` = library size / median library size (the decoder's scale factor).
+
+:func:`top_k_genes` ranks genes by raw count: a prompt lists what the spot actually expresses most.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+
+from shared.config import PreprocessConfig
+
+
+class PreprocessError(ValueError):
+    """Preprocessing cannot run as configured; the message says why."""
+
+
+def preprocess(adata, cfg: PreprocessConfig):
+    """Filtered, normalised, scaled HVG expression (float32 dense X) plus raw counts and size factors."""
+    import scanpy as sc
+
+    work = adata.copy()
+    work.X = sp.csr_matrix(work.X, dtype=np.float32)
+    n_genes_in = work.n_vars
+    detected = np.asarray((work.X > 0).sum(axis=0)).ravel()
+    keep = detected >= cfg.min_cells
+    if not keep.any():
+        raise PreprocessError(f"no gene is detected in at least min_cells={cfg.min_cells} spots")
+    work = work[:, keep].copy()
+    lib = np.asarray(work.X.sum(axis=1)).ravel()
+    n_top = min(cfg.n_top_genes, work.n_vars)
+    if n_top < work.n_vars:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # seurat_v3's loess warns on near-constant genes
+            sc.pp.highly_variable_genes(work, flavor=cfg.hvg_flavor, n_top_genes=n_top,
+                                        **({} if cfg.hvg_flavor == "seurat_v3" else {}))
+        work = work[:, work.var["highly_variable"].to_numpy()].copy()
+    counts = work.X.copy()
+    sc.pp.normalize_total(work, target_sum=cfg.target_sum)
+    if cfg.log1p:
+        sc.pp.log1p(work)
+    if cfg.scale:
+        sc.pp.scale(work, max_value=cfg.max_value, zero_center=cfg.zero_center)
+    X = work.X.toarray() if sp.issparse(work.X) else np.asarray(work.X)
+    out = work
+    out.X = np.nan_to_num(X.astype(np.float32))  # genes constant in every spot scale to NaN
+    out.layers["counts"] = sp.csr_matrix(counts)
+    median = float(np.median(lib[lib > 0])) if (lib > 0).any() else 1.0
+    out.obs["size_factor"] = np.where(lib > 0, lib / median, 1.0).astype(np.float32)
+    out.uns["preprocess"] = {"genes_in": n_genes_in, "genes_after_filter": int(keep.sum()),
+                             "genes_kept": int(out.n_vars), "n_top_genes_capped": n_top < cfg.n_top_genes}
+    return out
+
+
+def top_k_genes(adata, k: int) -> list[list[str]]:
+    """Per spot, the ``k`` genes with the highest raw count, most expressed first.
+
+    Counts are ``layers["counts"]`` when present (a preprocessed AnnData), else ``X``. Ties are
+    broken by gene order in ``var`` (stable), genes with zero counts are never listed, so a spot may
+    list fewer than ``k`` genes, and a spot with no counts at all gets an empty list (stage 1 renders
+    it with a defined prompt, see embed.prompts).
+    """
+    n_genes = adata.n_vars
+    if k < 1:
+        raise PreprocessError(f"k_g must be >= 1, got {k}")
+    if k > n_genes:
+        raise PreprocessError(f"k_g={k} is larger than the {n_genes} genes available; "
+                              f"use --k-genes {n_genes} or fewer")
+    counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    counts = sp.csr_matrix(counts)
+    counts.sum_duplicates()
+    names = np.asarray(adata.var_names, dtype=object)
+    out: list[list[str]] = []
+    indptr, indices, data = counts.indptr, counts.indices, counts.data
+    for i in range(counts.shape[0]):
+        lo, hi = indptr[i], indptr[i + 1]
+        cols, vals = indices[lo:hi], data[lo:hi]
+        nz = vals > 0
+        cols, vals = cols[nz], vals[nz]
+        if len(cols) > k:
+            # Keep every gene tied with the k-th count, then sort exactly: count desc, gene order asc.
+            kth = np.partition(vals, len(vals) - k)[len(vals) - k]
+            sel = vals >= kth
+            cols, vals = cols[sel], vals[sel]
+        order = np.lexsort((cols, -vals))[:k]
+        out.append(names[cols[order]].tolist())
+    return out
