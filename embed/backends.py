@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -138,6 +139,29 @@ def _set_vllm_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _guard_llvmlite_against_vllm_scan() -> None:
+    """Let vLLM load after numba (which scanpy imports for preprocessing).
+
+    vLLM's Triton dispatcher scans every loaded module and reads ``vars(obj)`` of each attribute.
+    llvmlite's library wrapper answers *any* attribute, ``__dict__`` included, with a wrapped C
+    function, so the scan fails ("'_lib_fn_wrapper' object has no attribute 'get") as soon as numba
+    is loaded. A dunder lookup on a C-library wrapper is never a C function: make it fail normally.
+    """
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    cls = getattr(ffi, "_lib_wrapper", None)
+    if cls is None or getattr(cls, "_semst_dunder_guard", False):
+        return
+    original = cls.__getattr__
+
+    def __getattr__(self, name):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return original(self, name)
+
+    cls.__getattr__ = __getattr__
+    cls._semst_dunder_guard = True
+
+
 @contextlib.contextmanager
 def _global_random_state_kept():
     import random
@@ -160,6 +184,7 @@ class VLLMBackend(_TokenizingBackend):
                  max_tokens: int = MAX_TOKENS):
         super().__init__(model_dir, pooling, dtype, batch_size, max_tokens)
         _set_vllm_env()
+        _guard_llvmlite_against_vllm_scan()
         try:
             from vllm import LLM, PoolingParams
             from vllm.config import PoolerConfig

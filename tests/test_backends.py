@@ -5,6 +5,7 @@ engine is loaded once per module and shared by the tests that need it.
 """
 from __future__ import annotations
 
+from pathlib import Path
 import gc
 import random
 import sys
@@ -176,3 +177,18 @@ def test_qwen3_vllm_and_transformers_agree(qwen3_vllm, tiny_qwen3_dir):
 def test_loading_vllm_leaves_the_global_random_state_alone(qwen3_vllm):
     _, after_loading, expected = qwen3_vllm
     assert after_loading == expected
+
+
+def test_vllm_loads_after_numba_is_imported(tiny_model_dir):
+    """scanpy imports numba for preprocessing before stage 1 loads vLLM; that order must work."""
+    import subprocess
+    import sys
+
+    code = ("import numba, sys; sys.path.insert(0, {repo!r})\n"
+            "from embed.backends import load_backend\n"
+            "b = load_backend('vllm', {model!r}, batch_size=2)\n"
+            "print(b.embed(['hello there']).shape)").format(
+        repo=str(Path(__file__).resolve().parents[1]), model=str(tiny_model_dir))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "(1, 128)"
