@@ -1,0 +1,88 @@
+"""The two graphs SemST convolves over, built sparse (memory linear in the number of spots).
+
+- :func:`spatial_graph`: spots within ``radius`` of each other, or each spot's ``k`` nearest spots.
+- :func:`expression_graph`: each spot's ``k`` nearest spots by cosine similarity of expression.
+
+Both are symmetric (an edge either way makes both), carry a self-loop on every spot, and have no
+duplicate edges. Neighbour search is scikit-learn's (kd-tree / ball-tree / brute force chosen by
+size); DGL's default ``knn_graph`` would allocate an N x N matrix and is never used.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from cluster.dgl_compat import dgl
+
+
+class GraphError(ValueError):
+    """A graph cannot be built as configured; the message says why and what to change."""
+
+
+def _symmetric_graph(rows: np.ndarray, cols: np.ndarray, n: int):
+    """DGL graph of the symmetric closure of (rows, cols), self-loops on all nodes, no duplicates."""
+    adj = sp.coo_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(n, n)).tocsr()
+    adj = adj + adj.T + sp.identity(n, dtype=np.float32, format="csr")
+    adj = adj.tocoo()
+    g = dgl.graph((torch.from_numpy(adj.row.astype(np.int64)), torch.from_numpy(adj.col.astype(np.int64))),
+                  num_nodes=n)
+    return g
+
+
+def neighbour_pairs(g) -> tuple[np.ndarray, np.ndarray]:
+    """Edges of ``g`` without self-loops, as (src, dst) arrays."""
+    src, dst = (t.numpy() for t in g.edges())
+    keep = src != dst
+    return src[keep], dst[keep]
+
+
+def spatial_graph(coords, radius: float | None = None, k: int | None = None):
+    """Spatial neighbour graph: within ``radius`` (coordinate units), or the ``k`` nearest spots."""
+    from sklearn.neighbors import NearestNeighbors
+
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.ndim != 2 or not np.isfinite(coords).all():
+        raise GraphError("coordinates must be a finite (n_spots, 2) array")
+    n = len(coords)
+    if (radius is None) == (k is None):
+        raise GraphError("give exactly one of radius or k for the spatial graph")
+    if k is not None:
+        if not 1 <= k < n:
+            raise GraphError(f"spatial k must be between 1 and n_spots - 1 ({n - 1}), got {k}")
+        nn = NearestNeighbors(n_neighbors=k + 1).fit(coords)
+        _, idx = nn.kneighbors(coords)
+        rows = np.repeat(np.arange(n), k + 1)
+        cols = idx.ravel()
+    else:
+        if radius <= 0:
+            raise GraphError(f"radius must be > 0, got {radius}")
+        nn = NearestNeighbors(radius=radius).fit(coords)
+        adj = nn.radius_neighbors_graph(coords, mode="connectivity")
+        degree = np.diff(adj.indptr) - 1  # minus the spot itself
+        isolated = int((degree <= 0).sum())
+        if isolated:
+            raise GraphError(f"radius {radius} leaves {isolated} of {n} spots without any spatial neighbour; "
+                             f"use a larger radius or spatial_k (k nearest spots) in the dataset config")
+        adj = adj.tocoo()
+        rows, cols = adj.row, adj.col
+    keep = rows != cols
+    return _symmetric_graph(rows[keep], cols[keep], n)
+
+
+def expression_graph(features, k: int):
+    """Cosine kNN graph of the expression profiles (rows of ``features``)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    X = np.asarray(features, dtype=np.float32)
+    n = len(X)
+    if not 1 <= k < n:
+        raise GraphError(f"expression k must be between 1 and n_spots - 1 ({n - 1}), got {k}")
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    Xn = X / np.where(norms > 0, norms, 1.0)  # cosine = euclidean order on unit vectors
+    nn = NearestNeighbors(n_neighbors=k + 1).fit(Xn)
+    _, idx = nn.kneighbors(Xn)
+    rows = np.repeat(np.arange(n), k + 1)
+    cols = idx.ravel()
+    keep = rows != cols
+    return _symmetric_graph(rows[keep], cols[keep], n)

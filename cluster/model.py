@@ -1,0 +1,157 @@
+"""The SemST network: two GCN views of the expression, modulated by each spot's LLM embedding.
+
+    Z_s = GCN_spatial(X),  Z_f = GCN_expression(X)          two 2-layer DGL GraphConv branches
+    Z_gcn = [Z_s, Z_f]                                        (n, 2 * hidden2)
+    s = P(e)                                                  the LLM embedding e projected to hidden2
+    alpha, beta = split(M(s))                                 FSM: per-spot scale and shift (FiLM)
+    Z_final = W(((1 + alpha) * Z_gcn + beta))                 W: MLP to hidden2
+    pi, theta, mu = ZINB decoder(Z_final)
+
+This follows the paper's description and the authors' code (LLMHead P: d -> d/2 -> hidden2;
+modulation MLP M: hidden2 -> ratio * hidden2 -> 4 * hidden2; W: 2 * hidden2 -> hidden1 -> hidden2;
+ZINB decoder as in Spatial-MGCN). The fusion switch replaces the FSM for the paper's ablations.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster.dgl_compat import dglnn
+
+
+def fsm_modulate(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Feature-wise linear modulation: ``(1 + alpha) * z + beta`` (alpha = beta = 0 is the identity)."""
+    return (1.0 + alpha) * z + beta
+
+
+class GCNBranch(nn.Module):
+    """Two GraphConv layers (symmetric normalisation; graphs carry self-loops) with ReLU between."""
+
+    def __init__(self, in_dim: int, hidden1: int, hidden2: int, dropout: float):
+        super().__init__()
+        self.conv1 = dglnn.GraphConv(in_dim, hidden1, norm="both", allow_zero_in_degree=False)
+        self.conv2 = dglnn.GraphConv(hidden1, hidden2, norm="both", allow_zero_in_degree=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, graph, x):
+        h = F.relu(self.conv1(graph, x))
+        return self.conv2(graph, self.dropout(h))
+
+
+class SemanticProjection(nn.Module):
+    """P: the LLM embedding (d) -> hidden2, through a d/2 hidden layer (the authors' LLMHead)."""
+
+    def __init__(self, emb_dim: int, out_dim: int):
+        super().__init__()
+        hidden = max(1, emb_dim // 2)
+        self.mlp = nn.Sequential(nn.Linear(emb_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, e):
+        return self.mlp(e)
+
+
+class FSM(nn.Module):
+    """Fine-grained Semantic Modulation: per-spot alpha and beta from the semantic vector."""
+
+    def __init__(self, sem_dim: int, width: int, hidden_ratio: float, dropout: float):
+        super().__init__()
+        hidden = max(1, int(sem_dim * hidden_ratio))
+        self.mlp = nn.Sequential(nn.Linear(sem_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, 2 * width))
+
+    def forward(self, z, s):
+        alpha, beta = torch.chunk(self.mlp(s), 2, dim=1)
+        return fsm_modulate(z, alpha, beta)
+
+
+class CrossAttentionFusion(nn.Module):
+    """Z_gcn attends over the semantic vector, both cut into ``tokens`` equal chunks.
+
+    With one semantic vector per spot there is no sequence to attend over, so each spot's projected
+    embedding is split into ``tokens`` chunks (keys/values) and Z_gcn into as many chunks (queries);
+    the attended chunks are added back to Z_gcn (residual), then W follows as for the FSM.
+    """
+
+    def __init__(self, sem_dim: int, width: int, tokens: int = 4, heads: int = 2):
+        super().__init__()
+        if width % tokens or sem_dim % tokens:
+            raise ValueError(f"widths {width}, {sem_dim} must be divisible by {tokens} tokens")
+        self.tokens = tokens
+        d = width // tokens
+        self.kv = nn.Linear(sem_dim // tokens, d)
+        self.attn = nn.MultiheadAttention(d, num_heads=heads if d % heads == 0 else 1, batch_first=True)
+
+    def forward(self, z, s):
+        n = z.shape[0]
+        q = z.reshape(n, self.tokens, -1)
+        kv = self.kv(s.reshape(n, self.tokens, -1))
+        out, _ = self.attn(q, kv, kv, need_weights=False)
+        return z + out.reshape(n, -1)
+
+
+class ZINBDecoder(nn.Module):
+    """Z_final -> (pi, theta, mu) per gene: dropout probability, dispersion, mean (before size factor)."""
+
+    def __init__(self, hidden2: int, hidden1: int, n_genes: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(hidden2, hidden1), nn.BatchNorm1d(hidden1), nn.ReLU())
+        self.pi = nn.Linear(hidden1, n_genes)
+        self.disp = nn.Linear(hidden1, n_genes)
+        self.mean = nn.Linear(hidden1, n_genes)
+
+    def forward(self, z):
+        h = self.body(z)
+        pi = torch.sigmoid(self.pi(h))
+        disp = torch.clamp(F.softplus(self.disp(h)), 1e-4, 1e4)
+        mean = torch.clamp(torch.exp(self.mean(h)), 1e-5, 1e6)
+        return pi, disp, mean
+
+
+class SemST(nn.Module):
+    """The full network; ``fusion`` is one of film | concat | add | cross-attention | none."""
+
+    def __init__(self, n_genes: int, emb_dim: int | None, hidden1: int = 256, hidden2: int = 128,
+                 dropout: float = 0.0, fusion: str = "film", fsm_hidden_ratio: float = 1.2):
+        super().__init__()
+        if fusion != "none" and not emb_dim:
+            raise ValueError(f"fusion {fusion!r} needs a semantic embedding (emb_dim)")
+        self.fusion = fusion
+        width = 2 * hidden2
+        self.spatial = GCNBranch(n_genes, hidden1, hidden2, dropout)
+        self.expression = GCNBranch(n_genes, hidden1, hidden2, dropout)
+        fused_width = width
+        if fusion != "none":
+            self.project = SemanticProjection(emb_dim, hidden2)
+        if fusion == "film":
+            self.fuse = FSM(hidden2, width, fsm_hidden_ratio, dropout)
+        elif fusion == "add":
+            self.fuse = nn.Linear(hidden2, width)
+        elif fusion == "cross-attention":
+            self.fuse = CrossAttentionFusion(hidden2, width)
+        elif fusion == "concat":
+            fused_width = width + hidden2
+        elif fusion != "none":
+            raise ValueError(f"unknown fusion {fusion!r}")
+        self.W = nn.Sequential(nn.Linear(fused_width, hidden1), nn.ReLU(), nn.Dropout(dropout),
+                               nn.Linear(hidden1, hidden2))
+        self.decoder = ZINBDecoder(hidden2, hidden1, n_genes)
+
+    def fuse_views(self, z_gcn, semantic):
+        if self.fusion == "none":
+            return z_gcn
+        s = self.project(semantic)
+        if self.fusion == "film":
+            return self.fuse(z_gcn, s)
+        if self.fusion == "add":
+            return z_gcn + self.fuse(s)
+        if self.fusion == "cross-attention":
+            return self.fuse(z_gcn, s)
+        return torch.cat([z_gcn, s], dim=1)  # concat
+
+    def encode(self, spatial_graph, expression_graph, x, semantic=None):
+        """(Z_s, Z_f, Z_final)."""
+        z_s = self.spatial(spatial_graph, x)
+        z_f = self.expression(expression_graph, x)
+        z = self.fuse_views(torch.cat([z_s, z_f], dim=1), semantic)
+        return z_s, z_f, self.W(z)
