@@ -104,8 +104,8 @@ def train_semst(features, counts, size_factors, spatial, expression, semantic, c
         rest = cfg.gamma * l_cr + cfg.lambda_s * l_s
         torch.autograd.backward([z, rest], [z_leaf.grad, None])
         opt.step()
-        total = cfg.zinb_weight * zinb_total + float(rest)
-        for key, value in (("total", total), ("zinb", zinb_total), ("cr", float(l_cr)), ("spatial", float(l_s))):
+        total = cfg.zinb_weight * zinb_total + rest.item()
+        for key, value in (("total", total), ("zinb", zinb_total), ("cr", l_cr.item()), ("spatial", l_s.item())):
             history[key].append(value)
         if not np.isfinite(total):
             raise FloatingPointError(f"training diverged (loss {total}) at epoch {len(history['total'])}")

@@ -1,0 +1,66 @@
+"""Graph builders against brute force on tiny inputs."""
+import numpy as np
+import pytest
+
+from cluster.graphs import GraphError, expression_graph, neighbour_pairs, spatial_graph
+
+
+def edge_set(g):
+    src, dst = (t.numpy() for t in g.edges())
+    pairs = list(zip(src.tolist(), dst.tolist()))
+    assert len(pairs) == len(set(pairs)), "duplicate edges"
+    return set(pairs)
+
+
+def brute_force(dist: np.ndarray, neighbours_of) -> set:
+    n = len(dist)
+    edges = {(i, i) for i in range(n)}
+    for i in range(n):
+        for j in neighbours_of(i):
+            edges |= {(i, j), (j, i)}
+    return edges
+
+
+@pytest.fixture
+def coords():
+    return np.random.default_rng(1).uniform(0, 10, size=(40, 2))
+
+
+def test_radius_graph_is_every_pair_within_the_radius_both_ways_plus_self_loops(coords):
+    dist = np.linalg.norm(coords[:, None] - coords[None], axis=2)
+    expected = brute_force(dist, lambda i: [j for j in range(len(dist)) if j != i and dist[i, j] <= 3.0])
+    assert edge_set(spatial_graph(coords, radius=3.0)) == expected
+
+
+def test_knn_spatial_graph_is_the_symmetrised_k_nearest(coords):
+    dist = np.linalg.norm(coords[:, None] - coords[None], axis=2)
+    np.fill_diagonal(dist, np.inf)
+    expected = brute_force(dist, lambda i: np.argsort(dist[i])[:4].tolist())
+    assert edge_set(spatial_graph(coords, k=4)) == expected
+
+
+def test_expression_graph_is_the_symmetrised_cosine_knn():
+    X = np.random.default_rng(2).normal(size=(30, 6)).astype(np.float32)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    cos_dist = 1 - Xn @ Xn.T
+    np.fill_diagonal(cos_dist, np.inf)
+    expected = brute_force(cos_dist, lambda i: np.argsort(cos_dist[i])[:3].tolist())
+    assert edge_set(expression_graph(X, 3)) == expected
+
+
+def test_a_radius_leaving_spots_isolated_says_how_many():
+    coords = np.array([[0, 0], [1, 0], [0, 1], [50, 50], [80, 0]], dtype=float)
+    with pytest.raises(GraphError, match="leaves 2 of 5 spots without any spatial neighbour"):
+        spatial_graph(coords, radius=2.0)
+
+
+def test_neighbour_pairs_drop_self_loops(coords):
+    src, dst = neighbour_pairs(spatial_graph(coords, k=2))
+    assert (src != dst).all() and len(src) >= 2 * len(coords)
+
+
+def test_exactly_one_spatial_rule_is_required(coords):
+    with pytest.raises(GraphError, match="exactly one"):
+        spatial_graph(coords)
+    with pytest.raises(GraphError, match="exactly one"):
+        spatial_graph(coords, radius=1.0, k=3)
