@@ -147,13 +147,17 @@ def _dataset_file(folder: Path, name: str) -> Path | None:
     return None
 
 
-def load_dataset(name: str) -> "anndata.AnnData":  # noqa: F821
-    """Load and check a dataset by name (see the module docstring for what is returned)."""
-    path = find_dataset(name)
+def load_dataset(name: str, path: str | Path | None = None) -> "anndata.AnnData":  # noqa: F821
+    """Load and check a dataset by name (see the module docstring for what is returned).
+
+    ``path`` loads that file or folder instead of searching (e.g. a download being verified)."""
+    path = Path(path) if path is not None else find_dataset(name)
     if path.is_file():
         adata = read_h5ad_dataset(path)
     else:
         f = _dataset_file(path, name)
+        if f is None:
+            raise DatasetError(f"{path} holds neither {name}.h5ad, data.h5ad nor a Space Ranger output")
         if f.suffix == ".h5ad":
             adata = read_h5ad_dataset(f)
         else:
