@@ -20,6 +20,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     for module, names in (
         ("shared.datasets", ("DatasetError",)),
         ("shared.download", ("DownloadError",)),
+        ("shared.preprocess", ("PreprocessError",)),
         ("embed.cache", ("CacheError",)),
         ("embed.models", ("ModelNotFoundError",)),
         ("embed.backends", ("BackendError",)),

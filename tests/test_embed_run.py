@@ -1,0 +1,175 @@
+"""Stage 1 end to end on a tiny random model: dedupe, reruns, resume after SIGKILL, bad input."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from embed.cache import EmbeddingCache
+from embed.run import embed_dataset, embedding_tag
+from shared.config import load_embed_config
+from tests.tiny_model import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+SYMBOLS = ["SNAP25", "GFAP", "MBP", "PLP1", "NRGN", "CALM2", "MOBP", "PCP4", "NEFL", "SCGB2A2",
+           "AQP4", "CCK", "VSNL1", "ENC1", "CAMK2N1", "HPCAL1", "KRT17", "MT3", "SST", "NPY"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
+
+
+def write_slide(path: Path, n: int, seed: int = 0, repeat: int = 1) -> None:
+    """n spots of raw counts over SYMBOLS; ``repeat`` > 1 repeats rows so prompts coincide."""
+    rng = np.random.default_rng(seed)
+    base = rng.poisson(rng.uniform(0.2, 6, size=len(SYMBOLS)), size=(n // repeat, len(SYMBOLS)))
+    X = np.repeat(base, repeat, axis=0)[:n].astype(np.float32)
+    a = ad.AnnData(X=X, obs=pd.DataFrame(index=[f"spot{i}" for i in range(n)]),
+                   var=pd.DataFrame(index=SYMBOLS))
+    a.obsm["spatial"] = rng.uniform(0, 100, size=(n, 2))
+    a.obs["ground_truth"] = rng.choice(["L1", "L2"], size=n)
+    a.write_h5ad(path)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, tiny_model):
+    """A search path with two toy slides, a fresh cache path and the tiny model."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_slide(data / "toy.h5ad", 24, repeat=2)  # 12 distinct spots, each twice
+    write_slide(data / "toy-copy.h5ad", 24, repeat=2)  # the same spots under another name
+    monkeypatch.setenv("SEMST_DATA_PATH", str(data))
+    monkeypatch.setattr("shared.datasets.RAW_DIR", tmp_path / "raw-empty")
+    return {"data": data, "cache": tmp_path / "cache.zarr", "model": str(tiny_model)}
+
+
+def cfg(env, dataset="toy", **kw):
+    base = {"cache": str(env["cache"]), "model": env["model"], "backend": "transformers", "k_genes": 5,
+            "batch_size": 4, "genes_from": "all"}
+    return load_embed_config(dataset, {**base, **kw})
+
+
+def quiet(*a, **k):
+    pass
+
+
+def test_identical_prompts_are_computed_once_and_a_rerun_computes_nothing(env):
+    lines = []
+    first = embed_dataset(cfg(env), progress=False, log=quiet)
+    assert (first.n_spots, first.n_prompts, first.n_computed) == (24, 12, 12)
+    again = embed_dataset(cfg(env), progress=False, log=lines.append)
+    assert (again.n_cached, again.n_computed) == (12, 0)
+    assert "12 prompts: 12 cached, 0 computed" in lines[-1]
+
+
+def test_another_dataset_with_the_same_spots_computes_nothing(env):
+    embed_dataset(cfg(env), progress=False, log=quiet)
+    other = embed_dataset(cfg(env, dataset="toy-copy"), progress=False, log=quiet)
+    assert other.n_computed == 0 and other.n_prompts == 12
+
+
+def test_the_spot_table_maps_every_spot_to_its_cached_vector(env):
+    report = embed_dataset(cfg(env), progress=False, log=quiet)
+    cache = EmbeddingCache(env["cache"], create=False)
+    table, meta = cache.read_spot_table("toy", report.tag)
+    assert table["spot_id"].tolist() == [f"spot{i}" for i in range(24)]
+    assert meta["k_genes"] == 5 and meta["space_id"] == report.space_id
+    space = cache.spaces()[0]
+    vectors = cache.get(space, table["prompt_hash"].tolist())
+    assert vectors.shape == (24, 128)
+    np.testing.assert_array_equal(vectors[0], vectors[1])  # spots 0 and 1 have the same genes
+
+
+def test_each_k_gets_its_own_tag_and_shares_the_cache(env):
+    a = embed_dataset(cfg(env, k_genes=5), progress=False, log=quiet)
+    b = embed_dataset(cfg(env, k_genes=3), progress=False, log=quiet)
+    assert a.tag != b.tag and a.space_id == b.space_id
+    assert embedding_tag(cfg(env, k_genes=3)) == b.tag
+
+
+def test_vllm_fills_the_same_space_as_transformers(env):
+    t = embed_dataset(cfg(env), progress=False, log=quiet)
+    v = embed_dataset(cfg(env, backend="vllm", k_genes=3), progress=False, log=quiet)
+    assert v.space_id == t.space_id and v.n_computed > 0
+
+
+def tree_state(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")}
+
+
+def _semst(*args, env_vars=None, **kw):
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env_vars or {})}, timeout=600, **kw)
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("unknown dataset", ["nope"], "unknown dataset 'nope'"),
+    ("k larger than genes", ["toy", "--k-genes", "50"], "k_g=50 is larger than the"),
+    ("missing model", ["toy", "--model", "/no/such/model"], "/no/such/model"),
+    ("negative counts", ["neg"], "negative values"),
+    ("duplicate genes", ["dup"], "occur more than once"),
+])
+def test_bad_input_exits_non_zero_with_a_reason_and_leaves_the_cache_untouched(env, case, args, message):
+    embed_dataset(cfg(env), progress=False, log=quiet)  # a cache with content to protect
+    bad = ad.read_h5ad(env["data"] / "toy.h5ad")
+    if case == "negative counts":
+        bad.X[0, 0] = -3
+        bad.write_h5ad(env["data"] / "neg.h5ad")
+    if case == "duplicate genes":
+        bad.var_names = ["SNAP25"] * 2 + SYMBOLS[2:]
+        bad.write_h5ad(env["data"] / "dup.h5ad")
+    before = tree_state(env["cache"])
+    extra = ([] if "--model" in args else ["--model", env["model"]]) + ([] if "--k-genes" in args else ["--k-genes", "5"])
+    done = _semst("embed", *args, "--cache", str(env["cache"]), "--backend", "transformers", *extra,
+                  env_vars={"SEMST_DATA_PATH": str(env["data"])})
+    assert done.returncode == 2, done.stderr[-1500:]
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert tree_state(env["cache"]) == before
+
+
+def test_a_cache_path_that_is_not_a_cache_is_refused_untouched(env, tmp_path):
+    other = tmp_path / "someone-elses.zarr"
+    other.mkdir()
+    (other / "zarr.json").write_text("{}")
+    before = tree_state(other)
+    done = _semst("embed", "toy", "--cache", str(other), "--backend", "transformers", "--model", env["model"], "--k-genes", "5",
+                  env_vars={"SEMST_DATA_PATH": str(env["data"])})
+    assert done.returncode == 2 and "not a semst embedding cache" in done.stderr
+    assert tree_state(other) == before
+
+
+def test_a_run_killed_with_sigkill_resumes_computing_only_what_is_missing(env):
+    write_slide(env["data"] / "big.h5ad", 400, seed=3)
+    vars_ = {"SEMST_DATA_PATH": str(env["data"])}
+    cmd = [sys.executable, "-m", "shared.cli", "embed", "big", "--cache", str(env["cache"]), "--backend",
+           "transformers", "--model", env["model"], "--k-genes", "8", "--batch-size", "4"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **vars_}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    index = None
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill as soon as a few batches are committed
+        parts = list(env["cache"].glob("index/*/part-*.parquet"))
+        if len(parts) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    cache = EmbeddingCache(env["cache"], create=False)
+    assert cache.verify() == []
+    committed = cache.count(cache.spaces()[0])
+    assert committed >= 12
+    report = embed_dataset(cfg(env, dataset="big", k_genes=8, genes_from="hvg"), progress=False, log=quiet)
+    assert report.n_computed == report.n_prompts - committed
+    assert report.n_computed > 0  # the kill came before the end
+    assert EmbeddingCache(env["cache"], create=False).verify() == []
