@@ -1,0 +1,161 @@
+"""Stage 2 end to end: outputs, clear errors, and better than k-means on PCA of the same data."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from cluster.run import ClusterError, cluster_dataset
+from embed.cache import EmbeddingCache, EmbeddingSpace
+from embed.run import embedding_tag
+from shared.config import load_cluster_config
+from shared.hashing import prompt_hash
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quiet(*a, **k):
+    pass
+
+
+def fake_embeddings(cache_path: Path, cfg, spot_ids, dim=16, seed=0) -> None:
+    """Spot table + vectors in the cache as `semst embed` would write them (no LLM needed)."""
+    cache = EmbeddingCache(cache_path)
+    space = EmbeddingSpace(model="fake", weights="0" * 64, pooling="mean", dtype="float32", dim=dim)
+    hashes = [prompt_hash(f"prompt of {s}") for s in spot_ids]
+    rng = np.random.default_rng(seed)
+    cache.add(space, hashes, rng.normal(size=(len(hashes), dim)).astype(np.float32), list(spot_ids), [1] * len(hashes))
+    cache.write_spot_table(cfg.dataset, embedding_tag(cfg.embed), spot_ids, hashes,
+                           {"space": dataclasses.asdict(space), "space_id": space.space_id})
+
+
+@pytest.fixture
+def slide(tmp_path, monkeypatch):
+    """A 10 x 12 grid with two domains (left/right) in its counts, on the search path as 'grid'."""
+    rng = np.random.default_rng(0)
+    coords = np.stack(np.meshgrid(np.arange(12.0), np.arange(10.0)), -1).reshape(-1, 2)
+    domain = np.where(coords[:, 0] < 6, "left", "right")
+    g = 40
+    rates = np.where((domain == "left")[:, None], rng.uniform(0.5, 6, g), rng.uniform(0.5, 6, g)[::-1])
+    a = ad.AnnData(X=rng.poisson(rates).astype(np.float32), obs=pd.DataFrame(index=[f"s{i}" for i in range(120)]),
+                   var=pd.DataFrame(index=[f"G{j}" for j in range(g)]))
+    a.obsm["spatial"] = coords
+    a.obs["ground_truth"] = domain
+    data = tmp_path / "data"
+    data.mkdir()
+    a.write_h5ad(data / "grid.h5ad")
+    (tmp_path / "grid.toml").write_text("[preprocess]\nmin_cells = 1\n[cluster]\nradius = 1.5\nexpr_k = 5\n"
+                                        "epochs = 5\nhidden1 = 16\nhidden2 = 8\n")
+    monkeypatch.setenv("SEMST_DATA_PATH", str(data))
+    monkeypatch.setattr("shared.datasets.RAW_DIR", tmp_path / "raw-empty")
+    return {"data": data, "toml": tmp_path / "grid.toml", "cache": tmp_path / "cache.zarr", "adata": a}
+
+
+def grid_cfg(slide, **kw):
+    return load_cluster_config("grid", {"cache": str(slide["cache"]), **kw}, path=slide["toml"],
+                               embed_overrides={"cache": str(slide["cache"])})
+
+
+def test_a_run_writes_every_output_and_metrics_for_each_seed(slide, tmp_path):
+    cfg = grid_cfg(slide, seeds=[0, 1])
+    fake_embeddings(slide["cache"], cfg, list(slide["adata"].obs_names))
+    report = cluster_dataset(cfg, out_dir=tmp_path / "results", progress=False, log=quiet)
+    run = report.run_dir
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml", "domains.parquet", "domains.png",
+                                                     "embedding.npz", "loss.png", "metrics.json", "semst.h5ad"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["seed"] for r in metrics["per_seed"]] == [0, 1] and metrics["summary"]["ARI"]["n"] == 2
+    table = pd.read_parquet(run / "domains.parquet")
+    assert list(table.columns) == ["spot_id", "x", "y", "ground_truth", "domain", "domain_seed0", "domain_seed1"]
+    out = ad.read_h5ad(run / "semst.h5ad")
+    assert out.obsm["X_semst"].shape == (120, 8) and out.obs["semst_domain"].nunique() <= 2
+    assert load_cluster_config("grid", path=run / "config.toml") == cfg
+
+
+def test_the_same_seed_gives_the_same_domains(slide, tmp_path):
+    cfg = grid_cfg(slide)
+    fake_embeddings(slide["cache"], cfg, list(slide["adata"].obs_names))
+    a = cluster_dataset(cfg, out_dir=tmp_path / "a", progress=False, log=quiet)
+    b = cluster_dataset(cfg, out_dir=tmp_path / "b", progress=False, log=quiet)
+    np.testing.assert_array_equal(a.labels[0], b.labels[0])
+
+
+def test_without_annotation_it_finds_domains_and_reports_no_metrics(slide, tmp_path):
+    a = slide["adata"].copy()
+    a.obs["ground_truth"] = np.nan
+    a.write_h5ad(slide["data"] / "grid.h5ad")
+    cfg = grid_cfg(slide, fusion="none", n_domains=3)
+    report = cluster_dataset(cfg, out_dir=tmp_path / "r", progress=False, log=quiet)
+    assert report.summary == {} and len(np.unique(report.labels[0])) == 3
+
+
+def test_missing_embeddings_name_the_make_embed_call(slide, tmp_path):
+    with pytest.raises(ClusterError, match="make embed DATASET=grid"):
+        cluster_dataset(grid_cfg(slide), out_dir=tmp_path / "r", progress=False, log=quiet)
+
+
+def test_embeddings_of_another_setting_are_listed_not_used(slide, tmp_path):
+    other = grid_cfg(slide)
+    other.embed.k_genes = 7  # as if `semst embed --k-genes 7` had run
+    fake_embeddings(slide["cache"], other, list(slide["adata"].obs_names))
+    with pytest.raises(ClusterError, match=r"tags that exist for grid: .*\.k7\."):
+        cluster_dataset(grid_cfg(slide), out_dir=tmp_path / "r", progress=False, log=quiet)
+
+
+@pytest.mark.parametrize("n", [1, 121])
+def test_n_domains_outside_2_to_spots_is_refused(slide, tmp_path, n):
+    cfg = grid_cfg(slide, fusion="none")
+    cfg.n_domains = n
+    with pytest.raises(ClusterError, match="between 2 and the number of spots"):
+        cluster_dataset(cfg, out_dir=tmp_path / "r", progress=False, log=quiet)
+
+
+def test_nan_coordinates_are_refused(slide, tmp_path):
+    from shared.datasets import DatasetError
+
+    a = slide["adata"].copy()
+    a.obsm["spatial"][3] = np.nan
+    a.write_h5ad(slide["data"] / "grid.h5ad")
+    with pytest.raises(DatasetError, match="1 spots have NaN"):
+        cluster_dataset(grid_cfg(slide, fusion="none"), out_dir=tmp_path / "r", progress=False, log=quiet)
+
+
+def test_cli_errors_exit_non_zero_with_one_line(slide, tmp_path):
+    env = {**os.environ, "SEMST_DATA_PATH": str(slide["data"])}
+    base = [sys.executable, "-m", "shared.cli", "cluster", "grid", "--config", str(slide["toml"]),
+            "--cache", str(slide["cache"]), "--out", str(tmp_path / "r")]
+    (tmp_path / "far.toml").write_text(slide["toml"].read_text().replace("radius = 1.5", "radius = 0.5"))
+    for extra, message in ((["--n-domains", "1"], "n_domains must be >= 2"),
+                           (["--fusion", "none", "--config", str(tmp_path / "far.toml")],
+                            "leaves 120 of 120 spots without any spatial neighbour"),
+                           ([], "make embed DATASET=grid")):
+        done = subprocess.run(base + extra, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        assert done.returncode == 2, done.stderr[-1500:]
+        assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_semst_beats_kmeans_on_pca_on_a_real_slide(shared_data_dir, tmp_path):
+    """mob (262 spots, 5 layers), w/o LLM so no model is needed: the graph model must clearly help."""
+    from sklearn.decomposition import PCA
+
+    from cluster.domains import kmeans_domains
+    from cluster.metrics import cluster_metrics
+    from shared.datasets import load_dataset
+    from shared.preprocess import preprocess
+
+    cfg = load_cluster_config("mob", {"fusion": "none", "seeds": [0, 1, 2]})
+    adata = load_dataset("mob")
+    report = cluster_dataset(cfg, out_dir=tmp_path, adata=adata, progress=False, log=quiet, write=False)
+    X = preprocess(adata, cfg.preprocess).X
+    pca_ari = [cluster_metrics(adata.obs["ground_truth"].to_numpy(),
+                               kmeans_domains(PCA(30, random_state=s).fit_transform(X), 5, s))["ARI"]
+               for s in (0, 1, 2)]
+    assert report.summary["ARI"]["mean"] > np.mean(pca_ari) + 5.0
