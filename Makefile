@@ -8,7 +8,6 @@ DATASET ?= dlpfc-151673
 MODEL ?= default
 CACHE ?=
 SEEDS ?=
-GRID ?= experiments/paper.toml
 STAMP := $(VENV)/.installed
 MODEL_DIR := data/models/SmolLM2-135M-Instruct
 # vLLM in-process on CPU (see README "How it runs on CPU").
@@ -23,14 +22,13 @@ MODEL_OPT := $(if $(filter default,$(MODEL)),,--model $(MODEL))
 SEEDS_OPT := $(if $(SEEDS),--seeds $(SEEDS),)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup model embed cluster data test bench bench-embed bench-cluster reproduce clean-venv help
+.PHONY: setup model embed cluster data test bench bench-embed bench-cluster clean-venv help
 
 help:
 	@echo "make cluster [DATASET=dlpfc-151673]  embed (cached) + train + cluster the default dataset"
 	@echo "make embed DATASET=x [MODEL=id|dir] [CACHE=path]   stage 1: fill the embedding cache"
 	@echo "make test                                          the test-suite"
 	@echo "make bench                                         bench-embed + bench-cluster"
-	@echo "make reproduce [GRID=experiments/paper.toml]       the experiment grid -> results/report"
 
 # Idempotent: reinstalls only when the pins or the package metadata change.
 setup: $(STAMP)
@@ -67,9 +65,6 @@ bench-embed: setup model
 	$(BIN)/python -m embed.bench
 bench-cluster: setup
 	$(BIN)/python -m cluster.bench
-
-reproduce: setup model
-	$(BIN)/semst experiment $(GRID)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -28,7 +28,6 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ("embed.run", ("EmbedError",)),
         ("cluster.graphs", ("GraphError",)),
         ("cluster.run", ("ClusterError",)),
-        ("cluster.experiment", ("ExperimentError",)),
     ):
         mod = sys.modules.get(module)
         for name in names:
@@ -188,17 +187,6 @@ def cache_gc(cache):
     report = _open_cache(cache).gc()
     for k, v in report.items():
         click.echo(f"{k}: {v}")
-
-
-@main.command("experiment")
-@click.argument("grid", type=click.Path(path_type=Path, exists=True))
-@cache_option
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
-def experiment_cmd(grid, cache, out_dir):
-    """Run a declared grid (TOML) of datasets x variants x seeds and write results/report/REPORT.md."""
-    from cluster.experiment import run_experiment
-    report = run_experiment(grid, cache=cache, out_dir=out_dir)
-    click.echo(f"report: {report}")
 
 
 if __name__ == "__main__":
