@@ -1,0 +1,61 @@
+"""The `semst` command line: thin, and every expected failure is one line and a non-zero exit."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from click.testing import CliRunner
+
+from embed.cache import EmbeddingCache, EmbeddingSpace
+from shared.cli import main
+
+SPACE = EmbeddingSpace(model="tiny", weights="a" * 64, pooling="mean", dtype="float32", dim=3)
+
+
+def filled(path):
+    cache = EmbeddingCache(path)
+    hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4)]
+    cache.add(SPACE, hashes, np.ones((4, 3), dtype=np.float32), ["p"] * 4, [2] * 4)
+    cache.write_spot_table("toy", "tiny.mean.k5", ["a", "b"], hashes[:2], {"space_id": SPACE.space_id})
+    return cache
+
+
+def test_cache_info_lists_spaces_and_spot_tables(tmp_path):
+    filled(tmp_path / "c.zarr")
+    out = CliRunner().invoke(main, ["cache", "info", "--cache", str(tmp_path / "c.zarr")])
+    assert out.exit_code == 0
+    assert f"space {SPACE.space_id}: tiny pooling=mean float32 dim=3" in out.output
+    assert "toy / tiny.mean.k5: 2 spots" in out.output
+
+
+def test_cache_verify_exits_0_when_consistent_and_1_with_the_problem_when_not(tmp_path):
+    cache = filled(tmp_path / "c.zarr")
+    ok = CliRunner().invoke(main, ["cache", "verify", "--cache", str(cache.path)])
+    assert ok.exit_code == 0 and "OK" in ok.output
+    cache._root[f"spaces/{SPACE.space_id}/vectors"].resize((2, 3))
+    bad = CliRunner().invoke(main, ["cache", "verify", "--cache", str(cache.path)])
+    assert bad.exit_code == 1 and "past the 2 rows" in bad.output
+
+
+def test_cache_gc_reports_what_it_did(tmp_path):
+    cache = filled(tmp_path / "c.zarr")
+    out = CliRunner().invoke(main, ["cache", "gc", "--cache", str(cache.path)])
+    assert out.exit_code == 0 and "rows_trimmed: 0" in out.output
+
+
+def test_a_missing_cache_is_one_line_and_exit_2(tmp_path):
+    out = CliRunner().invoke(main, ["cache", "verify", "--cache", str(tmp_path / "none.zarr")])
+    assert out.exit_code == 2
+    assert out.output.startswith("error: no embedding cache at") and "make embed" in out.output
+
+
+def test_bad_seeds_are_a_usage_error(tmp_path):
+    out = CliRunner().invoke(main, ["cluster", "mob", "--seeds", "0,x"])
+    assert out.exit_code == 2 and "seeds must be comma-separated integers" in out.output
+
+
+def test_data_list_names_every_registered_dataset():
+    out = CliRunner().invoke(main, ["data", "--list"])
+    assert out.exit_code == 0
+    for name in ("mba", "hbc", "dlpfc-151507", "dlpfc-151676", "me", "mvc", "mob"):
+        assert f"\n{name}  " in out.output
