@@ -89,11 +89,14 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     # 1. Input: everything checked before the cache is touched.
     if adata is None:
         adata = load_dataset(cfg.dataset)
-    if max_spots is not None:
-        if max_spots < 1:
-            raise EmbedError(f"--max-spots must be >= 1, got {max_spots}")
-        adata = adata[:max_spots].copy()
+    if max_spots is not None and max_spots < 1:
+        raise EmbedError(f"--max-spots must be >= 1, got {max_spots}")
+    # Genes are chosen on the whole slide (gene filter and HVGs depend on all spots), so the
+    # prompts of a --max-spots run are exactly those of a full run and stay in the cache for it.
     gene_lists = spot_gene_lists(cfg, adata)
+    if max_spots is not None:
+        adata = adata[:max_spots]
+        gene_lists = gene_lists[:max_spots]
     model_dir = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = render_prompts(gene_lists, tokenizer, cfg.template)

@@ -1,6 +1,8 @@
 """Stage 1 end to end on a tiny random model: dedupe, reruns, resume after SIGKILL, bad input."""
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import signal
 import subprocess
@@ -87,6 +89,16 @@ def test_the_spot_table_maps_every_spot_to_its_cached_vector(env):
     vectors = cache.get(space, table["prompt_hash"].tolist())
     assert vectors.shape == (24, 128)
     np.testing.assert_array_equal(vectors[0], vectors[1])  # spots 0 and 1 have the same genes
+
+
+def test_max_spots_embeds_the_first_spots_with_the_prompts_of_a_full_run(env):
+    # HVG genes depend on the whole slide; a --max-spots run must not change any spot's prompt.
+    c = cfg(env, genes_from="hvg")
+    c = dataclasses.replace(c, preprocess=dataclasses.replace(c.preprocess, n_top_genes=8))
+    part = embed_dataset(c, max_spots=6, progress=False, log=quiet)
+    full = embed_dataset(c, progress=False, log=quiet)
+    assert (part.n_spots, part.n_prompts, part.n_computed) == (6, 3, 3)
+    assert (full.n_spots, full.n_computed) == (24, full.n_prompts - 3)
 
 
 def test_each_k_gets_its_own_tag_and_shares_the_cache(env):
