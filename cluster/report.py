@@ -1,0 +1,428 @@
+"""The experiment report: ``REPORT.md`` with its tables, and the figures it shows.
+
+Pure rendering: :func:`render_report` turns a :class:`ReportData` (what the grid declared and what
+each cell produced) into markdown, and the ``plot_*`` functions draw figures from plain arrays.
+:mod:`cluster.experiment` gathers the data; nothing here trains, embeds or reads a dataset.
+
+Numbers are the metrics of :func:`cluster.metrics.cluster_metrics` (x100, labelled spots only),
+shown as ``mean ± sd`` over seeds (sample sd; 0.00 for one seed) with two decimals. F1 is the
+macro F1 after the same Hungarian matching as ACC.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# (key in a cell's summary, column title)
+METRIC_COLUMNS = (("ARI", "ARI"), ("NMI", "NMI"), ("ACC", "ACC"), ("F1_macro", "F1"))
+
+NO_SELECTION_STATEMENT = (
+    "Nothing was selected by looking at labels. Every method uses its configured settings, declared "
+    "before the run in the grid file and the dataset configs; the embedding clustered is the last "
+    "epoch's (no early stopping, no checkpoint picked by score); k-means runs with a fixed seed and "
+    "the number of annotated domains (the only use of the annotation before scoring, as in the "
+    "paper); every seed is reported, none dropped. The annotation is otherwise used only to compute "
+    "the metrics and to give matched domains the colour of their annotated layer in the domain maps.")
+
+
+@dataclass
+class VariantInfo:
+    name: str
+    label: str
+    description: str = ""  # backbone and settings, in words
+
+
+@dataclass
+class TableInfo:
+    title: str
+    variants: list[str]
+    caption: str = ""
+
+
+@dataclass
+class FigureInfo:
+    title: str
+    path: str  # relative to the report's folder
+    caption: str = ""
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    n_spots: int | None = None
+    n_domains: int | None = None
+    skipped: str | None = None  # why the dataset was not run (None = it was)
+
+
+@dataclass
+class CellResult:
+    """One (dataset, variant) cell: every seed of one method on one dataset."""
+
+    dataset: str
+    variant: str
+    status: str = "ok"  # "ok" | "failed"
+    n_spots: int | None = None
+    n_domains: int | None = None
+    summary: dict = field(default_factory=dict)  # metric -> {"mean", "sd", "n"}
+    per_seed: list = field(default_factory=list)  # {"seed", "seconds", metrics...}
+    wall_seconds: float = 0.0  # the whole cell: embedding step + every seed
+    embed_seconds: float = 0.0  # the embedding step alone (cache look-up, and computing what is missing)
+    prompts_computed: int = 0  # embeddings computed (not found in the cache) by this cell
+    embedding: dict | None = None  # identity of the semantic embeddings (tag, model, weights, ...)
+    settings: dict = field(default_factory=dict)  # backbone, fusion, k_genes, ... (for figures)
+    error: str | None = None
+    config_hash: str = ""
+    finished: str = ""  # ISO time the cell finished
+    reused: bool = False  # taken from an earlier run of the same grid and settings
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CellResult":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class ReportData:
+    title: str
+    grid: str  # the grid file
+    seeds: list[int]
+    variants: list[VariantInfo]
+    datasets: list[DatasetInfo]
+    tables: list[TableInfo]
+    cells: list[CellResult]
+    figures: list[FigureInfo] = field(default_factory=list)
+    figure_problems: list[str] = field(default_factory=list)
+    generated: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+# -- formatting -----------------------------------------------------------------------------------
+
+def format_mean_sd(entry: dict | None) -> str:
+    """``"45.12 ± 1.03"``; ``"n/a"`` when the metric was not computed (no annotation)."""
+    if not entry:
+        return "n/a"
+    return f"{entry['mean']:.2f} ± {entry['sd']:.2f}"
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f}"
+
+
+def _cell_index(cells: list[CellResult]) -> dict[tuple[str, str], CellResult]:
+    return {(c.dataset, c.variant): c for c in cells}
+
+
+def _labels(data: ReportData) -> dict[str, str]:
+    return {v.name: v.label for v in data.variants}
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_table(table: TableInfo, data: ReportData) -> str:
+    """One markdown table: a row per (run dataset, variant), metrics as mean ± sd over seeds."""
+    labels = _labels(data)
+    cells = _cell_index(data.cells)
+    header = ["dataset", "spots", "domains", "method", "seeds"] + [title for _, title in METRIC_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |",
+             "|---|---:|---:|---|---:|" + "---:|" * len(METRIC_COLUMNS)]
+    for ds in data.datasets:
+        if ds.skipped is not None:
+            continue
+        for name in table.variants:
+            cell = cells.get((ds.name, name))
+            spots = ds.n_spots if ds.n_spots is not None else (cell.n_spots if cell else None)
+            domains = ds.n_domains if ds.n_domains is not None else (cell.n_domains if cell else None)
+            if cell is None:
+                seeds, values = "-", ["not run"] * len(METRIC_COLUMNS)
+            elif cell.status != "ok":
+                seeds, values = "-", ["failed"] * len(METRIC_COLUMNS)
+            else:
+                seeds = str(len(cell.per_seed))
+                values = [format_mean_sd(cell.summary.get(key)) for key, _ in METRIC_COLUMNS]
+            row = [ds.name, "-" if spots is None else str(spots), "-" if domains is None else str(domains),
+                   _md_escape(labels.get(name, name)), seeds, *values]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def render_models(data: ReportData) -> str:
+    """Which model produced the semantic embeddings of which methods (label + weights SHA-256)."""
+    labels = _labels(data)
+    groups: dict[tuple, set[str]] = {}
+    for cell in data.cells:
+        e = cell.embedding
+        if cell.status != "ok" or not e:
+            continue
+        key = (e.get("source", ""), e.get("model", ""), e.get("weights", ""), e.get("pooling", ""), e.get("dim", ""))
+        groups.setdefault(key, set()).add(labels.get(cell.variant, cell.variant))
+    if not groups:
+        return "No method in this grid used semantic embeddings."
+    lines = ["| source | model | weights (SHA-256 of the weight files) | pooling | dim | used by |",
+             "|---|---|---|---|---:|---|"]
+    for (source, model, weights, pooling, dim), users in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        lines.append(f"| {_md_escape(source)} | {_md_escape(model)} | `{weights}` | {pooling} | {dim} | "
+                     f"{_md_escape(', '.join(sorted(users)))} |")
+    return "\n".join(lines)
+
+
+def render_datasets(data: ReportData) -> str:
+    lines = ["| dataset | spots | domains | status |", "|---|---:|---:|---|"]
+    for ds in data.datasets:
+        status = "run" if ds.skipped is None else f"skipped: {_md_escape(ds.skipped)}"
+        lines.append(f"| {ds.name} | {'-' if ds.n_spots is None else ds.n_spots} | "
+                     f"{'-' if ds.n_domains is None else ds.n_domains} | {status} |")
+    return "\n".join(lines)
+
+
+def render_variants(data: ReportData) -> str:
+    lines = ["| method | name in the grid | what it is |", "|---|---|---|"]
+    for v in data.variants:
+        lines.append(f"| {_md_escape(v.label)} | `{v.name}` | {_md_escape(v.description)} |")
+    return "\n".join(lines)
+
+
+def render_wall_times(data: ReportData) -> str:
+    """Per cell: wall time (embedding step + all seeds), embedding step, prompts computed, s per seed."""
+    labels = _labels(data)
+    lines = ["| dataset | method | status | wall (s) | embedding step (s) | embeddings computed | "
+             "s per seed | from |", "|---|---|---|---:|---:|---:|---:|---|"]
+    for cell in data.cells:
+        per_seed = [r["seconds"] for r in cell.per_seed if "seconds" in r]
+        mean_seed = format_seconds(float(np.mean(per_seed))) if per_seed else "-"
+        origin = f"earlier run ({cell.finished})" if cell.reused else "this run"
+        lines.append(f"| {cell.dataset} | {_md_escape(labels.get(cell.variant, cell.variant))} | {cell.status} | "
+                     f"{format_seconds(cell.wall_seconds)} | {format_seconds(cell.embed_seconds)} | "
+                     f"{cell.prompts_computed} | {mean_seed} | {origin} |")
+    total = sum(c.wall_seconds for c in data.cells if not c.reused)
+    computed = sum(c.prompts_computed for c in data.cells if not c.reused)
+    lines.append("")
+    lines.append(f"This run: {total:.1f} s of cell wall time, {computed} embeddings computed "
+                 f"(everything else came from the shared cache).")
+    return "\n".join(lines)
+
+
+def render_report(data: ReportData) -> str:
+    out = [f"# {data.title}", ""]
+    meta = f"Grid `{data.grid}`; seeds {', '.join(map(str, data.seeds))}"
+    if data.generated:
+        meta += f"; generated {data.generated}"
+    out += [meta + ".", ""]
+    out += ["## How to read this", "",
+            "Metrics are ARI, NMI, ACC (Hungarian-matched accuracy) and F1 (macro F1 after the same "
+            "matching), x100, on annotated spots only, as mean ± sd over the seeds (sample sd). "
+            "`spots` and `domains` are the dataset's number of spots and of annotated domains (the "
+            "number of clusters).", "",
+            NO_SELECTION_STATEMENT, ""]
+    out += ["## Embedding models", "", render_models(data), ""]
+    out += ["## Datasets", "", render_datasets(data), ""]
+    out += ["## Methods", "", render_variants(data), ""]
+    for table in data.tables:
+        out += [f"## {table.title}", ""]
+        if table.caption:
+            out += [table.caption, ""]
+        out += [render_table(table, data), ""]
+    for fig in data.figures:
+        out += [f"## {fig.title}", ""]
+        if fig.caption:
+            out += [fig.caption, ""]
+        out += [f"![{fig.title}]({fig.path})", ""]
+    if data.figure_problems:
+        out += ["## Figures that could not be drawn", ""] + [f"- {_md_escape(p)}" for p in data.figure_problems] + [""]
+    out += ["## Wall time per cell", "", render_wall_times(data), ""]
+    failed = [c for c in data.cells if c.status != "ok"]
+    if failed:
+        labels = _labels(data)
+        out += ["## Failed cells", ""]
+        out += [f"- {c.dataset} / {labels.get(c.variant, c.variant)}: {_md_escape(c.error or 'unknown error')}"
+                for c in failed] + [""]
+    if data.notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in data.notes] + [""]
+    return "\n".join(out)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(data: ReportData, out_dir: str | Path) -> Path:
+    """``out_dir/REPORT.md`` (written to a temporary name, then renamed)."""
+    return atomic_write_text(Path(out_dir) / "REPORT.md", render_report(data))
+
+
+# -- figures ------------------------------------------------------------------------------------------
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def annotation_palette(annotation) -> dict[str, tuple]:
+    """A fixed colour per annotated domain (sorted names): tab10 (distinct hues) up to 10, else tab20."""
+    plt = _pyplot()
+    names = sorted({str(a) for a in annotation if a is not None and not (isinstance(a, float) and np.isnan(a))})
+    cmap, size = (plt.get_cmap("tab10"), 10) if len(names) <= 10 else (plt.get_cmap("tab20"), 20)
+    return {name: cmap(i % size) for i, name in enumerate(names)}
+
+
+def match_to_annotation(labels, annotation) -> dict:
+    """Cluster -> annotated domain it overlaps most under a one-to-one (Hungarian) matching.
+
+    For colouring only: a matched cluster is drawn in its domain's colour; unmatched clusters are not
+    in the returned dict.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    ann = pd.Series(annotation, dtype="object")
+    keep = ann.notna().to_numpy()
+    if not keep.any():
+        return {}
+    t = ann[keep].astype(str).to_numpy()
+    p = np.asarray(labels)[keep]
+    truths, ti = np.unique(t, return_inverse=True)
+    preds, pi = np.unique(p, return_inverse=True)
+    overlap = np.zeros((len(preds), len(truths)), dtype=np.int64)
+    np.add.at(overlap, (pi, ti), 1)
+    rows, cols = linear_sum_assignment(-overlap)
+    return {preds[r].item() if hasattr(preds[r], "item") else preds[r]: truths[c] for r, c in zip(rows, cols)}
+
+
+def _scatter(ax, coords, colours, title, spot_size):
+    ax.scatter(coords[:, 0], coords[:, 1], s=spot_size, c=colours, linewidths=0)
+    ax.set_title(title, fontsize=9)
+    ax.set_aspect("equal")
+    ax.invert_yaxis()  # image coordinates: y grows downwards
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_domain_maps(path, coords, annotation, panels: list[tuple[str, np.ndarray]], title: str = "") -> Path:
+    """The annotation beside each method's domains (one panel each), matched colours."""
+    plt = _pyplot()
+    coords = np.asarray(coords, dtype=float)
+    ann = pd.Series(annotation, dtype="object")
+    palette = annotation_palette(ann)
+    grey = (0.85, 0.85, 0.85, 1.0)
+    extra = plt.get_cmap("Dark2")
+    n = 1 + len(panels)
+    cols = min(n, 4)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    spot_size = max(1.0, 3000.0 / max(len(coords), 1))
+    _scatter(axes[0, 0], coords, [palette.get(str(a), grey) if pd.notna(a) else grey for a in ann],
+             "annotation", spot_size)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=name) for name, c in palette.items()]
+    for i, (panel_title, labels) in enumerate(panels, start=1):
+        ax = axes[i // cols, i % cols]
+        if labels is None:
+            ax.text(0.5, 0.5, "no result", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(panel_title, fontsize=9)
+            ax.axis("off")
+            continue
+        mapping = match_to_annotation(labels, ann)
+        unmatched = sorted({lab for lab in np.unique(labels) if lab not in mapping}, key=str)
+        colour = {lab: palette[name] for lab, name in mapping.items()}
+        colour.update({lab: extra(j % 8) for j, lab in enumerate(unmatched)})
+        _scatter(ax, coords, [colour[lab] for lab in labels], panel_title, spot_size)
+    for j in range(n, rows * cols):
+        axes[j // cols, j % cols].axis("off")
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 0.95 if title else 1))
+    return _save(fig, path)
+
+
+def umap_coordinates(vectors, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """2-d UMAP (cosine) of the embeddings; seeded, so the figure is reproducible."""
+    import umap
+
+    vectors = np.asarray(vectors, dtype=np.float32)
+    reducer = umap.UMAP(n_neighbors=min(n_neighbors, len(vectors) - 1), min_dist=0.3, metric="cosine",
+                        random_state=seed, n_components=2)
+    return reducer.fit_transform(vectors)
+
+
+def plot_umaps(path, annotation, panels: list[tuple[str, np.ndarray]], title: str = "") -> Path:
+    """Side-by-side 2-d embeddings (e.g. UMAPs of two embedding sources) coloured by annotation."""
+    plt = _pyplot()
+    ann = pd.Series(annotation, dtype="object")
+    palette = annotation_palette(ann)
+    grey = (0.85, 0.85, 0.85, 1.0)
+    colours = [palette.get(str(a), grey) if pd.notna(a) else grey for a in ann]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    for ax, (panel_title, xy) in zip(axes[0], panels):
+        xy = np.asarray(xy)
+        ax.scatter(xy[:, 0], xy[:, 1], s=max(1.0, 2000.0 / max(len(xy), 1)), c=colours, linewidths=0)
+        ax.set_title(panel_title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("UMAP 1", fontsize=8)
+        ax.set_ylabel("UMAP 2", fontsize=8)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=name) for name, c in palette.items()]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 0.93 if title else 1))
+    return _save(fig, path)
+
+
+def plot_sweep(path, series: dict[str, list[tuple[float, dict]]], metrics=("ARI", "NMI"),
+               xlabel: str = "k_g (genes per prompt)", title: str = "") -> Path:
+    """mean ± sd of each metric against a setting (e.g. k_g), one line per dataset.
+
+    ``series``: dataset -> [(x, summary)] where summary is a cell's metric -> {"mean", "sd"}.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for dataset, points in sorted(series.items()):
+            pts = sorted((x, s[metric]) for x, s in points if metric in s)
+            if not pts:
+                continue
+            xs = [x for x, _ in pts]
+            ax.errorbar(xs, [e["mean"] for _, e in pts], yerr=[e["sd"] for _, e in pts], marker="o",
+                        capsize=3, lw=1.2, label=dataset)
+            ax.set_xticks(xs)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(f"{metric} (x100)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
