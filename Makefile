@@ -8,6 +8,7 @@ DATASET ?= dlpfc-151673
 MODEL ?= default
 CACHE ?=
 SEEDS ?=
+GRID ?= experiments/paper.toml
 STAMP := $(VENV)/.installed
 MODEL_DIR := data/models/SmolLM2-135M-Instruct
 # vLLM in-process on CPU (see README "How it runs on CPU").
@@ -22,12 +23,13 @@ MODEL_OPT := $(if $(filter default,$(MODEL)),,--model $(MODEL))
 SEEDS_OPT := $(if $(SEEDS),--seeds $(SEEDS),)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup model embed cluster data test bench bench-embed bench-cluster clean-venv help
+.PHONY: setup model embed cluster data reproduce test bench bench-embed bench-cluster clean-venv help
 
 help:
 	@echo "make cluster [DATASET=dlpfc-151673]  embed (cached) + train + cluster the default dataset"
 	@echo "make embed DATASET=x [MODEL=id|dir] [CACHE=path]   stage 1: fill the embedding cache"
 	@echo "make test                                          the test-suite"
+	@echo "make reproduce [GRID=experiments/paper.toml]       the paper's tables and figures -> results/report/REPORT.md"
 	@echo "make bench                                         bench-embed + bench-cluster"
 
 # Idempotent: reinstalls only when the pins or the package metadata change.
@@ -56,6 +58,10 @@ cluster: embed
 
 data: setup
 	$(BIN)/semst data $(DATASET)
+
+# The paper's tables and figures on every dataset found here (hours on a CPU; finished cells are kept).
+reproduce: setup model
+	$(BIN)/semst experiment $(GRID) $(CACHE_OPT)
 
 test: setup model
 	$(BIN)/python -m pytest -q tests

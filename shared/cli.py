@@ -28,6 +28,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ("embed.run", ("EmbedError",)),
         ("cluster.graphs", ("GraphError",)),
         ("cluster.run", ("ClusterError",)),
+        ("cluster.experiment", ("ExperimentError",)),
+        ("cluster.baselines", ("BaselineError",)),
+        ("cluster.stagate", ("StagateError",)),
+        ("embed.sentence_encoder", ("SentenceEncoderError",)),
     ):
         mod = sys.modules.get(module)
         for name in names:
@@ -147,6 +151,23 @@ def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, 
                          "pooling": pooling, "template": template})
     click.echo("# semst cluster config\n" + config_to_toml(cfg))
     cluster_dataset(cfg, out_dir=out_dir, run_name=run_name)
+
+
+@main.command("experiment")
+@click.argument("grid", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@cache_option
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Where REPORT.md, figures/ and cells/ go (default: the grid's [grid] out).")
+@click.option("--rerun", is_flag=True, help="Run every cell again instead of reusing finished ones.")
+def experiment_cmd(grid, cache, out_dir, rerun):
+    """Run a grid of datasets x methods x seeds (TOML) and write REPORT.md; exit 1 if a cell failed."""
+    from cluster.experiment import run_experiment
+
+    outcome = run_experiment(grid, cache=cache, out_dir=out_dir, resume=not rerun)
+    click.echo(f"{len(outcome.cells)} cells ({outcome.n_failed} failed), "
+               f"{len(outcome.skipped)} datasets skipped; report: {outcome.report}")
+    if outcome.n_failed:
+        raise SystemExit(1)
 
 
 @main.group("cache")

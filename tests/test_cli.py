@@ -59,3 +59,13 @@ def test_data_list_names_every_registered_dataset():
     assert out.exit_code == 0
     for name in ("mba", "hbc", "dlpfc-151507", "dlpfc-151676", "me", "mvc", "mob"):
         assert f"\n{name}  " in out.output
+
+
+def test_a_grid_with_a_typo_is_one_line_and_exit_2_before_anything_runs(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[grid]\ndatasets = ["mob"]\nseeds = [0]\nout = "r"\n\n'
+                    '[[variant]]\nname = "semst"\ncluster = { fuson = "film" }\n')
+    result = CliRunner().invoke(main, ["experiment", str(grid), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "unknown key(s) in variant 'semst' cluster: fuson" in result.output
+    assert not (tmp_path / "out").exists()
