@@ -116,6 +116,15 @@ def train_stagate(features, graph, semantic, cfg: StagateConfig, seed: int, prog
     """
     from tqdm import tqdm
 
+    from cluster.train import deterministic_torch, seed_everything
+
+    with deterministic_torch():
+        return _train_stagate(features, graph, semantic, cfg, seed, progress)
+
+
+def _train_stagate(features, graph, semantic, cfg: StagateConfig, seed: int, progress: bool) -> StagateResult:
+    from tqdm import tqdm
+
     from cluster.train import seed_everything
 
     seed_everything(seed)

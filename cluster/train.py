@@ -11,6 +11,7 @@ No choice is made by looking at labels: the returned embedding is Z_final after 
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 
@@ -36,6 +37,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def deterministic_torch():
+    """Deterministic kernels while training, the previous setting restored afterwards.
+
+    Seeding alone is not enough: measured on CPU (torch 2.13), the backward of the spatial loss
+    differed at ~1e-6 between two processes with the same seed, and k-means turned that into
+    different domains. ``torch.use_deterministic_algorithms`` removes the difference.
+    """
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def _dense_rows(counts, idx: np.ndarray) -> torch.Tensor:
     rows = counts[idx]
     rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
@@ -52,6 +69,13 @@ def train_semst(features, counts, size_factors, spatial, expression, semantic, c
     ``model_factory(n_genes, emb_dim) -> nn.Module`` swaps the backbone (plug-and-play experiments);
     the module must offer ``encode(sg, fg, x, semantic) -> (z1, z2, z_final)`` and ``decoder``.
     """
+    with deterministic_torch():
+        return _train_semst(features, counts, size_factors, spatial, expression, semantic, cfg, seed,
+                            progress, model_factory)
+
+
+def _train_semst(features, counts, size_factors, spatial, expression, semantic, cfg, seed, progress,
+                 model_factory) -> TrainResult:
     from tqdm import tqdm
 
     if cfg.fusion != "none" and semantic is None:

@@ -68,3 +68,26 @@ def test_w_o_llm_needs_no_embedding_and_a_semantic_fusion_needs_one(slide):
     with pytest.raises(ValueError, match="needs semantic embeddings"):
         train_semst(slide["features"], slide["counts"], slide["size_factors"], slide["spatial"],
                     slide["expression"], None, cfg(), 0, progress=False)
+
+
+_TRAIN_IN_A_FRESH_PROCESS = """
+import hashlib, sys
+import numpy as np, scipy.sparse as sp
+sys.path.insert(0, {tests!r})
+from test_train import slide, cfg, run
+s = slide.__wrapped__()
+print(hashlib.sha256(run(s, cfg(epochs=2, hidden1=256, hidden2=128), 5).embedding.tobytes()).hexdigest())
+"""
+
+
+def test_the_same_seed_gives_the_same_embedding_in_another_process(slide):
+    # Within one process some CPU kernels repeat themselves; across processes only deterministic
+    # algorithms do (measured: scatter-add in the spatial loss's backward differed at 1e-6).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = _TRAIN_IN_A_FRESH_PROCESS.format(tests=str(Path(__file__).parent))
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parents[1]).stdout.strip() for _ in range(2)}
+    assert len(digests) == 1, digests
