@@ -29,7 +29,7 @@ help:
 	@echo "make cluster [DATASET=dlpfc-151673]  embed (cached) + train + cluster the default dataset"
 	@echo "make embed DATASET=x [MODEL=id|dir] [CACHE=path]   stage 1: fill the embedding cache"
 	@echo "make test                                          the test-suite"
-	@echo "make reproduce [GRID=experiments/paper.toml]       the paper's tables and figures -> results/report/REPORT.md"
+	@echo "make reproduce [GRID=...] [DATASETS=a,b]          the paper's tables and figures -> results/report/REPORT.md"
 	@echo "make bench                                         bench-embed + bench-cluster"
 
 # Idempotent: reinstalls only when the pins or the package metadata change.
@@ -61,7 +61,7 @@ data: setup
 
 # The paper's tables and figures on every dataset found here (hours on a CPU; finished cells are kept).
 reproduce: setup model
-	$(BIN)/semst experiment $(GRID) $(CACHE_OPT)
+	$(BIN)/semst experiment $(GRID) $(CACHE_OPT) $(if $(DATASETS),--datasets $(DATASETS),)
 
 test: setup model
 	$(BIN)/python -m pytest -q tests

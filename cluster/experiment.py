@@ -368,6 +368,17 @@ def load_grid(path: str | Path) -> Grid:
     return parse_grid(data, path)
 
 
+def restrict_datasets(grid: Grid, datasets: list[str]) -> Grid:
+    """The same grid on a subset of its datasets (e.g. only the one a user cares about)."""
+    outside = [d for d in datasets if d not in grid.datasets]
+    if not datasets or outside:
+        raise ExperimentError(f"{_where(grid.path)}: --datasets must name datasets of the grid "
+                              f"({', '.join(grid.datasets)}); not in it: {', '.join(outside) or '(none given)'}")
+    figures = [dataclasses.replace(f, datasets=None if f.datasets is None else
+                                   [d for d in f.datasets if d in datasets]) for f in grid.figures]
+    return dataclasses.replace(grid, datasets=[d for d in grid.datasets if d in datasets], figures=figures)
+
+
 # -- configs of one cell --------------------------------------------------------------------------------
 
 def cell_config(grid: Grid, variant: Variant, dataset: str, cache: str | Path | None = None) -> ClusterConfig:

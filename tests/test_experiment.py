@@ -296,3 +296,13 @@ def test_a_baseline_finds_the_two_halves_of_the_toy_slide(on_path):
         assert report.summary["ARI"]["mean"] > 90
     with pytest.raises(BaselineError, match="unknown baseline 'umap-kmeans'"):
         baseline_dataset(cfg, "umap-kmeans")
+
+
+def test_a_grid_restricted_to_some_datasets_keeps_its_methods_and_refuses_others():
+    from cluster.experiment import restrict_datasets
+
+    grid = load_grid(REPO / "experiments" / "paper.toml")
+    mob = restrict_datasets(grid, ["mob"])
+    assert mob.datasets == ["mob"] and [v.name for v in mob.variants] == [v.name for v in grid.variants]
+    with pytest.raises(ExperimentError, match="not in it: nowhere"):
+        restrict_datasets(grid, ["mob", "nowhere"])
