@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 BASELINES = ("pca-kmeans", "pca-spatial-kmeans")
@@ -82,9 +81,8 @@ def baseline_dataset(cfg, method: str, n_pcs: int = DEFAULT_N_PCS, hops: int = 1
                      log=print):
     """Run a baseline on ``cfg.dataset`` for every seed of ``cfg``: a ClusterReport like SemST's."""
     from cluster.domains import kmeans_domains
-    from cluster.graphs import spatial_graph
     from cluster.metrics import cluster_metrics
-    from cluster.run import ClusterReport, resolve_n_domains, summarise
+    from cluster.run import ClusterReport, annotation, resolve_n_domains, slide_spatial_graph, summarise
     from shared.datasets import check_coordinates, load_dataset
     from shared.preprocess import preprocess
 
@@ -93,14 +91,13 @@ def baseline_dataset(cfg, method: str, n_pcs: int = DEFAULT_N_PCS, hops: int = 1
     if adata is None:
         adata = load_dataset(cfg.dataset)
     coords = check_coordinates(adata)
-    truth = adata.obs["ground_truth"] if "ground_truth" in adata.obs else pd.Series(
-        [np.nan] * adata.n_obs, index=adata.obs_names)
+    truth = annotation(adata)
     n_domains = resolve_n_domains(cfg, truth)
     t0 = time.perf_counter()
     prep = preprocess(adata, cfg.preprocess)
     sgraph = None
     if method == "pca-spatial-kmeans":
-        sgraph = spatial_graph(coords, radius=cfg.radius if cfg.spatial_k is None else None, k=cfg.spatial_k)
+        sgraph = slide_spatial_graph(cfg, coords)
     embedding = baseline_embedding(method, prep.X, sgraph, n_pcs, hops)
     shared_seconds = time.perf_counter() - t0
     log(f"{cfg.dataset}: {method} on {embedding.shape[1]} PCs of {prep.n_vars} genes, {n_domains} domains")

@@ -106,6 +106,20 @@ def resolve_n_domains(cfg: ClusterConfig, ground_truth: pd.Series) -> int:
     return n
 
 
+def annotation(adata) -> pd.Series:
+    """The slide's ground truth per spot (all NaN where the slide has no annotation)."""
+    if "ground_truth" in adata.obs:
+        return adata.obs["ground_truth"]
+    return pd.Series([np.nan] * adata.n_obs, index=adata.obs_names)
+
+
+def slide_spatial_graph(cfg: ClusterConfig, coords):
+    """The spatial graph the config asks for: ``spatial_k`` nearest spots if set, else ``radius``."""
+    from cluster.graphs import spatial_graph
+
+    return spatial_graph(coords, radius=cfg.radius if cfg.spatial_k is None else None, k=cfg.spatial_k)
+
+
 def default_run_name(cfg: ClusterConfig) -> str:
     """Readable and unique per setting: fusion, embedding, and a hash of the whole config."""
     settings = dataclasses.asdict(cfg)
@@ -118,7 +132,7 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
                     adata=None, progress: bool = True, log=print, write: bool = True) -> ClusterReport:
     """Train SemST for every seed of ``cfg``, cluster, evaluate where annotated, and write outputs."""
     from cluster.domains import kmeans_domains
-    from cluster.graphs import expression_graph, spatial_graph
+    from cluster.graphs import expression_graph
     from cluster.metrics import cluster_metrics
     from cluster.train import train_semst
     from shared.datasets import check_coordinates, load_dataset
@@ -127,15 +141,14 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     if adata is None:
         adata = load_dataset(cfg.dataset)
     check_coordinates(adata)
-    ground_truth = adata.obs["ground_truth"] if "ground_truth" in adata.obs else pd.Series(
-        [np.nan] * adata.n_obs, index=adata.obs_names)
+    ground_truth = annotation(adata)
     n_domains = resolve_n_domains(cfg, ground_truth)
     # Embeddings first: their absence is the most common mistake and the cheapest to report.
     semantic, source = semantic_embeddings(cfg, list(adata.obs_names), cfg.seeds[0])
 
     prep = preprocess(adata, cfg.preprocess)
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-    sgraph = spatial_graph(coords, radius=cfg.radius if cfg.spatial_k is None else None, k=cfg.spatial_k)
+    sgraph = slide_spatial_graph(cfg, coords)
     fgraph = expression_graph(prep.X, cfg.expr_k)
     log(f"{cfg.dataset}: {adata.n_obs} spots, {prep.n_vars} genes, {n_domains} domains; spatial graph "
         f"{sgraph.num_edges()} edges, expression graph {fgraph.num_edges()} edges; embedding {source['embedding']}")

@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,9 +164,9 @@ def stagate_dataset(cfg, stagate: StagateConfig | None = None, adata=None, progr
     semantic embeddings SemST would (``cfg.embedding``); returns a :class:`cluster.run.ClusterReport`.
     """
     from cluster.domains import kmeans_domains
-    from cluster.graphs import spatial_graph
     from cluster.metrics import cluster_metrics
-    from cluster.run import ClusterReport, resolve_n_domains, semantic_embeddings, summarise
+    from cluster.run import (ClusterReport, annotation, resolve_n_domains, semantic_embeddings,
+                             slide_spatial_graph, summarise)
     from shared.datasets import check_coordinates, load_dataset
     from shared.preprocess import preprocess
 
@@ -178,13 +177,12 @@ def stagate_dataset(cfg, stagate: StagateConfig | None = None, adata=None, progr
     if adata is None:
         adata = load_dataset(cfg.dataset)
     coords = check_coordinates(adata)
-    truth = adata.obs["ground_truth"] if "ground_truth" in adata.obs else pd.Series(
-        [np.nan] * adata.n_obs, index=adata.obs_names)
+    truth = annotation(adata)
     n_domains = resolve_n_domains(cfg, truth)
     spot_ids = list(adata.obs_names)
     semantic, source = semantic_embeddings(cfg, spot_ids, cfg.seeds[0])
     prep = preprocess(adata, cfg.preprocess)
-    graph = spatial_graph(coords, radius=cfg.radius if cfg.spatial_k is None else None, k=cfg.spatial_k)
+    graph = slide_spatial_graph(cfg, coords)
     log(f"{cfg.dataset}: STAGATE{' + FSM' if semantic is not None else ''} on {prep.n_vars} genes, "
         f"{graph.num_edges()} spatial edges, {n_domains} domains; embedding {source['embedding']}")
     report = ClusterReport(cfg.dataset, run_dir=None, n_spots=adata.n_obs, n_domains=n_domains)
