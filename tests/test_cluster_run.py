@@ -145,7 +145,7 @@ def test_cli_errors_exit_non_zero_with_one_line(slide, tmp_path):
 @pytest.mark.xfail(strict=True, reason=(
     "known gap, measured 2026-11-25: on mob SemST w/o LLM (raw-count ZINB, last of the configured 100 "
     "epochs) scores ARI 37.9 (seeds 0-2) against 45-60 for k-means on PCA; on dlpfc-151673 it is ahead "
-    "(ARI ~53 vs 40.2). Strict, so this turns red the day it passes"))
+    "(ARI 52.1 vs 40.2, 5 seeds). Strict, so this turns red the day it passes"))
 def test_semst_beats_kmeans_on_pca_on_a_real_slide(shared_data_dir, tmp_path):
     """mob (262 spots, 5 layers), w/o LLM so no model is needed: the graph model must clearly help."""
     from sklearn.decomposition import PCA
