@@ -70,7 +70,7 @@ bench: bench-embed bench-cluster
 bench-embed: setup model
 	$(BIN)/python -m embed.bench
 bench-cluster: setup
-	$(BIN)/python -m cluster.bench
+	$(BIN)/python -m cluster.bench --expr-pcs 50
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,7 +15,7 @@ import sys
 import time
 
 
-def one_size(n_spots: int, n_genes: int, epochs: int, seed: int = 0) -> dict:
+def one_size(n_spots: int, n_genes: int, epochs: int, expr_pcs: int | None = None, seed: int = 0) -> dict:
     import numpy as np
     import scipy.sparse as sp
 
@@ -37,10 +37,10 @@ def one_size(n_spots: int, n_genes: int, epochs: int, seed: int = 0) -> dict:
     features = counts.multiply(1.0 / np.maximum(lib, 1)[:, None]).tocsr() * 1e4
     features = np.minimum(features.toarray() / (features.toarray().std(0) + 1e-6), 10).astype(np.float32)
     semantic = rng.normal(size=(n_spots, 576)).astype(np.float32)
-    cfg = load_cluster_config("dlpfc-151673", {"epochs": epochs, "fusion": "film"})
+    cfg = load_cluster_config("dlpfc-151673", {"epochs": epochs, "fusion": "film", "expr_pcs": expr_pcs})
     t0 = time.perf_counter()
     sg = spatial_graph(coords, k=6)
-    fg = expression_graph(features, cfg.expr_k)
+    fg = expression_graph(features, cfg.expr_k, cfg.expr_pcs)
     graph_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     train_semst(features, counts, lib / np.median(lib), sg, fg, semantic, cfg, seed, progress=False)
@@ -55,21 +55,27 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", default="3000,10000,30000,100000")
     ap.add_argument("--genes", type=int, default=3000)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--expr-pcs", type=int, default=None,
+                    help="expression kNN on this many SVD components (config expr_pcs); default exact")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(one_size(args.one, args.genes, args.epochs)))
+        print(json.dumps(one_size(args.one, args.genes, args.epochs, args.expr_pcs)))
         return
-    print(f"bench-cluster: {args.genes} genes, {args.epochs} epochs each, FSM fusion, one subprocess per size")
+    graph = f"expression kNN on {args.expr_pcs} SVD components" if args.expr_pcs else "exact expression kNN"
+    print(f"bench-cluster: {args.genes} genes, {args.epochs} epochs each, FSM fusion, {graph}, "
+          f"one subprocess per size", flush=True)
     print(f"{'spots':>8}{'graphs s':>10}{'s/epoch':>10}{'peak GiB':>10}")
     for n in (int(s) for s in args.sizes.split(",")):
         done = subprocess.run([sys.executable, "-m", "cluster.bench", "--one", str(n), "--genes", str(args.genes),
-                               "--epochs", str(args.epochs)], capture_output=True, text=True)
+                               "--epochs", str(args.epochs)]
+                              + (["--expr-pcs", str(args.expr_pcs)] if args.expr_pcs else []),
+                              capture_output=True, text=True)
         if done.returncode != 0:
-            print(f"{n:>8}  failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
+            print(f"{n:>8}  failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}", flush=True)
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{r['spots']:>8}{r['graph_s']:>10}{r['s_per_epoch']:>10}{r['peak_gib']:>10}")
+        print(f"{r['spots']:>8}{r['graph_s']:>10}{r['s_per_epoch']:>10}{r['peak_gib']:>10}", flush=True)
 
 
 if __name__ == "__main__":

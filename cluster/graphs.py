@@ -70,14 +70,29 @@ def spatial_graph(coords, radius: float | None = None, k: int | None = None):
     return _symmetric_graph(rows[keep], cols[keep], n)
 
 
-def expression_graph(features, k: int):
-    """Cosine kNN graph of the expression profiles (rows of ``features``)."""
+def expression_graph(features, k: int, n_components: int | None = None):
+    """Cosine kNN graph of the expression profiles (rows of ``features``).
+
+    Exact by default. With ``n_components``, similarities are computed on the rows projected onto
+    the top ``n_components`` right singular vectors (uncentred truncated SVD, scikit-learn's
+    randomized solver, fixed seed): inner products and norms are those of the full rows minus the
+    dropped directions, so with ``n_components`` >= the rank of ``features`` the graph is the exact
+    one. This turns the O(n^2 x genes) search into O(n^2 x n_components): measured 462 s at
+    30k spots x 3000 genes exact, which would be ~1.5 h at 100k (see README, "Scale").
+    """
     from sklearn.neighbors import NearestNeighbors
 
     X = np.asarray(features, dtype=np.float32)
     n = len(X)
     if not 1 <= k < n:
         raise GraphError(f"expression k must be between 1 and n_spots - 1 ({n - 1}), got {k}")
+    if n_components is not None:
+        if not 1 <= n_components < X.shape[1]:
+            raise GraphError(f"expression-graph components (expr_pcs) must be between 1 and n_genes - 1 "
+                             f"({X.shape[1] - 1}), got {n_components}")
+        from sklearn.decomposition import TruncatedSVD
+
+        X = TruncatedSVD(n_components, algorithm="randomized", random_state=0).fit_transform(X).astype(np.float32)
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     Xn = X / np.where(norms > 0, norms, 1.0)  # cosine = euclidean order on unit vectors
     nn = NearestNeighbors(n_neighbors=k + 1).fit(Xn)

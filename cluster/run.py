@@ -149,7 +149,7 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     prep = preprocess(adata, cfg.preprocess)
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
     sgraph = slide_spatial_graph(cfg, coords)
-    fgraph = expression_graph(prep.X, cfg.expr_k)
+    fgraph = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs)
     log(f"{cfg.dataset}: {adata.n_obs} spots, {prep.n_vars} genes, {n_domains} domains; spatial graph "
         f"{sgraph.num_edges()} edges, expression graph {fgraph.num_edges()} edges; embedding {source['embedding']}")
 

@@ -68,6 +68,10 @@ class ClusterConfig:
     radius: float | None = None  # spatial graph radius in obsm["spatial"] units
     spatial_k: int | None = None  # k nearest spatial neighbours instead of a radius
     expr_k: int = 14  # k_n: cosine kNN expression graph
+    # None: the expression graph's cosine kNN is exact over all genes (the paper's). An integer:
+    # computed on that many truncated-SVD components instead (for slides of ~50k+ spots, where the
+    # exact search takes hours; see cluster.graphs.expression_graph).
+    expr_pcs: int | None = None
     # network (paper: nhid1=256, nhid2=128)
     hidden1: int = 256
     hidden2: int = 128

@@ -48,6 +48,25 @@ def test_expression_graph_is_the_symmetrised_cosine_knn():
     assert edge_set(expression_graph(X, 3)) == expected
 
 
+def test_expression_graph_on_as_many_components_as_the_rank_is_the_exact_graph():
+    rng = np.random.default_rng(3)
+    X = (rng.normal(size=(40, 4)) @ rng.normal(size=(4, 25))).astype(np.float32)  # rank 4
+    assert edge_set(expression_graph(X, 3, n_components=4)) == edge_set(expression_graph(X, 3))
+
+
+def test_expression_graph_on_fewer_components_than_the_rank_is_a_different_graph():
+    # Guards the test above: the projection really is used (a full-rank X loses information).
+    X = np.random.default_rng(4).normal(size=(40, 25)).astype(np.float32)
+    assert edge_set(expression_graph(X, 3, n_components=2)) != edge_set(expression_graph(X, 3))
+
+
+@pytest.mark.parametrize("n_components", [0, 25])
+def test_expression_graph_components_outside_1_to_genes_minus_1_is_a_clear_error(n_components):
+    X = np.random.default_rng(5).normal(size=(30, 25)).astype(np.float32)
+    with pytest.raises(GraphError, match="expr_pcs"):
+        expression_graph(X, 3, n_components=n_components)
+
+
 def test_a_radius_leaving_spots_isolated_says_how_many():
     coords = np.array([[0, 0], [1, 0], [0, 1], [50, 50], [80, 0]], dtype=float)
     with pytest.raises(GraphError, match="leaves 2 of 5 spots without any spatial neighbour"):
