@@ -49,6 +49,15 @@ def test_the_shipped_grids_parse_and_declare_the_papers_tables_and_figures():
     assert tiny.datasets == ["mob", "seqfish-cortex"] and tiny.cluster == {"epochs": 10}
 
 
+def test_the_core_grid_is_the_paper_grid_minus_the_variants_needing_a_second_llm_embedding():
+    paper = load_grid(REPO / "experiments" / "paper.toml")
+    core = load_grid(REPO / "experiments" / "core.toml")
+    extra_llm = {"nonbio", "k5", "k10", "k30", "k50"}
+    assert [v for v in core.variants] == [v for v in paper.variants if v.name not in extra_llm]
+    assert all(not v.embed for v in core.variants)
+    assert core.datasets == paper.datasets and core.seeds == paper.seeds and core.stagate == paper.stagate
+
+
 def test_a_valid_grid_keeps_declaration_order():
     grid = parse_grid(grid_with(lambda d: None), "g.toml")
     assert [v.name for v in grid.variants] == ["semst", "wo-llm", "pca"]
