@@ -58,6 +58,15 @@ def test_the_core_grid_is_the_paper_grid_minus_the_variants_needing_a_second_llm
     assert core.datasets == paper.datasets and core.seeds == paper.seeds and core.stagate == paper.stagate
 
 
+def test_the_table1_grid_is_table1_of_the_paper_grid_on_the_same_datasets():
+    paper = load_grid(REPO / "experiments" / "paper.toml")
+    table1 = load_grid(REPO / "experiments" / "table1.toml")
+    paper_table1 = next(t for t in paper.tables if t.name == "table1")
+    assert [v.name for v in table1.variants] == paper_table1.variants
+    assert [v for v in table1.variants] == [v for v in paper.variants if v.name in paper_table1.variants]
+    assert table1.datasets == paper.datasets and table1.seeds == paper.seeds
+
+
 def test_a_valid_grid_keeps_declaration_order():
     grid = parse_grid(grid_with(lambda d: None), "g.toml")
     assert [v.name for v in grid.variants] == ["semst", "wo-llm", "pca"]
