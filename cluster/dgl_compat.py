@@ -1,4 +1,4 @@
-"""The one module that imports DGL. Everything else does ``from cluster.dgl_compat import dgl``.
+"""The one module that imports DGL. Everything else does ``from semst.cluster.dgl_compat import dgl``.
 
 DGL 2.1.0 is the only Linux wheel on PyPI that installs beside torch 2.13; its compiled graphbolt
 extension was built for torch <= 2.2 and fails to load, and ``import dgl`` imports graphbolt

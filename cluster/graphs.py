@@ -13,7 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from cluster.dgl_compat import dgl
+from semst.cluster.dgl_compat import dgl
 
 
 class GraphError(ValueError):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.dgl_compat import dglnn
+from semst.cluster.dgl_compat import dglnn
 
 
 def fsm_modulate(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -1,39 +1,21 @@
-"""Stage 2 end to end: cached embeddings + expression -> SemST -> spatial domains -> outputs.
+"""Stage 2 for SemST: cached embeddings + expression -> SemST -> spatial domains -> outputs.
 
 Stage 2 never runs an LLM. It joins the dataset's spots with the spot -> prompt-hash table that
 `semst embed` wrote, reads the vectors from the shared cache, and fails with the exact `make embed`
-call to run when they are absent or were written for another embedding setting.
-
-Nothing here looks at the annotation except to *report* metrics: the embedding is the last epoch's,
-k-means runs with a fixed number of domains, and every seed's result is kept.
+call to run when they are absent or were written for another embedding setting. The per-seed loop,
+k-means and metrics are :mod:`semst.cluster.runner`'s, shared with STAGATE and the baselines.
 """
 from __future__ import annotations
 
 import dataclasses
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from shared.config import ClusterConfig
-from shared.hashing import json_hash
-
-
-class ClusterError(RuntimeError):
-    """Stage 2 cannot run as asked; the message says why and what to do."""
-
-
-@dataclass
-class ClusterReport:
-    dataset: str
-    run_dir: Path
-    n_spots: int
-    n_domains: int
-    per_seed: list[dict] = field(default_factory=list)  # seed, seconds, metrics (if annotated)
-    summary: dict = field(default_factory=dict)  # metric -> {"mean", "sd"}
-    labels: dict[int, np.ndarray] = field(default_factory=dict)  # seed -> domain per spot
+from semst.cluster.runner import ClusterError, ClusterReport, load_slide, run_seeds
+from semst.shared.config import ClusterConfig
+from semst.shared.hashing import json_hash
 
 
 def embed_command(cfg: ClusterConfig) -> str:
@@ -58,9 +40,8 @@ def semantic_embeddings(cfg: ClusterConfig, spot_ids, seed: int) -> tuple[np.nda
     """
     if cfg.fusion == "none":
         return None, {"embedding": "none (w/o LLM)"}
-    from embed.cache import CacheError, EmbeddingCache
-    from embed.run import embedding_tag
-
+    from semst.shared.cache import CacheError, EmbeddingCache, embedding_tag
+    
     tag = embedding_tag(cfg.embed) if cfg.embedding in ("llm", "random") else cfg.embedding
     try:
         cache = EmbeddingCache(cfg.cache, create=False)
@@ -89,35 +70,8 @@ def semantic_embeddings(cfg: ClusterConfig, spot_ids, seed: int) -> tuple[np.nda
 
 
 def _space_from_meta(meta: dict):
-    from embed.cache import EmbeddingSpace
+    from semst.shared.cache import EmbeddingSpace
     return EmbeddingSpace(**meta["space"])
-
-
-def resolve_n_domains(cfg: ClusterConfig, ground_truth: pd.Series) -> int:
-    n_spots = len(ground_truth)
-    n = cfg.n_domains
-    if n is None:
-        n = int(ground_truth.dropna().nunique())
-        if n < 2:
-            raise ClusterError(f"{cfg.dataset} has no usable annotation ({n} annotated domains): "
-                               f"pass --n-domains K")
-    if n < 2 or n > n_spots:
-        raise ClusterError(f"n-domains must be between 2 and the number of spots ({n_spots}), got {n}")
-    return n
-
-
-def annotation(adata) -> pd.Series:
-    """The slide's ground truth per spot (all NaN where the slide has no annotation)."""
-    if "ground_truth" in adata.obs:
-        return adata.obs["ground_truth"]
-    return pd.Series([np.nan] * adata.n_obs, index=adata.obs_names)
-
-
-def slide_spatial_graph(cfg: ClusterConfig, coords):
-    """The spatial graph the config asks for: ``spatial_k`` nearest spots if set, else ``radius``."""
-    from cluster.graphs import spatial_graph
-
-    return spatial_graph(coords, radius=cfg.radius if cfg.spatial_k is None else None, k=cfg.spatial_k)
 
 
 def default_run_name(cfg: ClusterConfig) -> str:
@@ -129,69 +83,42 @@ def default_run_name(cfg: ClusterConfig) -> str:
 
 
 def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_name: str | None = None,
-                    adata=None, progress: bool = True, log=print, write: bool = True) -> ClusterReport:
-    """Train SemST for every seed of ``cfg``, cluster, evaluate where annotated, and write outputs."""
-    from cluster.domains import kmeans_domains
-    from cluster.graphs import expression_graph
-    from cluster.metrics import cluster_metrics
-    from cluster.train import train_semst
-    from shared.datasets import check_coordinates, load_dataset
-    from shared.preprocess import preprocess
+                    adata=None, progress: bool = True, log=print, write: bool = True,
+                    semantic: np.ndarray | None = None) -> ClusterReport:
+    """Train SemST for every seed of ``cfg``, cluster, evaluate where annotated, and write outputs.
 
-    if adata is None:
-        adata = load_dataset(cfg.dataset)
-    check_coordinates(adata)
-    ground_truth = annotation(adata)
-    n_domains = resolve_n_domains(cfg, ground_truth)
+    ``semantic`` (spots x d) gives the semantic vectors directly (e.g. from ``semst.encode``)
+    instead of reading them from the cache; ``cfg.embedding`` then only names them.
+    """
+    from semst.cluster.graphs import expression_graph
+    from semst.cluster.train import train_semst
+
+    slide = load_slide(cfg, adata)
     # Embeddings first: their absence is the most common mistake and the cheapest to report.
-    semantic, source = semantic_embeddings(cfg, list(adata.obs_names), cfg.seeds[0])
-
-    prep = preprocess(adata, cfg.preprocess)
-    coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-    sgraph = slide_spatial_graph(cfg, coords)
+    if semantic is not None and cfg.fusion != "none":
+        semantic = np.asarray(semantic, dtype=np.float32)
+        if semantic.ndim != 2 or semantic.shape[0] != slide.adata.n_obs:
+            raise ClusterError(f"semantic vectors of shape {semantic.shape} for {slide.adata.n_obs} spots")
+        source = {"embedding": "given", "dim": int(semantic.shape[1])}
+    else:
+        semantic, source = semantic_embeddings(cfg, slide.spot_ids, cfg.seeds[0])
+    prep = slide.prep
+    sgraph = slide.spatial_graph
     fgraph = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs)
-    log(f"{cfg.dataset}: {adata.n_obs} spots, {prep.n_vars} genes, {n_domains} domains; spatial graph "
+    log(f"{cfg.dataset}: {slide.adata.n_obs} spots, {prep.n_vars} genes, {slide.n_domains} domains; spatial graph "
         f"{sgraph.num_edges()} edges, expression graph {fgraph.num_edges()} edges; embedding {source['embedding']}")
 
-    report = ClusterReport(cfg.dataset, Path(out_dir) / cfg.dataset / (run_name or default_run_name(cfg)),
-                           adata.n_obs, n_domains)
-    histories, embeddings = {}, {}
-    for seed in cfg.seeds:
-        if cfg.embedding == "random" and seed != cfg.seeds[0]:
-            semantic, source = semantic_embeddings(cfg, list(adata.obs_names), seed)
-        t0 = time.perf_counter()
-        result = train_semst(prep.X, prep.layers["counts"], prep.obs["size_factor"].to_numpy(),
-                             sgraph, fgraph, semantic, cfg, seed, progress=progress)
-        labels = kmeans_domains(result.embedding, n_domains, seed)
-        seconds = time.perf_counter() - t0
-        row = {"seed": seed, "seconds": round(seconds, 2)}
-        if ground_truth.notna().any():
-            row.update(cluster_metrics(ground_truth.to_numpy(), labels))
-        report.per_seed.append(row)
-        report.labels[seed] = labels
-        histories[seed], embeddings[seed] = result.history, result.embedding
-        log("seed {}: {}".format(seed, ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in row.items() if k != "seed")))
-    report.summary = summarise(report.per_seed)
-    if report.summary:
-        log("mean +- sd over seeds " + ",".join(map(str, cfg.seeds)) + ": " + ", ".join(
-            f"{k} {v['mean']:.2f} +- {v['sd']:.2f}" for k, v in report.summary.items()))
+    def fit(seed: int):
+        vectors = semantic
+        if cfg.embedding == "random" and cfg.fusion != "none" and seed != cfg.seeds[0]:
+            vectors, _ = semantic_embeddings(cfg, slide.spot_ids, seed)  # the control is drawn per seed
+        return train_semst(prep.X, prep.layers["counts"], prep.obs["size_factor"].to_numpy(),
+                           sgraph, fgraph, vectors, cfg, seed, progress=progress)
+
+    run_dir = Path(out_dir) / cfg.dataset / (run_name or default_run_name(cfg))
+    report = run_seeds(slide, fit, run_dir, log)
     if write:
-        from cluster.outputs import write_outputs
-        write_outputs(report, cfg, adata, ground_truth, embeddings, histories, source)
+        from semst.cluster.outputs import write_outputs
+        write_outputs(report, cfg, slide.adata, slide.truth, source)
         log(f"results: {report.run_dir}")
     return report
-
-
-METRICS = ("ARI", "NMI", "ACC", "F1_macro", "F1_weighted")
-
-
-def summarise(per_seed: list[dict]) -> dict:
-    """Mean and sample sd (ddof=1; 0 for a single seed) of each metric over seeds."""
-    out = {}
-    for m in METRICS:
-        values = [r[m] for r in per_seed if m in r]
-        if values:
-            sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            out[m] = {"mean": float(np.mean(values)), "sd": sd, "n": len(values)}
-    return out

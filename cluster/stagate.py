@@ -18,7 +18,7 @@ the input is semst's preprocessed expression (``shared.preprocess``: HVG, librar
 scaled) rather than STAGATE's log-normalised HVGs; and domains come from the same seeded k-means as
 every semst method (STAGATE used mclust), so the comparison isolates the network.
 
-Plug-and-play (the paper's Table 3): with ``fsm=True`` the FSM of :mod:`cluster.model` modulates
+Plug-and-play (the paper's Table 3): with ``fsm=True`` the FSM of :mod:`semst.cluster.model` modulates
 the embedding with the spot's semantic vector, ``Z' = (1 + alpha) * Z + beta`` with
 ``alpha, beta = FSM(P(e))``, before the decoder; Z' is what is clustered. Everything else is equal,
 so before/after differ only by the FSM.
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.dgl_compat import dgl, dglnn
-from cluster.model import FSM, SemanticProjection
+from semst.cluster.dgl_compat import dgl, dglnn
+from semst.cluster.model import FSM, SemanticProjection
 
 
 class StagateError(ValueError):
@@ -103,7 +103,7 @@ class STAGATE(nn.Module):
 
 @dataclass
 class StagateResult:
-    embedding: np.ndarray  # Z (or Z') after the last epoch, evaluation mode
+    latent: np.ndarray  # Z (or Z') after the last epoch, evaluation mode
     history: dict[str, list[float]] = field(default_factory=dict)  # per epoch: mse
 
 
@@ -115,7 +115,7 @@ def train_stagate(features, graph, semantic, cfg: StagateConfig, seed: int, prog
     """
     from tqdm import tqdm
 
-    from cluster.train import deterministic_torch, seed_everything
+    from semst.cluster.train import deterministic_torch, seed_everything
 
     with deterministic_torch():
         return _train_stagate(features, graph, semantic, cfg, seed, progress)
@@ -124,7 +124,7 @@ def train_stagate(features, graph, semantic, cfg: StagateConfig, seed: int, prog
 def _train_stagate(features, graph, semantic, cfg: StagateConfig, seed: int, progress: bool) -> StagateResult:
     from tqdm import tqdm
 
-    from cluster.train import seed_everything
+    from semst.cluster.train import seed_everything
 
     seed_everything(seed)
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
@@ -153,7 +153,7 @@ def _train_stagate(features, graph, semantic, cfg: StagateConfig, seed: int, pro
     model.eval()
     with torch.no_grad():
         z, _ = model.encode(graph, x, sem)
-    return StagateResult(embedding=z.numpy().astype(np.float32), history=history)
+    return StagateResult(latent=z.numpy().astype(np.float32), history=history)
 
 
 def stagate_dataset(cfg, stagate: StagateConfig | None = None, adata=None, progress: bool = False,
@@ -161,41 +161,25 @@ def stagate_dataset(cfg, stagate: StagateConfig | None = None, adata=None, progr
     """STAGATE (``cfg.fusion == "none"``) or STAGATE + FSM (``"film"``) on ``cfg.dataset``, every seed.
 
     Uses the dataset's preprocessing, spatial graph, number of domains and, with the FSM, the same
-    semantic embeddings SemST would (``cfg.embedding``); returns a :class:`cluster.run.ClusterReport`.
+    semantic embeddings SemST would (``cfg.embedding``); returns a :class:`semst.cluster.runner.ClusterReport`.
     """
-    from cluster.domains import kmeans_domains
-    from cluster.metrics import cluster_metrics
-    from cluster.run import (ClusterReport, annotation, resolve_n_domains, semantic_embeddings,
-                             slide_spatial_graph, summarise)
-    from shared.datasets import check_coordinates, load_dataset
-    from shared.preprocess import preprocess
+    from semst.cluster.run import semantic_embeddings
+    from semst.cluster.runner import load_slide, run_seeds
 
     stagate = stagate or StagateConfig()
     if cfg.fusion not in ("film", "none"):
         raise StagateError(f"the FSM is the only semantic module plugged into STAGATE: fusion must be "
                            f"'film' (STAGATE + FSM) or 'none' (STAGATE), got {cfg.fusion!r}")
-    if adata is None:
-        adata = load_dataset(cfg.dataset)
-    coords = check_coordinates(adata)
-    truth = annotation(adata)
-    n_domains = resolve_n_domains(cfg, truth)
-    spot_ids = list(adata.obs_names)
-    semantic, source = semantic_embeddings(cfg, spot_ids, cfg.seeds[0])
-    prep = preprocess(adata, cfg.preprocess)
-    graph = slide_spatial_graph(cfg, coords)
+    slide = load_slide(cfg, adata)
+    semantic, source = semantic_embeddings(cfg, slide.spot_ids, cfg.seeds[0])
+    prep, graph = slide.prep, slide.spatial_graph
     log(f"{cfg.dataset}: STAGATE{' + FSM' if semantic is not None else ''} on {prep.n_vars} genes, "
-        f"{graph.num_edges()} spatial edges, {n_domains} domains; embedding {source['embedding']}")
-    report = ClusterReport(cfg.dataset, run_dir=None, n_spots=adata.n_obs, n_domains=n_domains)
-    for seed in cfg.seeds:
-        if cfg.embedding == "random" and seed != cfg.seeds[0]:
-            semantic, source = semantic_embeddings(cfg, spot_ids, seed)
-        t0 = time.perf_counter()
-        result = train_stagate(prep.X, graph, semantic, stagate, seed, progress=progress)
-        labels = kmeans_domains(result.embedding, n_domains, seed)
-        row = {"seed": seed, "seconds": round(time.perf_counter() - t0, 2)}
-        if truth.notna().any():
-            row.update(cluster_metrics(truth.to_numpy(), labels))
-        report.per_seed.append(row)
-        report.labels[seed] = labels
-    report.summary = summarise(report.per_seed)
-    return report
+        f"{graph.num_edges()} spatial edges, {slide.n_domains} domains; embedding {source['embedding']}")
+
+    def fit(seed: int):
+        vectors = semantic
+        if cfg.embedding == "random" and semantic is not None and seed != cfg.seeds[0]:
+            vectors, _ = semantic_embeddings(cfg, slide.spot_ids, seed)
+        return train_stagate(prep.X, graph, vectors, stagate, seed, progress=progress)
+
+    return run_seeds(slide, fit, log=log)

@@ -6,7 +6,7 @@ spots at a time. Each decoder batch is back-propagated on its own into a detache
 the accumulated gradient then flows once through the encoder, together with L_cr and L_s. This gives
 exactly the gradient of the full loss without ever holding every batch's decoder activations.
 
-No choice is made by looking at labels: the returned embedding is Z_final after the last epoch
+No choice is made by looking at labels: the returned latent is Z_final after the last epoch
 (evaluation mode, no dropout).
 """
 from __future__ import annotations
@@ -19,15 +19,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from cluster.graphs import neighbour_pairs
-from cluster.losses import (correlation_reduction_loss, sample_negatives, spatial_regularisation_loss,
+from semst.cluster.graphs import neighbour_pairs
+from semst.cluster.losses import (correlation_reduction_loss, sample_negatives, spatial_regularisation_loss,
                             zinb_loss)
-from cluster.model import SemST
+from semst.cluster.model import SemST
 
 
 @dataclass
 class TrainResult:
-    embedding: np.ndarray  # Z_final (n, hidden2), last epoch
+    latent: np.ndarray  # Z_final (n, hidden2), last epoch: what k-means clusters
     history: dict[str, list[float]] = field(default_factory=dict)  # per epoch: total, zinb, cr, spatial
 
 
@@ -137,4 +137,4 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
     model.eval()
     with torch.no_grad():
         _, _, z = model.encode(spatial, expression, x, sem)
-    return TrainResult(embedding=z.numpy().astype(np.float32), history=history)
+    return TrainResult(latent=z.numpy().astype(np.float32), history=history)

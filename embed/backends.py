@@ -43,7 +43,7 @@ class Backend(Protocol):
     name: str  # "vllm" | "transformers"
     tokenizer: object  # the HF tokenizer prompts are rendered and tokenized with
 
-    def space(self): ...  # -> embed.cache.EmbeddingSpace
+    def space(self): ...  # -> shared.cache.EmbeddingSpace
 
     def embed(self, prompts: list[str]) -> np.ndarray: ...  # float32 (n, dim)
 
@@ -97,9 +97,9 @@ class _TokenizingBackend:
     def space(self):
         """The cache partition these vectors belong to; identical for both backends."""
         if self._space is None:
-            from embed.cache import EmbeddingSpace
-            from embed.models import model_label
-            from shared.hashing import weights_fingerprint
+            from semst.shared.cache import EmbeddingSpace
+            from semst.shared.cache import model_label
+            from semst.shared.hashing import weights_fingerprint
 
             self._space = EmbeddingSpace(model=model_label(self.model_dir),
                                          weights=weights_fingerprint(self.model_dir),
@@ -273,7 +273,7 @@ class TransformersBackend(_TokenizingBackend):
 def load_backend(name: str, model: str, pooling: str = "mean", dtype: str = "float32", batch_size: int = 64,
                  max_tokens: int = MAX_TOKENS) -> Backend:
     """Load ``model`` ("default", a checkpoint directory or a cached HF id) into backend ``name``."""
-    from embed.models import resolve_model
+    from semst.embed.models import resolve_model
 
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} "

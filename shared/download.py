@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from shared.datasets import DATASETS, RAW_DIR, DatasetError, DatasetSpec, load_dataset
+from semst.shared import paths
+from semst.shared.datasets import DATASETS, DatasetError, DatasetSpec, load_dataset
+from semst.shared.io import atomic_directory
 
 _CHUNK = 1 << 20
 
@@ -55,16 +55,14 @@ def download_dataset(name: str, root: str | Path | None = None, mirror: str | No
     if spec is None:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
     if not spec.files:
-        raise DatasetError(f"{name} has no public download registered; put {name}.h5ad in {RAW_DIR} "
+        raise DatasetError(f"{name} has no public download registered; put {name}.h5ad in {paths.raw_dir()} "
                            f"or a folder on SEMST_DATA_PATH")
     mirror = mirror or os.environ.get("SEMST_DATA_MIRROR")
-    root = Path(root) if root else RAW_DIR
+    root = Path(root) if root else paths.raw_dir()
     final = root / name
     if final.exists() and not force:
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-    try:
+    with atomic_directory(final) as tmp:
         for f in spec.files:
             url = mirrored(f.url, mirror)
             target = tmp / f.path
@@ -79,12 +77,6 @@ def download_dataset(name: str, root: str | Path | None = None, mirror: str | No
                     tar.extractall(target.parent, filter="data")
                 target.unlink()
         _verify_loads(name, tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

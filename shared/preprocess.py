@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-from shared.config import PreprocessConfig
+from semst.shared.config import PreprocessConfig
 
 
 class PreprocessError(ValueError):

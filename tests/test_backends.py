@@ -1,4 +1,4 @@
-"""embed.backends: vLLM and transformers compute the same pooled hidden states, prompt by prompt.
+"""semst.embed.backends: vLLM and transformers compute the same pooled hidden states, prompt by prompt.
 
 Runs on tiny random checkpoints (tests/tiny_model.py) so that vLLM loads in seconds. Each vLLM
 engine is loaded once per module and shared by the tests that need it.
@@ -13,9 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from embed.backends import BackendError, load_backend
-from embed.prompts import render_prompts
-from tests.tiny_model import HIDDEN, build_tiny_model
+from semst.embed.backends import BackendError, load_backend
+from semst.embed.prompts import render_prompts
+from tiny_model import HIDDEN, build_tiny_model
 
 GENE_LISTS = [
     [],
@@ -109,7 +109,7 @@ def test_both_backends_tokenize_identically_without_a_second_bos(backends, promp
 
 
 def test_both_backends_report_the_same_space(backends):
-    pytest.importorskip("embed.cache")
+    pytest.importorskip("semst.shared.cache")
     spaces = [backends(name, "mean").space() for name in ("vllm", "transformers")]
     assert spaces[0] == spaces[1]
     assert (spaces[0].pooling, spaces[0].dtype, spaces[0].dim) == ("mean", "float32", HIDDEN)
@@ -185,7 +185,7 @@ def test_vllm_loads_after_numba_is_imported(tiny_model_dir):
     import sys
 
     code = ("import numba, sys; sys.path.insert(0, {repo!r})\n"
-            "from embed.backends import load_backend\n"
+            "from semst.embed.backends import load_backend\n"
             "b = load_backend('vllm', {model!r}, batch_size=2)\n"
             "print(b.embed(['hello there']).shape)").format(
         repo=str(Path(__file__).resolve().parents[1]), model=str(tiny_model_dir))

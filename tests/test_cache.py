@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embed.cache import CacheError, EmbeddingCache, EmbeddingSpace, SpaceMismatchError
+from semst.shared.cache import CacheError, EmbeddingCache, EmbeddingSpace, SpaceMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = EmbeddingSpace(model="tiny", weights="f" * 64, pooling="mean", dtype="float32", dim=4)
@@ -163,7 +163,7 @@ def test_gc_compacts_parts_trims_garbage_and_keeps_every_committed_row(cache):
 WRITER = textwrap.dedent("""
     import hashlib, sys, numpy as np
     sys.path.insert(0, {repo!r})
-    from embed.cache import EmbeddingCache, EmbeddingSpace
+    from semst.shared.cache import EmbeddingCache, EmbeddingSpace
     space = EmbeddingSpace(model="tiny", weights="f" * 64, pooling="mean", dtype="float32", dim=4)
     cache = EmbeddingCache(sys.argv[1])
     ids = list(range(int(sys.argv[2]), int(sys.argv[3])))

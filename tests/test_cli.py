@@ -6,8 +6,8 @@ import hashlib
 import numpy as np
 from click.testing import CliRunner
 
-from embed.cache import EmbeddingCache, EmbeddingSpace
-from shared.cli import main
+from semst.shared.cache import EmbeddingCache, EmbeddingSpace
+from semst.experiments.cli import main
 
 SPACE = EmbeddingSpace(model="tiny", weights="a" * 64, pooling="mean", dtype="float32", dim=3)
 

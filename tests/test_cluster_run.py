@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cluster.run import ClusterError, cluster_dataset
-from embed.cache import EmbeddingCache, EmbeddingSpace
-from embed.run import embedding_tag
-from shared.config import load_cluster_config
-from shared.hashing import prompt_hash
+from semst.cluster.run import cluster_dataset
+from semst.cluster.runner import ClusterError
+from semst.shared.cache import EmbeddingCache, EmbeddingSpace
+from semst.shared.cache import embedding_tag
+from semst.shared.config import load_cluster_config
+from semst.shared.hashing import prompt_hash
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ def slide(tmp_path, monkeypatch):
     (tmp_path / "grid.toml").write_text("[preprocess]\nmin_cells = 1\n[cluster]\nradius = 1.5\nexpr_k = 5\n"
                                         "epochs = 5\nhidden1 = 16\nhidden2 = 8\n")
     monkeypatch.setenv("SEMST_DATA_PATH", str(data))
-    monkeypatch.setattr("shared.datasets.RAW_DIR", tmp_path / "raw-empty")
+    monkeypatch.setattr("semst.shared.paths.raw_dir", lambda: tmp_path / "raw-empty")
     return {"data": data, "toml": tmp_path / "grid.toml", "cache": tmp_path / "cache.zarr", "adata": a}
 
 
@@ -119,7 +120,7 @@ def test_n_domains_outside_2_to_spots_is_refused(slide, tmp_path, n):
 
 
 def test_nan_coordinates_are_refused(slide, tmp_path):
-    from shared.datasets import DatasetError
+    from semst.shared.datasets import DatasetError
 
     a = slide["adata"].copy()
     a.obsm["spatial"][3] = np.nan
@@ -130,7 +131,7 @@ def test_nan_coordinates_are_refused(slide, tmp_path):
 
 def test_cli_errors_exit_non_zero_with_one_line(slide, tmp_path):
     env = {**os.environ, "SEMST_DATA_PATH": str(slide["data"])}
-    base = [sys.executable, "-m", "shared.cli", "cluster", "grid", "--config", str(slide["toml"]),
+    base = [sys.executable, "-m", "semst.experiments.cli", "cluster", "grid", "--config", str(slide["toml"]),
             "--cache", str(slide["cache"]), "--out", str(tmp_path / "r")]
     (tmp_path / "far.toml").write_text(slide["toml"].read_text().replace("radius = 1.5", "radius = 0.5"))
     for extra, message in ((["--n-domains", "1"], "n_domains must be >= 2"),
@@ -153,8 +154,8 @@ MOB_GAP = pytest.mark.xfail(strict=True, reason=(
 @pytest.mark.parametrize("dataset, n_domains", [pytest.param("mob", 5, marks=MOB_GAP), ("starmap-mpfc", 4)])
 def test_semst_beats_kmeans_on_pca_on_a_real_slide(shared_data_dir, tmp_path, dataset, n_domains):
     """W/o LLM so no model is needed: on a real slide the graph model must clearly help."""
-    from cluster.baselines import baseline_dataset
-    from shared.datasets import load_dataset
+    from semst.cluster.baselines import baseline_dataset
+    from semst.shared.datasets import load_dataset
 
     cfg = load_cluster_config(dataset, {"fusion": "none", "seeds": [0, 1, 2]})
     adata = load_dataset(dataset)

@@ -3,7 +3,7 @@ import tomllib
 
 import pytest
 
-from shared.config import (ConfigError, available_configs, config_to_toml, load_cluster_config,
+from semst.shared.config import (ConfigError, available_configs, config_to_toml, load_cluster_config,
                            load_embed_config)
 
 

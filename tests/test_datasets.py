@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from shared import datasets
-from shared.datasets import DatasetError, check_coordinates, find_dataset, load_dataset
+from semst.shared import datasets, paths
+from semst.shared.datasets import DatasetError, check_coordinates, find_dataset, load_dataset
 
 
 def toy(X, genes=None) -> ad.AnnData:
@@ -26,7 +26,7 @@ def search_path(tmp_path, monkeypatch):
     raw, ext = tmp_path / "raw", tmp_path / "ext"
     raw.mkdir()
     ext.mkdir()
-    monkeypatch.setattr(datasets, "RAW_DIR", raw)
+    monkeypatch.setattr(paths, "raw_dir", lambda: raw)
     monkeypatch.setenv("SEMST_DATA_PATH", str(ext))
     return raw, ext
 

@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
-from shared.datasets import DatasetSpec, RemoteFile, load_dataset
-from shared.download import DownloadError, download_dataset
+from semst.shared.datasets import DatasetSpec, RemoteFile, load_dataset
+from semst.shared.download import DownloadError, download_dataset
 
 GENES = ["Snap25", "Gfap", "Mbp", "Plp1", "Nrgn", "Calm2"]
 

@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from embed.cache import EmbeddingCache
-from embed.run import embed_dataset, embedding_tag
-from shared.config import load_embed_config
-from tests.tiny_model import build_tiny_model
+from semst.shared.cache import EmbeddingCache
+from semst.embed.run import embed_dataset
+from semst.shared.cache import embedding_tag
+from semst.shared.config import load_embed_config
+from tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SYMBOLS = ["SNAP25", "GFAP", "MBP", "PLP1", "NRGN", "CALM2", "MOBP", "PCP4", "NEFL", "SCGB2A2",
@@ -50,7 +51,7 @@ def env(tmp_path, monkeypatch, tiny_model):
     write_slide(data / "toy.h5ad", 24, repeat=2)  # 12 distinct spots, each twice
     write_slide(data / "toy-copy.h5ad", 24, repeat=2)  # the same spots under another name
     monkeypatch.setenv("SEMST_DATA_PATH", str(data))
-    monkeypatch.setattr("shared.datasets.RAW_DIR", tmp_path / "raw-empty")
+    monkeypatch.setattr("semst.shared.paths.raw_dir", lambda: tmp_path / "raw-empty")
     return {"data": data, "cache": tmp_path / "cache.zarr", "model": str(tiny_model)}
 
 
@@ -121,7 +122,7 @@ def tree_state(path: Path) -> dict:
 
 
 def _semst(*args, env_vars=None, **kw):
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "semst.experiments.cli", *args], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, **(env_vars or {})}, timeout=600, **kw)
 
 
@@ -164,7 +165,7 @@ def test_a_cache_path_that_is_not_a_cache_is_refused_untouched(env, tmp_path):
 def test_a_run_killed_with_sigkill_resumes_computing_only_what_is_missing(env):
     write_slide(env["data"] / "big.h5ad", 400, seed=3)
     vars_ = {"SEMST_DATA_PATH": str(env["data"])}
-    cmd = [sys.executable, "-m", "shared.cli", "embed", "big", "--cache", str(env["cache"]), "--backend",
+    cmd = [sys.executable, "-m", "semst.experiments.cli", "embed", "big", "--cache", str(env["cache"]), "--backend",
            "transformers", "--model", env["model"], "--k-genes", "8", "--batch-size", "4"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **vars_}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

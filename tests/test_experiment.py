@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cluster.experiment import ExperimentError, cell_config, load_grid, parse_grid, run_experiment
-from tests.tiny_model import build_tiny_model
+from semst.experiments.grid import ExperimentError, cell_config, load_grid, parse_grid, run_experiment
+from tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def test_a_cell_keeps_the_datasets_config_under_grid_and_variant_overrides():
 
 
 def test_the_sentence_embedding_becomes_the_encoders_spot_table_tag():
-    from embed.sentence_encoder import sentence_tag
+    from semst.embed.sentence_encoder import sentence_tag
 
     grid = parse_grid(grid_with(lambda d: d["variant"].append({"name": "bert", "cluster": {"embedding": "sentence"}})),
                       "g.toml")
@@ -227,7 +227,7 @@ variants = ["semst", "pca"]
 @pytest.fixture
 def on_path(tiny_env, monkeypatch):
     monkeypatch.setenv("SEMST_DATA_PATH", str(tiny_env["data"]))
-    monkeypatch.setattr("shared.datasets.RAW_DIR", tiny_env["root"] / "raw-empty")
+    monkeypatch.setattr("semst.shared.paths.raw_dir", lambda: tiny_env["root"] / "raw-empty")
     return tiny_env
 
 
@@ -285,7 +285,7 @@ def test_a_resumed_run_reuses_cells_with_unchanged_settings(first_run, on_path):
 def test_spatial_smoothing_averages_each_spot_over_its_neighbourhood():
     import scipy.sparse as sp
 
-    from cluster.baselines import smooth_over_graph
+    from semst.cluster.baselines import smooth_over_graph
 
     # a path 0 - 1 - 2 with self-loops
     adj = sp.csr_matrix(np.array([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=float))
@@ -296,7 +296,7 @@ def test_spatial_smoothing_averages_each_spot_over_its_neighbourhood():
 
 
 def test_pca_is_capped_by_the_datas_shape_and_is_deterministic():
-    from cluster.baselines import pca_embedding
+    from semst.cluster.baselines import pca_embedding
 
     X = np.random.default_rng(0).normal(size=(8, 5))
     assert pca_embedding(X, 30).shape == (8, 5)
@@ -304,8 +304,8 @@ def test_pca_is_capped_by_the_datas_shape_and_is_deterministic():
 
 
 def test_a_baseline_finds_the_two_halves_of_the_toy_slide(on_path):
-    from cluster.baselines import BaselineError, baseline_dataset
-    from shared.config import load_cluster_config
+    from semst.cluster.baselines import BaselineError, baseline_dataset
+    from semst.shared.config import load_cluster_config
 
     cfg = load_cluster_config("toy", {"seeds": [0, 1]}, on_path["root"] / "toy.toml")
     for method in ("pca-kmeans", "pca-spatial-kmeans"):
@@ -317,7 +317,7 @@ def test_a_baseline_finds_the_two_halves_of_the_toy_slide(on_path):
 
 
 def test_a_grid_restricted_to_some_datasets_keeps_its_methods_and_refuses_others():
-    from cluster.experiment import restrict_datasets
+    from semst.experiments.grid import restrict_datasets
 
     grid = load_grid(REPO / "experiments" / "paper.toml")
     mob = restrict_datasets(grid, ["mob"])

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cluster.graphs import GraphError, expression_graph, neighbour_pairs, spatial_graph
+from semst.cluster.graphs import GraphError, expression_graph, neighbour_pairs, spatial_graph
 
 
 def edge_set(g):

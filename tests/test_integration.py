@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from embed.cache import EmbeddingCache
-from shared.config import DEFAULT_MODEL_DIR
+from semst.shared.cache import EmbeddingCache
+from semst.shared.paths import default_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.integration
 def test_semst_embed_with_the_default_model_on_real_spots(shared_data_dir, tmp_path):
-    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+    if not (default_model_dir() / "config.json").exists():
         pytest.skip("the default model is not converted yet (make model)")
     cache = tmp_path / "cache.zarr"
-    cmd = [sys.executable, "-m", "shared.cli", "embed", "dlpfc-151673", "--max-spots", "24", "--cache", str(cache)]
+    cmd = [sys.executable, "-m", "semst.experiments.cli", "embed", "dlpfc-151673", "--max-spots", "24", "--cache", str(cache)]
     env = {**os.environ, "SEMST_DATA_PATH": str(shared_data_dir)}
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert first.returncode == 0, first.stderr[-2000:]

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from scipy.special import gammaln
 
-from cluster.losses import (correlation_reduction_loss, sample_negatives, spatial_regularisation_loss,
+from semst.cluster.losses import (correlation_reduction_loss, sample_negatives, spatial_regularisation_loss,
                             zinb_loss)
 
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from cluster.metrics import cluster_metrics
+from semst.cluster.metrics import cluster_metrics
 
 
 def test_a_relabelled_perfect_clustering_scores_100_everywhere():

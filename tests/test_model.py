@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.dgl_compat import dgl
-from cluster.graphs import expression_graph, spatial_graph
-from cluster.model import FSM, SemST, fsm_modulate
+from semst.cluster.dgl_compat import dgl
+from semst.cluster.graphs import expression_graph, spatial_graph
+from semst.cluster.model import FSM, SemST, fsm_modulate
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""embed.models: finding a checkpoint offline, and converting the default model from its GGUF."""
+"""semst.embed.models: finding a checkpoint offline, and converting the default model from its GGUF."""
 from __future__ import annotations
 
 import json
@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pytest
 
-from embed import models
-from embed.models import (MANIFEST, ModelNotFoundError, convert_default_model, is_complete, model_label,
-                          resolve_model)
-from shared.config import DEFAULT_MODEL_DIR
-from tests.tiny_model import build_tiny_model
+from semst.embed import models
+from semst.embed.models import MANIFEST, ModelNotFoundError, convert_default_model, is_complete, resolve_model
+from semst.shared.cache import model_label
+from semst.shared.paths import default_model_dir
+from tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,12 @@ def fake_conversion(path, content=b"weights"):
 
 def test_default_resolves_to_the_converted_directory(tmp_path, monkeypatch):
     converted = fake_conversion(tmp_path / "SmolLM2-135M-Instruct")
-    monkeypatch.setattr(models, "DEFAULT_MODEL_DIR", converted)
+    monkeypatch.setattr(models, "default_model_dir", lambda: converted)
     assert resolve_model("default") == converted
 
 
 def test_default_not_converted_says_run_make_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "DEFAULT_MODEL_DIR", tmp_path / "missing")
+    monkeypatch.setattr(models, "default_model_dir", lambda: tmp_path / "missing")
     with pytest.raises(ModelNotFoundError, match="make model"):
         resolve_model("default")
 
@@ -90,7 +90,7 @@ def test_a_hub_id_in_the_local_cache_resolves_to_its_snapshot(tmp_path, tiny_dir
 
 
 def test_model_label_of_a_directory_is_its_name():
-    assert model_label(DEFAULT_MODEL_DIR) == "SmolLM2-135M-Instruct"
+    assert model_label(default_model_dir()) == "SmolLM2-135M-Instruct"
 
 
 # --- conversion ------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def test_converted_model_computes_what_the_gguf_computes(converted, monkeypatch)
     import transformers.modeling_utils
     from transformers import AutoModel, AutoTokenizer
 
-    from embed.prompts import render_prompt
+    from semst.embed.prompts import render_prompt
 
     # transformers insists on `accelerate` for gguf_file= although it is not used on CPU.
     monkeypatch.setattr(transformers.modeling_utils, "is_accelerate_available", lambda *a, **k: True)
@@ -161,8 +161,8 @@ def test_converted_model_computes_what_the_gguf_computes(converted, monkeypatch)
 
 @pytest.mark.slow
 def test_vllm_loads_the_converted_model_and_agrees_with_transformers(converted):
-    from embed.backends import load_backend
-    from embed.prompts import render_prompts
+    from semst.embed.backends import load_backend
+    from semst.embed.prompts import render_prompts
 
     hf = load_backend("transformers", str(converted))
     prompts = render_prompts([["MBP", "PLP1", "GFAP"], [f"GENE{i}" for i in range(20)]], hf.tokenizer, "semst")

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from shared.config import PreprocessConfig
-from shared.preprocess import PreprocessError, preprocess, top_k_genes
+from semst.shared.config import PreprocessConfig
+from semst.shared.preprocess import PreprocessError, preprocess, top_k_genes
 
 
 def toy(X, genes):

@@ -1,13 +1,13 @@
-"""embed.prompts: the exact text each spot's embedding (and its cache key) is computed from."""
+"""semst.embed.prompts: the exact text each spot's embedding (and its cache key) is computed from."""
 from __future__ import annotations
 
 import copy
 
 import pytest
 
-from embed.prompts import TEMPLATES, PromptError, render_prompt, render_prompts
-from shared.hashing import prompt_hash
-from tests.tiny_model import QWEN3_STYLE_TEMPLATE, smollm2_tokenizer
+from semst.embed.prompts import TEMPLATES, PromptError, render_prompt, render_prompts
+from semst.shared.hashing import prompt_hash
+from tiny_model import QWEN3_STYLE_TEMPLATE, smollm2_tokenizer
 
 SEMST_SYSTEM = ("You are an expert in bioinformatics. Represent the biological state of a cell characterized "
                 "by the following highly expressed genes. Focus on capturing the functional essence relevant "

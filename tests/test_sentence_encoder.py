@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from embed.cache import EmbeddingCache
-from embed.run import embedding_tag
-from embed.sentence_encoder import (SentenceEncoderError, encode_dataset_sentence, embed_dataset_sentence,
+from semst.shared.cache import EmbeddingCache
+from semst.shared.cache import embedding_tag
+from semst.embed.sentence_encoder import (SentenceEncoderError, encode_dataset_sentence, embed_dataset_sentence,
                                     encoder_dir, encoder_space, load_encoder, sentence_tag, sentence_texts)
-from shared.config import load_cluster_config, load_embed_config
-from shared.hashing import prompt_hash, weights_fingerprint
+from semst.shared.config import load_cluster_config, load_embed_config
+from semst.shared.hashing import prompt_hash, weights_fingerprint
 
 GENES = ["SNAP25", "GFAP", "MBP", "PLP1", "NRGN", "CALM2", "MOBP", "PCP4"]
 
@@ -37,7 +37,7 @@ def toy(tmp_path, monkeypatch):
     a.write_h5ad(tmp_path / "data" / "toy.h5ad")
     (tmp_path / "toy.toml").write_text("[preprocess]\nmin_cells = 1\n[cluster]\nspatial_k = 3\nexpr_k = 3\n")
     monkeypatch.setenv("SEMST_DATA_PATH", str(tmp_path / "data"))
-    monkeypatch.setattr("shared.datasets.RAW_DIR", tmp_path / "raw-empty")
+    monkeypatch.setattr("semst.shared.paths.raw_dir", lambda: tmp_path / "raw-empty")
     cfg = load_embed_config("toy", {"cache": str(tmp_path / "cache.zarr"), "k_genes": 3, "genes_from": "all"},
                             path=tmp_path / "toy.toml")
     return {"cfg": cfg, "adata": a, "toml": tmp_path / "toy.toml"}
@@ -87,7 +87,7 @@ def test_vectors_are_cached_by_the_hash_of_the_exact_text_and_a_rerun_computes_n
 
 
 def test_stage_2_reads_the_encoders_vectors_by_tag(toy):
-    from cluster.run import semantic_embeddings
+    from semst.cluster.run import semantic_embeddings
 
     tag = embed_dataset_sentence(toy["cfg"], adata=toy["adata"], log=quiet)
     ccfg = load_cluster_config("toy", {"cache": toy["cfg"].cache, "embedding": tag}, path=toy["toml"],

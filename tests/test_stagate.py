@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cluster.dgl_compat import dgl
-from cluster.graphs import spatial_graph
-from cluster.stagate import STAGATE, StagateConfig, StagateError, stagate_dataset, train_stagate
+from semst.cluster.dgl_compat import dgl
+from semst.cluster.graphs import spatial_graph
+from semst.cluster.stagate import STAGATE, StagateConfig, StagateError, stagate_dataset, train_stagate
 
 SMALL = StagateConfig(hidden=16, latent=4, epochs=40)
 
@@ -74,7 +74,7 @@ def test_training_lowers_the_reconstruction_error_and_is_seeded():
     a = train_stagate(x, g, None, SMALL, seed=3)
     b = train_stagate(x, g, None, SMALL, seed=3)
     assert a.history["mse"][-1] < a.history["mse"][0]
-    assert a.embedding.shape == (120, 4) and np.array_equal(a.embedding, b.embedding)
+    assert a.latent.shape == (120, 4) and np.array_equal(a.latent, b.latent)
 
 
 def test_semantic_vectors_must_match_the_spots():
@@ -91,10 +91,10 @@ def test_bad_hyper_parameters_are_refused():
 @pytest.fixture
 def toy(tmp_path, monkeypatch):
     """The grid slide as raw counts on the search path (as 'grid'), a config, fake cached embeddings."""
-    from embed.cache import EmbeddingCache, EmbeddingSpace
-    from embed.run import embedding_tag
-    from shared.config import load_cluster_config
-    from shared.hashing import prompt_hash
+    from semst.shared.cache import EmbeddingCache, EmbeddingSpace
+    from semst.shared.cache import embedding_tag
+    from semst.shared.config import load_cluster_config
+    from semst.shared.hashing import prompt_hash
 
     coords, x, truth = grid_slide()
     counts = np.random.default_rng(1).poisson(np.exp(x / 2)).astype(np.float32)
@@ -106,7 +106,7 @@ def toy(tmp_path, monkeypatch):
     a.write_h5ad(tmp_path / "data" / "grid.h5ad")
     (tmp_path / "grid.toml").write_text("[preprocess]\nmin_cells = 1\n[cluster]\nradius = 1.5\nexpr_k = 5\n")
     monkeypatch.setenv("SEMST_DATA_PATH", str(tmp_path / "data"))
-    monkeypatch.setattr("shared.datasets.RAW_DIR", tmp_path / "raw-empty")
+    monkeypatch.setattr("semst.shared.paths.raw_dir", lambda: tmp_path / "raw-empty")
     cache = tmp_path / "cache.zarr"
 
     def cfg(**kw):

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cluster.domains import kmeans_domains
-from cluster.graphs import expression_graph, spatial_graph
-from cluster.train import train_semst
-from shared.config import ClusterConfig
+from semst.cluster.domains import kmeans_domains
+from semst.cluster.graphs import expression_graph, spatial_graph
+from semst.cluster.train import train_semst
+from semst.shared.config import ClusterConfig
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +37,19 @@ def run(slide, c, seed):
 
 def test_training_returns_one_embedding_row_per_spot_and_finite_losses(slide):
     result = run(slide, cfg(), 0)
-    assert result.embedding.shape == (120, 8)
+    assert result.latent.shape == (120, 8)
     assert set(result.history) == {"total", "zinb", "cr", "spatial"}
     assert all(len(v) == 4 and np.isfinite(v).all() for v in result.history.values())
 
 
 def test_the_same_seed_gives_the_same_embedding_and_domains(slide):
     a, b = run(slide, cfg(), 7), run(slide, cfg(), 7)
-    np.testing.assert_array_equal(a.embedding, b.embedding)
-    np.testing.assert_array_equal(kmeans_domains(a.embedding, 2, 7), kmeans_domains(b.embedding, 2, 7))
+    np.testing.assert_array_equal(a.latent, b.latent)
+    np.testing.assert_array_equal(kmeans_domains(a.latent, 2, 7), kmeans_domains(b.latent, 2, 7))
 
 
 def test_another_seed_gives_another_embedding(slide):
-    assert not np.array_equal(run(slide, cfg(), 1).embedding, run(slide, cfg(), 2).embedding)
+    assert not np.array_equal(run(slide, cfg(), 1).latent, run(slide, cfg(), 2).latent)
 
 
 def test_decoder_batching_does_not_change_the_objective(slide):
@@ -64,7 +64,7 @@ def test_w_o_llm_needs_no_embedding_and_a_semantic_fusion_needs_one(slide):
     c = cfg(fusion="none")
     r = train_semst(slide["features"], slide["counts"], slide["size_factors"], slide["spatial"],
                     slide["expression"], None, c, 0, progress=False)
-    assert r.embedding.shape == (120, 8)
+    assert r.latent.shape == (120, 8)
     with pytest.raises(ValueError, match="needs semantic embeddings"):
         train_semst(slide["features"], slide["counts"], slide["size_factors"], slide["spatial"],
                     slide["expression"], None, cfg(), 0, progress=False)
@@ -76,7 +76,7 @@ import numpy as np, scipy.sparse as sp
 sys.path.insert(0, {tests!r})
 from test_train import slide, cfg, run
 s = slide.__wrapped__()
-print(hashlib.sha256(run(s, cfg(epochs=2, hidden1=256, hidden2=128), 5).embedding.tobytes()).hexdigest())
+print(hashlib.sha256(run(s, cfg(epochs=2, hidden1=256, hidden2=128), 5).latent.tobytes()).hexdigest())
 """
 
 

@@ -39,11 +39,11 @@ QWEN3_STYLE_TEMPLATE = (
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from embed.models import default_gguf_path, gguf_tokenizer, is_complete
-    from shared.config import DEFAULT_MODEL_DIR
+    from semst.embed.models import default_gguf_path, gguf_tokenizer, is_complete
+    from semst.shared.paths import default_model_dir
 
-    if is_complete(DEFAULT_MODEL_DIR):
-        return AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    if is_complete(default_model_dir()):
+        return AutoTokenizer.from_pretrained(default_model_dir())
     return gguf_tokenizer(default_gguf_path())
 
 
@@ -52,7 +52,7 @@ def build_tiny_model(dest: Path, arch: str = "llama", seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-    from embed.models import save_tokenizer
+    from semst.embed.models import save_tokenizer
 
     tokenizer = smollm2_tokenizer()
     shape = dict(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,

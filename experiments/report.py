@@ -2,22 +2,23 @@
 
 Pure rendering: :func:`render_report` turns a :class:`ReportData` (what the grid declared and what
 each cell produced) into markdown, and the ``plot_*`` functions draw figures from plain arrays.
-:mod:`cluster.experiment` gathers the data; nothing here trains, embeds or reads a dataset.
+:mod:`experiments.grid` gathers the data; nothing here trains, embeds or reads a dataset.
 
-Numbers are the metrics of :func:`cluster.metrics.cluster_metrics` (x100, labelled spots only),
+Numbers are the metrics of :func:`semst.cluster.metrics.cluster_metrics` (x100, labelled spots only),
 shown as ``mean ± sd`` over seeds (sample sd; 0.00 for one seed) with two decimals. F1 is the
 macro F1 after the same Hungarian matching as ACC.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from semst.cluster.plots import annotation_palette, pyplot, save
+from semst.shared.io import atomic_write_text
 
 # (key in a cell's summary, column title)
 METRIC_COLUMNS = (("ARI", "ARI"), ("NMI", "NMI"), ("ACC", "ACC"), ("F1_macro", "F1"))
@@ -254,117 +255,12 @@ def render_report(data: ReportData) -> str:
     return "\n".join(out)
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write_report(data: ReportData, out_dir: str | Path) -> Path:
     """``out_dir/REPORT.md`` (written to a temporary name, then renamed)."""
     return atomic_write_text(Path(out_dir) / "REPORT.md", render_report(data))
 
 
 # -- figures ------------------------------------------------------------------------------------------
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def annotation_palette(annotation) -> dict[str, tuple]:
-    """A fixed colour per annotated domain (sorted names): tab10 (distinct hues) up to 10, else tab20."""
-    plt = _pyplot()
-    names = sorted({str(a) for a in annotation if a is not None and not (isinstance(a, float) and np.isnan(a))})
-    cmap, size = (plt.get_cmap("tab10"), 10) if len(names) <= 10 else (plt.get_cmap("tab20"), 20)
-    return {name: cmap(i % size) for i, name in enumerate(names)}
-
-
-def match_to_annotation(labels, annotation) -> dict:
-    """Cluster -> annotated domain it overlaps most under a one-to-one (Hungarian) matching.
-
-    For colouring only: a matched cluster is drawn in its domain's colour; unmatched clusters are not
-    in the returned dict.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    ann = pd.Series(annotation, dtype="object")
-    keep = ann.notna().to_numpy()
-    if not keep.any():
-        return {}
-    t = ann[keep].astype(str).to_numpy()
-    p = np.asarray(labels)[keep]
-    truths, ti = np.unique(t, return_inverse=True)
-    preds, pi = np.unique(p, return_inverse=True)
-    overlap = np.zeros((len(preds), len(truths)), dtype=np.int64)
-    np.add.at(overlap, (pi, ti), 1)
-    rows, cols = linear_sum_assignment(-overlap)
-    return {preds[r].item() if hasattr(preds[r], "item") else preds[r]: truths[c] for r, c in zip(rows, cols)}
-
-
-def _scatter(ax, coords, colours, title, spot_size):
-    ax.scatter(coords[:, 0], coords[:, 1], s=spot_size, c=colours, linewidths=0)
-    ax.set_title(title, fontsize=9)
-    ax.set_aspect("equal")
-    ax.invert_yaxis()  # image coordinates: y grows downwards
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def plot_domain_maps(path, coords, annotation, panels: list[tuple[str, np.ndarray]], title: str = "") -> Path:
-    """The annotation beside each method's domains (one panel each), matched colours."""
-    plt = _pyplot()
-    coords = np.asarray(coords, dtype=float)
-    ann = pd.Series(annotation, dtype="object")
-    palette = annotation_palette(ann)
-    grey = (0.85, 0.85, 0.85, 1.0)
-    extra = plt.get_cmap("Dark2")
-    n = 1 + len(panels)
-    cols = min(n, 4)
-    rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
-    spot_size = max(1.0, 3000.0 / max(len(coords), 1))
-    _scatter(axes[0, 0], coords, [palette.get(str(a), grey) if pd.notna(a) else grey for a in ann],
-             "annotation", spot_size)
-    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=name) for name, c in palette.items()]
-    for i, (panel_title, labels) in enumerate(panels, start=1):
-        ax = axes[i // cols, i % cols]
-        if labels is None:
-            ax.text(0.5, 0.5, "no result", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(panel_title, fontsize=9)
-            ax.axis("off")
-            continue
-        mapping = match_to_annotation(labels, ann)
-        unmatched = sorted({lab for lab in np.unique(labels) if lab not in mapping}, key=str)
-        colour = {lab: palette[name] for lab, name in mapping.items()}
-        colour.update({lab: extra(j % 8) for j, lab in enumerate(unmatched)})
-        _scatter(ax, coords, [colour[lab] for lab in labels], panel_title, spot_size)
-    for j in range(n, rows * cols):
-        axes[j // cols, j % cols].axis("off")
-    if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 0.95 if title else 1))
-    return _save(fig, path)
-
 
 def umap_coordinates(vectors, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
     """2-d UMAP (cosine) of the embeddings; seeded, so the figure is reproducible."""
@@ -378,7 +274,7 @@ def umap_coordinates(vectors, seed: int = 0, n_neighbors: int = 15) -> np.ndarra
 
 def plot_umaps(path, annotation, panels: list[tuple[str, np.ndarray]], title: str = "") -> Path:
     """Side-by-side 2-d embeddings (e.g. UMAPs of two embedding sources) coloured by annotation."""
-    plt = _pyplot()
+    plt = pyplot()
     ann = pd.Series(annotation, dtype="object")
     palette = annotation_palette(ann)
     grey = (0.85, 0.85, 0.85, 1.0)
@@ -398,7 +294,7 @@ def plot_umaps(path, annotation, panels: list[tuple[str, np.ndarray]], title: st
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 0.93 if title else 1))
-    return _save(fig, path)
+    return save(fig, path, dpi=110)
 
 
 def plot_sweep(path, series: dict[str, list[tuple[float, dict]]], metrics=("ARI", "NMI"),
@@ -407,7 +303,7 @@ def plot_sweep(path, series: dict[str, list[tuple[float, dict]]], metrics=("ARI"
 
     ``series``: dataset -> [(x, summary)] where summary is a cell's metric -> {"mean", "sd"}.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for dataset, points in sorted(series.items()):
@@ -425,4 +321,4 @@ def plot_sweep(path, series: dict[str, list[tuple[float, dict]]], metrics=("ARI"
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path, dpi=110)

@@ -1,4 +1,4 @@
-"""The `semst` command: a thin layer over the library API (shared.datasets, embed.run, cluster.run).
+"""The `semst` command: a thin layer over the library API (semst.shared.datasets, semst.embed.run, semst.cluster.run).
 
 Stage modules are imported inside each command so `semst cache info` never pays for importing
 vLLM or DGL. Every expected failure (bad input, missing files, wrong cache) becomes one clear
@@ -11,27 +11,28 @@ from pathlib import Path
 
 import click
 
-from shared.config import DEFAULT_CACHE, ConfigError
+from semst.shared.config import ConfigError
+from semst.shared.paths import default_cache
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Exception classes that mean 'bad input or missing prerequisite', not 'bug'."""
     errors: list[type[BaseException]] = [ConfigError]
     for module, names in (
-        ("shared.datasets", ("DatasetError",)),
-        ("shared.download", ("DownloadError",)),
-        ("shared.preprocess", ("PreprocessError",)),
-        ("embed.cache", ("CacheError",)),
-        ("embed.models", ("ModelNotFoundError",)),
-        ("embed.backends", ("BackendError",)),
-        ("embed.prompts", ("PromptError",)),
-        ("embed.run", ("EmbedError",)),
-        ("cluster.graphs", ("GraphError",)),
-        ("cluster.run", ("ClusterError",)),
-        ("cluster.experiment", ("ExperimentError",)),
-        ("cluster.baselines", ("BaselineError",)),
-        ("cluster.stagate", ("StagateError",)),
-        ("embed.sentence_encoder", ("SentenceEncoderError",)),
+        ("semst.shared.datasets", ("DatasetError",)),
+        ("semst.shared.download", ("DownloadError",)),
+        ("semst.shared.preprocess", ("PreprocessError",)),
+        ("semst.shared.cache", ("CacheError",)),
+        ("semst.embed.models", ("ModelNotFoundError",)),
+        ("semst.embed.backends", ("BackendError",)),
+        ("semst.embed.prompts", ("PromptError",)),
+        ("semst.embed.run", ("EmbedError",)),
+        ("semst.cluster.graphs", ("GraphError",)),
+        ("semst.cluster.runner", ("ClusterError",)),
+        ("semst.experiments.grid", ("ExperimentError",)),
+        ("semst.cluster.baselines", ("BaselineError",)),
+        ("semst.cluster.stagate", ("StagateError",)),
+        ("semst.embed.sentence_encoder", ("SentenceEncoderError",)),
     ):
         mod = sys.modules.get(module)
         for name in names:
@@ -58,7 +59,7 @@ class SemstGroup(click.Group):
 
 cache_option = click.option(
     "--cache", "cache", type=click.Path(path_type=Path), default=None,
-    help=f"Zarr embedding cache to use (default {DEFAULT_CACHE.relative_to(DEFAULT_CACHE.parents[2])}); "
+    help="Zarr embedding cache to use (default data/cache/embeddings.zarr under $SEMST_HOME, else the current folder); "
          "share one between checkouts by pointing them at the same path.")
 config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
                              help="TOML config to use instead of the dataset's own.")
@@ -75,13 +76,13 @@ def main():
 @click.option("--mirror", default=None, help="Base URL replacing each source's host (e.g. a local mirror).")
 def data_cmd(dataset, list_only, mirror):
     """Download DATASET from its public source into data/raw/ (verified; never half-written)."""
-    from shared import datasets
+    from semst.shared import datasets
 
     if list_only or not dataset:
         for row in datasets.describe_datasets():
             click.echo("  ".join(str(v) for v in row))
         return
-    from shared.download import download_dataset
+    from semst.shared.download import download_dataset
     path = download_dataset(dataset, mirror=mirror)
     click.echo(f"{dataset}: ready in {path}")
 
@@ -99,8 +100,8 @@ def data_cmd(dataset, list_only, mirror):
 @click.option("--max-spots", type=int, default=None, help="Only the first N spots (quick checks).")
 def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, template, batch_size, max_spots):
     """Stage 1: embed DATASET's top-k gene prompts into the shared cache."""
-    from shared.config import config_to_toml, load_embed_config
-    from embed.run import embed_dataset
+    from semst.shared.config import config_to_toml, load_embed_config
+    from semst.embed.run import embed_dataset
 
     cfg = load_embed_config(dataset, {"cache": str(cache) if cache else None, "model": model,
                                       "k_genes": k_genes, "pooling": pooling, "backend": backend,
@@ -139,8 +140,8 @@ def _parse_seeds(value: str | None) -> list[int] | None:
 def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, embedding, epochs,
                 model, k_genes, pooling, template, run_name):
     """Stage 2: train SemST on cached embeddings and find spatial domains."""
-    from shared.config import config_to_toml, load_cluster_config
-    from cluster.run import cluster_dataset
+    from semst.shared.config import config_to_toml, load_cluster_config
+    from semst.cluster.run import cluster_dataset
 
     cfg = load_cluster_config(
         dataset,
@@ -162,7 +163,7 @@ def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, 
 @click.option("--datasets", default=None, help="Comma-separated subset of the grid's datasets to run.")
 def experiment_cmd(grid, cache, out_dir, rerun, datasets):
     """Run a grid of datasets x methods x seeds (TOML) and write REPORT.md; exit 1 if a cell failed."""
-    from cluster.experiment import load_grid, restrict_datasets, run_experiment
+    from semst.experiments.grid import load_grid, restrict_datasets, run_experiment
 
     grid = load_grid(grid)
     if datasets:
@@ -180,15 +181,15 @@ def cache_group():
 
 
 def _open_cache(cache: Path | None):
-    from embed.cache import EmbeddingCache
-    return EmbeddingCache(cache or DEFAULT_CACHE, create=False)
+    from semst.shared.cache import EmbeddingCache
+    return EmbeddingCache(cache or default_cache(), create=False)
 
 
 @cache_group.command("info")
 @cache_option
 def cache_info(cache):
     """Embedding spaces, rows, size and the datasets' spot tables."""
-    from embed.cache import format_info
+    from semst.shared.cache import format_info
     click.echo(format_info(_open_cache(cache).info()))
 
 

@@ -18,12 +18,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def bench_prompts(n: int, k: int, tokenizer) -> list[str]:
     """Prompts of real spots (dlpfc-151673) when the dataset is on the search path, else synthetic."""
-    from embed.prompts import render_prompts
-    from shared.config import load_embed_config
+    from semst.embed.prompts import render_prompts
+    from semst.shared.config import load_embed_config
 
     try:
-        from embed.run import spot_gene_lists
-        from shared.datasets import load_dataset
+        from semst.embed.run import spot_gene_lists
+        from semst.shared.datasets import load_dataset
 
         adata = load_dataset("dlpfc-151673")
         cfg = load_embed_config("dlpfc-151673", {"k_genes": k})
@@ -49,9 +49,9 @@ def main(argv=None) -> None:
 
     from transformers import AutoTokenizer
 
-    from embed.backends import load_backend
-    from embed.bench_cache import bench_load
-    from embed.models import resolve_model
+    from semst.embed.backends import load_backend
+    from bench_cache import bench_load  # beside this file
+    from semst.embed.models import resolve_model
 
     model_dir = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

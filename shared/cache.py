@@ -37,7 +37,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.hashing import json_hash
+from semst.shared.hashing import json_hash
+from semst.shared.io import atomic_write_parquet, fsync_dir
+from semst.shared.paths import DEFAULT_MODEL_NAME
 
 FORMAT = {"format": "semst-embedding-cache", "version": 1}
 MARKER = "semst_cache.json"
@@ -68,26 +70,32 @@ class EmbeddingSpace:
         return json_hash(dataclasses.asdict(self))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def model_label(model: str | Path) -> str:
+    """The human label of a model: "SmolLM2-135M-Instruct", "Qwen3-4B-Thinking-2507", ...
+
+    The same answer for the string a user passes ("default", a directory, an HF id) and for the
+    directory it resolves to (an HF cache snapshot is labelled by its repository), computed without
+    touching the disk. The label only names a space for people; the weights' hash identifies it.
+    """
+    if str(model) == "default":
+        return DEFAULT_MODEL_NAME
+    path = Path(str(model).rstrip("/"))
+    # A Hugging Face cache snapshot: .../models--Owner--Name/snapshots/<revision>
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.split("--")[-1]
+    return path.name or str(model)
 
 
-def _atomic_write_parquet(table: pa.Table, dest: Path) -> None:
-    tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
+def embedding_tag(cfg) -> str:
+    """Name of the spot -> prompt-hash table one embed setting (an ``EmbedConfig``) writes and
+    stage 2 looks up: the contract between the stages.
+
+    Readable parts plus a short hash of everything that changes the prompts (k_g, template, which
+    genes are ranked, and the preprocessing that picks the HVGs), so two settings never share a tag.
+    """
+    prompt_settings = {"k": cfg.k_genes, "template": cfg.template, "genes_from": cfg.genes_from,
+                       "preprocess": dataclasses.asdict(cfg.preprocess) if cfg.genes_from == "hvg" else None}
+    return f"{model_label(cfg.model)}.{cfg.pooling}.k{cfg.k_genes}.{cfg.template}.{json_hash(prompt_settings, 8)}"
 
 
 def _safe_name(name: str, what: str) -> str:
@@ -145,7 +153,7 @@ class EmbeddingCache:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def _lock(self):
         from filelock import FileLock
@@ -275,7 +283,7 @@ class EmbeddingCache:
             d = self._index_dir(space)
             d.mkdir(parents=True, exist_ok=True)
             # Names sort by time then randomness; the order is only cosmetic (rows are explicit).
-            _atomic_write_parquet(table, d / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet")
+            atomic_write_parquet(d / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet", table, durable=True)
             return len(keep)
 
     @staticmethod
@@ -286,7 +294,7 @@ class EmbeddingCache:
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         for p in [path, *[q for q in path.rglob("*") if q.is_dir()]]:
-            _fsync_dir(p)
+            fsync_dir(p)
 
     # -- spot tables ------------------------------------------------------------------------------
     def _spot_path(self, dataset: str, tag: str) -> Path:
@@ -302,7 +310,7 @@ class EmbeddingCache:
         table = table.replace_schema_metadata({b"semst": json.dumps(meta, default=str).encode()})
         dest = self._spot_path(dataset, tag)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_parquet(table, dest)
+        atomic_write_parquet(dest, table, durable=True)
         return dest
 
     def read_spot_table(self, dataset: str, tag: str) -> tuple[pd.DataFrame, dict]:
@@ -417,12 +425,12 @@ class EmbeddingCache:
                 if len(parts) > 1:
                     d = self._index_dir(space)
                     table = pa.concat_tables([pq.read_table(d / name) for name in parts]).sort_by("row")
-                    _atomic_write_parquet(table, d / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet")
+                    atomic_write_parquet(d / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet", table, durable=True)
                     # The merged part lists every row; until the old parts are gone each hash appears
                     # twice, which readers tolerate (same row) and a crash here leaves for the next gc.
                     for name in parts:
                         (d / name).unlink()
-                    _fsync_dir(d)
+                    fsync_dir(d)
                     report["parts_merged"] += len(parts)
                 self._index.pop(space.space_id, None)
         return report

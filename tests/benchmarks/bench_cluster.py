@@ -1,4 +1,4 @@
-"""`make bench-cluster`: seconds per epoch and peak memory of stage 2 at 3k, 10k, 30k and 100k spots.
+"""`make bench-cluster` (`python tests/benchmarks/bench_cluster.py`): seconds per epoch and peak memory of stage 2 at 3k, 10k, 30k and 100k spots.
 
 Each size runs in a fresh subprocess (so peak RSS is that size's own): synthetic negative-binomial
 counts over 3000 genes on a square grid, random 576-d semantic vectors (SmolLM2's width), FSM fusion,
@@ -19,9 +19,9 @@ def one_size(n_spots: int, n_genes: int, epochs: int, expr_pcs: int | None = Non
     import numpy as np
     import scipy.sparse as sp
 
-    from cluster.graphs import expression_graph, spatial_graph
-    from cluster.train import train_semst
-    from shared.config import load_cluster_config
+    from semst.cluster.graphs import expression_graph, spatial_graph
+    from semst.cluster.train import train_semst
+    from semst.shared.config import load_cluster_config
 
     rng = np.random.default_rng(seed)
     side = int(np.ceil(np.sqrt(n_spots)))
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
           f"one subprocess per size", flush=True)
     print(f"{'spots':>8}{'graphs s':>10}{'s/epoch':>10}{'peak GiB':>10}")
     for n in (int(s) for s in args.sizes.split(",")):
-        done = subprocess.run([sys.executable, "-m", "cluster.bench", "--one", str(n), "--genes", str(args.genes),
+        done = subprocess.run([sys.executable, __file__, "--one", str(n), "--genes", str(args.genes),
                                "--epochs", str(args.epochs)]
                               + (["--expr-pcs", str(args.expr_pcs)] if args.expr_pcs else []),
                               capture_output=True, text=True)

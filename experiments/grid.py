@@ -7,14 +7,14 @@ figures compare which methods. Every (dataset, variant) cell
 1. resolves its configs from the dataset's own config + the grid's and the variant's overrides
    (epochs and every other setting not overridden stay the dataset's),
 2. makes sure its semantic embeddings are in the shared cache by calling stage 1 itself
-   (:func:`embed.run.embed_dataset`, or :mod:`embed.sentence_encoder`), which computes only prompts
+   (:func:`semst.embed.run.embed_dataset`, or :mod:`semst.embed.sentence_encoder`), which computes only prompts
    that are not cached -- so a second run of the same grid computes no embedding,
-3. runs its backbone for every seed: SemST (:func:`cluster.run.cluster_dataset`), STAGATE with or
-   without the FSM (:mod:`cluster.stagate`), or a baseline (:mod:`cluster.baselines`),
+3. runs its backbone for every seed: SemST (:func:`semst.cluster.run.cluster_dataset`), STAGATE with or
+   without the FSM (:mod:`semst.cluster.stagate`), or a baseline (:mod:`semst.cluster.baselines`),
 4. is written to ``<out>/cells/<dataset>/<variant>.json`` (+ its domains as Parquet) with its wall
    time. A later run reuses a cell whose settings are unchanged (``resume=False`` runs it again).
 
-Then the figures are drawn and ``<out>/REPORT.md`` is written (:mod:`cluster.report`). A dataset
+Then the figures are drawn and ``<out>/REPORT.md`` is written (:mod:`experiments.report`). A dataset
 that cannot be loaded (not available here, or refused by the count loader like seqfish-cortex's
 normalised values) is skipped and the report says why; a cell that fails is reported as failed and
 the grid goes on.
@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from shared.config import ClusterConfig, ConfigError, EmbedConfig, available_configs, load_cluster_config
-from shared.hashing import json_hash
+from semst.shared.config import ClusterConfig, ConfigError, EmbedConfig, available_configs, load_cluster_config
+from semst.shared.hashing import json_hash
+from semst.shared.io import atomic_write_parquet, atomic_write_text
 
 
 class ExperimentError(ValueError):
@@ -186,7 +187,7 @@ def _name(value, what: str, path) -> str:
 
 def parse_grid(data: dict, path: str | Path = "<grid>") -> Grid:
     """A validated :class:`Grid` from parsed TOML; :class:`ExperimentError` says what is wrong."""
-    from cluster.stagate import StagateConfig
+    from semst.cluster.stagate import StagateConfig
 
     path = Path(path)
     _check_keys(data, _TOP_KEYS, "the file (top level)", path)
@@ -398,18 +399,18 @@ def cell_config(grid: Grid, variant: Variant, dataset: str, cache: str | Path | 
         cluster_over["embedding"] = "llm"  # placeholder until the embed config is known
     cfg = load_cluster_config(dataset, cluster_over, grid.dataset_configs.get(dataset), embed_overrides=embed_over)
     if sentence:
-        from embed.sentence_encoder import sentence_tag
+        from semst.embed.sentence_encoder import sentence_tag
         cfg = dataclasses.replace(cfg, embedding=sentence_tag(cfg.embed, encoder_name(variant)))
     return cfg
 
 
 def encoder_name(variant: Variant) -> str:
-    from embed.sentence_encoder import DEFAULT_ENCODER
+    from semst.embed.sentence_encoder import DEFAULT_ENCODER
     return variant.encoder or DEFAULT_ENCODER
 
 
 def stagate_config(grid: Grid, variant: Variant, cfg: ClusterConfig):
-    from cluster.stagate import StagateConfig
+    from semst.cluster.stagate import StagateConfig
     values = {"fsm_hidden_ratio": cfg.fsm_hidden_ratio, **grid.stagate, **variant.stagate}
     return StagateConfig(**values)
 
@@ -424,7 +425,7 @@ def cell_settings(grid: Grid, variant: Variant, cfg: ClusterConfig) -> dict:
     if variant.backbone == "stagate":
         settings["stagate"] = dataclasses.asdict(stagate_config(grid, variant, cfg))
     if variant.backbone in ("pca-kmeans", "pca-spatial-kmeans"):
-        from cluster.baselines import DEFAULT_N_PCS
+        from semst.cluster.baselines import DEFAULT_N_PCS
         settings["baseline"] = {"n_pcs": DEFAULT_N_PCS, "hops": 1, **variant.baseline}
     if variant.embedding == "sentence":
         settings["encoder"] = encoder_name(variant)
@@ -486,20 +487,10 @@ def _cell_paths(out: Path, dataset: str, variant: str) -> tuple[Path, Path]:
     return d / f"{variant}.json", d / f"{variant}.domains.parquet"
 
 
-def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
-    import os
-    import uuid
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def _load_cell(out: Path, dataset: str, variant: str):
     import json
 
-    from cluster.report import CellResult
+    from semst.experiments.report import CellResult
 
     path, labels = _cell_paths(out, dataset, variant)
     if not path.is_file() or not labels.is_file():
@@ -513,14 +504,12 @@ def _load_cell(out: Path, dataset: str, variant: str):
 def _save_cell(out: Path, cell, labels: dict[int, np.ndarray], spot_ids) -> None:
     import json
 
-    from cluster.report import atomic_write_text
-
     path, labels_path = _cell_paths(out, cell.dataset, cell.variant)
     if cell.status == "ok":
         df = pd.DataFrame({"spot_id": list(spot_ids)})
         for seed, lab in labels.items():
             df[f"seed{seed}"] = np.asarray(lab)
-        _atomic_parquet(df, labels_path)
+        atomic_write_parquet(labels_path, df)
     atomic_write_text(path, json.dumps(cell.to_dict(), indent=1, default=_json_default))
 
 
@@ -536,8 +525,8 @@ def _json_default(obj):
 
 def embedding_identity(cfg: ClusterConfig) -> dict:
     """Which model produced the semantic embeddings a cell used: label, weights SHA-256, pooling, dim."""
-    from embed.cache import EmbeddingCache
-    from embed.run import embedding_tag
+    from semst.shared.cache import EmbeddingCache
+    from semst.shared.cache import embedding_tag
 
     tag = embedding_tag(cfg.embed) if cfg.embedding in ("llm", "random") else cfg.embedding
     _, meta = EmbeddingCache(cfg.cache, create=False).read_spot_table(cfg.dataset, tag)
@@ -565,10 +554,11 @@ class _EmbedStep:
 
     def ensure(self, variant: Variant, cfg: ClusterConfig, adata) -> tuple[float, int]:
         """(seconds, embeddings computed) to make this cell's embeddings present in the cache."""
-        from embed.run import embed_dataset, embedding_tag
+        from semst.embed.run import embed_dataset
+        from semst.shared.cache import embedding_tag
 
         if variant.embedding == "sentence":
-            from embed.sentence_encoder import encode_dataset_sentence
+            from semst.embed.sentence_encoder import encode_dataset_sentence
             key = ("sentence", cfg.dataset, cfg.embedding, cfg.embed.cache)
             run = lambda: encode_dataset_sentence(cfg.embed, encoder_name(variant), adata=adata, log=self.log)  # noqa: E731
         elif cfg.embedding in ("llm", "random"):
@@ -587,7 +577,7 @@ class _EmbedStep:
 def run_cell(grid: Grid, variant: Variant, dataset: str, adata, cache=None, embed_step: _EmbedStep | None = None,
              progress: bool = True, log=print):
     """Run one (dataset, variant) cell for every seed; (CellResult, labels per seed)."""
-    from cluster.report import CellResult
+    from semst.experiments.report import CellResult
 
     embed_step = embed_step or _EmbedStep(progress, log)
     cfg = cell_config(grid, variant, dataset, cache)
@@ -599,13 +589,13 @@ def run_cell(grid: Grid, variant: Variant, dataset: str, adata, cache=None, embe
         identity = embedding_identity(cfg)
     quiet = (lambda *a, **k: None)
     if variant.backbone == "semst":
-        from cluster.run import cluster_dataset
+        from semst.cluster.run import cluster_dataset
         report = cluster_dataset(cfg, run_name=variant.name, adata=adata, progress=progress, log=log, write=False)
     elif variant.backbone == "stagate":
-        from cluster.stagate import stagate_dataset
+        from semst.cluster.stagate import stagate_dataset
         report = stagate_dataset(cfg, stagate_config(grid, variant, cfg), adata=adata, progress=progress, log=log)
     else:
-        from cluster.baselines import baseline_dataset
+        from semst.cluster.baselines import baseline_dataset
         opts = settings["baseline"]
         report = baseline_dataset(cfg, variant.backbone, n_pcs=opts["n_pcs"], hops=opts["hops"], adata=adata, log=quiet)
     cell = CellResult(
@@ -630,7 +620,7 @@ def _same_embeddings(previous, cfg: ClusterConfig) -> bool:
 
 def _load_available(dataset: str, grid: Grid):
     """(AnnData, None) or (None, why it is skipped)."""
-    from shared.datasets import DatasetError, load_dataset
+    from semst.shared.datasets import DatasetError, load_dataset
 
     try:
         return load_dataset(dataset), None
@@ -646,7 +636,7 @@ def run_experiment(grid: str | Path | Grid, cache: str | Path | None = None, out
     overrides ``[grid] out``. With ``resume`` a cell already finished with identical settings by an
     earlier run is reused (the report says so); otherwise every cell runs again.
     """
-    from cluster.report import CellResult
+    from semst.experiments.report import CellResult
 
     if not isinstance(grid, Grid):
         grid = load_grid(grid)
@@ -669,9 +659,9 @@ def run_experiment(grid: str | Path | Grid, cache: str | Path | None = None, out
         truth = adata.obs["ground_truth"]
         datasets_info[dataset] = {"n_spots": int(adata.n_obs), "n_domains": int(truth.dropna().nunique())}
         coords = np.asarray(adata.obsm["spatial"], dtype=float)
-        _atomic_parquet(pd.DataFrame({"spot_id": adata.obs_names.astype(str), "x": coords[:, 0], "y": coords[:, 1],
-                                      "ground_truth": truth.astype("string").to_numpy()}),
-                        out / "cells" / dataset / "spots.parquet")
+        atomic_write_parquet(out / "cells" / dataset / "spots.parquet",
+                             pd.DataFrame({"spot_id": adata.obs_names.astype(str), "x": coords[:, 0],
+                                           "y": coords[:, 1], "ground_truth": truth.astype("string").to_numpy()}))
         for variant in grid.variants:
             done += 1
             head = f"[{done}/{total}] {dataset} / {variant.name}"
@@ -710,7 +700,7 @@ def run_experiment(grid: str | Path | Grid, cache: str | Path | None = None, out
 
 def write_experiment_report(grid: Grid, out: Path, cells: list, skipped: dict[str, str],
                             datasets_info: dict[str, dict], cache=None, log=print) -> Path:
-    from cluster.report import DatasetInfo, ReportData, TableInfo, VariantInfo, write_report
+    from semst.experiments.report import DatasetInfo, ReportData, TableInfo, VariantInfo, write_report
 
     datasets = [DatasetInfo(d, skipped=skipped[d]) if d in skipped else
                 DatasetInfo(d, datasets_info[d]["n_spots"], datasets_info[d]["n_domains"]) for d in grid.datasets]
@@ -759,7 +749,8 @@ def draw_figure(spec: FigureSpec, grid: Grid, out: Path, ran: list[str], cells: 
 
 def _draw_one(spec: FigureSpec, grid: Grid, out: Path, d: str | None, datasets: list[str], cells: list,
               cache=None, log=print):
-    from cluster.report import FigureInfo, plot_domain_maps, plot_sweep, plot_umaps, umap_coordinates
+    from semst.cluster.plots import plot_domain_maps
+    from semst.experiments.report import FigureInfo, plot_sweep, plot_umaps, umap_coordinates
 
     labels = {v.name: v.label for v in grid.variants}
     seed = grid.seeds[0]
@@ -792,7 +783,7 @@ def _draw_one(spec: FigureSpec, grid: Grid, out: Path, d: str | None, datasets: 
                    "Domains take the colour of the annotated domain they are matched to (Hungarian "
                    "matching, for display only); unmatched domains get other colours.")
     else:  # umap
-        from cluster.run import semantic_embeddings
+        from semst.cluster.run import semantic_embeddings
         panels = []
         for name in spec.variants:
             cfg = cell_config(grid, grid.variant(name), d, cache)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embed.cache import EmbeddingCache, EmbeddingSpace
+from semst.shared.cache import EmbeddingCache, EmbeddingSpace
 
 
 def bench_load(n_spots: int = 100_000, dim: int = 576, path: str | Path | None = None) -> dict:

@@ -1,0 +1,98 @@
+"""The Python API in AnnData terms: ``semst.encode`` (stage 1) and ``semst.domains`` (stage 2).
+
+Both take any AnnData with raw counts in ``X``, gene symbols as ``var_names`` and coordinates in
+``obsm["spatial"]`` (a registered dataset or not), check it exactly as the CLI checks a dataset
+(same errors), and write into ``adata`` only once everything has succeeded, so a failed call leaves
+it as it was. The per-dataset config (``shared/configs/<name>.toml``, else ``default.toml``) gives
+every setting not passed as a keyword.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+LLM_KEY = "X_semst_llm"  # adata.obsm key of the per-spot LLM embedding (encode writes, domains reads)
+DOMAIN_KEY = "semst_domain"  # adata.obs key of the domains
+LATENT_KEY = "X_semst"  # adata.obsm key of SemST's learned representation (what k-means clusters)
+DEFAULT_SPATIAL_K = 6  # a slide whose config sets no spatial graph: its 6 nearest spots (the Visium ring)
+
+
+def _name(adata, dataset: str | None) -> str:
+    """The slide's name: given, else the dataset it was loaded as, else one derived from its spots and
+    genes (so the cache's spot table of an unregistered slide is found again next time)."""
+    from semst.shared.hashing import json_hash
+
+    if dataset:
+        return dataset
+    if isinstance(adata.uns.get("dataset"), str):
+        return adata.uns["dataset"]
+    return "adata-" + json_hash({"spots": list(map(str, adata.obs_names)), "genes": list(map(str, adata.var_names))}, 12)
+
+
+def encode(adata, *, dataset: str | None = None, key_added: str = LLM_KEY, progress: bool = True, log=print,
+           **embed_options: Any) -> np.ndarray:
+    """Stage 1 on ``adata``: every spot's top-k gene prompt through the LLM, via the shared cache.
+
+    Prompts already in the cache are not computed again. ``embed_options`` are ``EmbedConfig`` fields
+    (``k_genes``, ``model``, ``pooling``, ``backend``, ``template``, ``cache``, ...). Returns the
+    (spots x hidden size) matrix and writes it to ``adata.obsm[key_added]``.
+    """
+    from semst.embed.run import embed_dataset
+    from semst.shared.cache import EmbeddingCache, EmbeddingSpace
+    from semst.shared.config import load_embed_config
+    from semst.shared.datasets import checked_dataset
+
+    name = _name(adata, dataset)
+    checked = checked_dataset(adata, name)
+    cfg = load_embed_config(name, embed_options)
+    report = embed_dataset(cfg, adata=checked, progress=progress, log=log)
+    cache = EmbeddingCache(cfg.cache, create=False)
+    table, meta = cache.read_spot_table(name, report.tag)
+    vectors = cache.get(EmbeddingSpace(**meta["space"]), table["prompt_hash"].tolist())
+    adata.obsm[key_added] = vectors
+    return vectors
+
+
+def domains(adata, *, n_domains: int | None = None, seeds=(0,), fusion: str = "film", use_rep: str = LLM_KEY,
+            dataset: str | None = None, out_dir: str | Path | None = None, key_added: str = DOMAIN_KEY,
+            progress: bool = True, log=print, **cluster_options: Any) -> dict:
+    """Stage 2 on ``adata``: train SemST for each seed, cluster, and return the run's summary.
+
+    The semantic vectors are ``adata.obsm[use_rep]`` (run :func:`encode` first), unless ``fusion``
+    is "none" (SemST without the LLM). ``n_domains`` defaults to the number of annotated domains in
+    ``obs["ground_truth"]``. ``cluster_options`` are ``ClusterConfig`` fields (``epochs``,
+    ``spatial_k``, ``radius``, ...). Writes ``adata.obs[key_added]`` (the first seed's domains),
+    ``adata.obsm["X_semst"]`` and ``adata.uns["semst"]``; with ``out_dir``, also the run folder that
+    ``semst cluster`` writes. Returns ``{"dataset", "n_domains", "per_seed", "summary", "run_dir"}``.
+    """
+    from semst.cluster.run import cluster_dataset
+    from semst.shared.config import ConfigError, config_to_toml, load_cluster_config, read_toml
+    from semst.shared.datasets import checked_dataset
+
+    name = _name(adata, dataset)
+    checked = checked_dataset(adata, name)
+    overrides = {**cluster_options, "n_domains": n_domains, "seeds": list(seeds), "fusion": fusion}
+    own = read_toml(name).get("cluster", {})
+    if not any(k in own or overrides.get(k) is not None for k in ("radius", "spatial_k")):
+        overrides["spatial_k"] = DEFAULT_SPATIAL_K
+    cfg = load_cluster_config(name, overrides)
+    semantic = None
+    if cfg.fusion != "none":
+        if use_rep not in adata.obsm:
+            raise ConfigError(f"fusion {cfg.fusion!r} needs the LLM embedding in adata.obsm[{use_rep!r}]: run "
+                              f"semst.encode(adata) first, or pass fusion='none' (SemST without the LLM)")
+        semantic = np.asarray(adata.obsm[use_rep], dtype=np.float32)
+    report = cluster_dataset(cfg, out_dir=out_dir or "results", adata=checked, progress=progress, log=log,
+                             write=out_dir is not None, semantic=semantic)
+    first = cfg.seeds[0]
+    adata.obs[key_added] = pd.Categorical(report.labels[first].astype(str))
+    adata.obsm[LATENT_KEY] = report.latents[first]
+    # JSON text, as in the run folder's semst.h5ad: nested dicts of lists do not round-trip through .h5ad
+    adata.uns["semst"] = {"config": config_to_toml(cfg), "summary": json.dumps(report.summary),
+                          "per_seed": json.dumps(report.per_seed)}
+    return {"dataset": name, "n_domains": report.n_domains, "per_seed": report.per_seed,
+            "summary": report.summary, "run_dir": str(report.run_dir) if out_dir is not None else None}
