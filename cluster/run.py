@@ -78,6 +78,7 @@ def default_run_name(cfg: ClusterConfig) -> str:
     """Readable and unique per setting: fusion, embedding, and a hash of the whole config."""
     settings = dataclasses.asdict(cfg)
     settings.pop("seeds")  # seeds add rows to one run; they don't make another run
+    settings.pop("threads")  # how fast, not what (recorded in metrics.json)
     embedding = "none" if cfg.fusion == "none" else cfg.embedding.replace("/", "_")
     return f"{cfg.fusion}-{embedding}-{json_hash(settings, 8)}"
 
@@ -91,9 +92,15 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     instead of reading them from the cache; ``cfg.embedding`` then only names them.
     """
     from semst.cluster.graphs import expression_graph
-    from semst.cluster.train import train_semst
+    from semst.cluster.train import resolve_minibatch, train_semst
+    from semst.shared.threads import apply_thread_budget
 
+    threads = apply_thread_budget(cfg.threads)
     slide = load_slide(cfg, adata)
+    try:  # a forced mini-batch larger than the slide stops here, before any work
+        resolve_minibatch(cfg, slide.adata.n_obs)
+    except ValueError as exc:
+        raise ClusterError(str(exc)) from None
     # Embeddings first: their absence is the most common mistake and the cheapest to report.
     if semantic is not None and cfg.fusion != "none":
         semantic = np.asarray(semantic, dtype=np.float32)
@@ -106,14 +113,18 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     sgraph = slide.spatial_graph
     fgraph = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs)
     log(f"{cfg.dataset}: {slide.adata.n_obs} spots, {prep.n_vars} genes, {slide.n_domains} domains; spatial graph "
-        f"{sgraph.num_edges()} edges, expression graph {fgraph.num_edges()} edges; embedding {source['embedding']}")
+        f"{sgraph.num_edges()} edges, expression graph {fgraph.num_edges()} edges; embedding {source['embedding']}; "
+        f"{threads} thread(s)")
+    source = {**source, "threads": threads}
 
     def fit(seed: int):
         vectors = semantic
         if cfg.embedding == "random" and cfg.fusion != "none" and seed != cfg.seeds[0]:
             vectors, _ = semantic_embeddings(cfg, slide.spot_ids, seed)  # the control is drawn per seed
-        return train_semst(prep.X, prep.layers["counts"], prep.obs["size_factor"].to_numpy(),
-                           sgraph, fgraph, vectors, cfg, seed, progress=progress)
+        result = train_semst(prep.X, prep.layers["counts"], prep.obs["size_factor"].to_numpy(),
+                             sgraph, fgraph, vectors, cfg, seed, progress=progress, coords=slide.coords)
+        source["training"] = result.mode
+        return result
 
     run_dir = Path(out_dir) / cfg.dataset / (run_name or default_run_name(cfg))
     report = run_seeds(slide, fit, run_dir, log)

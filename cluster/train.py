@@ -1,34 +1,52 @@
-"""Training SemST: full-graph GCN views, ZINB decoder in mini-batches of spots.
+"""Training SemST: both GCN views, FSM fusion, and the ZINB decoder, full batch or in spatial batches.
 
-Memory stays linear in the number of spots: the graphs are sparse, negatives are sampled, the
-correlation reduction is d x d, and the ZINB decoder (n x genes outputs) runs over ``decoder_batch``
-spots at a time. Each decoder batch is back-propagated on its own into a detached copy of Z_final;
-the accumulated gradient then flows once through the encoder, together with L_cr and L_s. This gives
-exactly the gradient of the full loss without ever holding every batch's decoder activations.
+One step (:func:`_step`) on a set of spots and their graphs:
 
-No choice is made by looking at labels: the returned latent is Z_final after the last epoch
-(evaluation mode, no dropout).
+1. encoder: Z_s, Z_f, Z_final (autograd);
+2. decoder body (Linear -> BatchNorm -> ReLU) on *all* the step's spots at once, so BatchNorm sees
+   the statistics of the whole slide (full batch) or of the whole spatial batch, never of a slice;
+3. decoder heads + ZINB loss over blocks of a few hundred spots (:mod:`semst.cluster.zinb`): each
+   block's head GEMM, loss and analytic gradient, accumulated into the heads' gradients and into
+   dL/dh; memory for the (spots x genes) outputs is one block, whatever the slide's size. This is
+   exactly the gradient of the step's whole loss;
+4. L_cr, L_s (negatives sampled among the step's spots), then one backward through body and
+   encoder, and one Adam step.
+
+Full batch (the paper's way) makes one step per epoch on the whole slide. Mini-batch mode, for
+slides larger than ``minibatch_above`` spots (or forced with ``minibatch = "on"``), cuts the slide
+into spatially compact batches of at most ``batch_spots`` spots (recursive median bisection of the
+coordinates) and makes one step per batch per epoch, in a seeded random order, on each batch's
+induced spatial and expression subgraphs (Cluster-GCN style: edges between batches are dropped while
+training). Memory is then bounded by one batch plus the data. The returned latent is always computed
+on the whole slide, full graphs, in evaluation mode.
+
+No choice is made by looking at labels: the returned latent is Z_final after the last epoch.
 """
 from __future__ import annotations
 
 import contextlib
 import random
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
+from semst.cluster.dgl_compat import dgl
 from semst.cluster.graphs import neighbour_pairs
-from semst.cluster.losses import (correlation_reduction_loss, sample_negatives, spatial_regularisation_loss,
-                            zinb_loss)
-from semst.cluster.model import SemST
+from semst.cluster.losses import correlation_reduction_loss, sample_negatives, spatial_regularisation_loss
+from semst.cluster.model import SPARSE_INPUT_DENSITY, SemST, SparseFeatures
+from semst.cluster.zinb import SparseCounts, block_rows, zinb_nll_and_grad
+
+PARTS = ("graphs", "encoder", "decoder", "zinb", "cr", "spatial", "backward", "optimiser")
 
 
 @dataclass
 class TrainResult:
     latent: np.ndarray  # Z_final (n, hidden2), last epoch: what k-means clusters
     history: dict[str, list[float]] = field(default_factory=dict)  # per epoch: total, zinb, cr, spatial
+    mode: str = "full batch"  # or "mini-batch (k batches of <= m spots)"
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per part of training, all epochs
 
 
 def seed_everything(seed: int) -> None:
@@ -53,88 +71,209 @@ def deterministic_torch():
         torch.use_deterministic_algorithms(previous)
 
 
-def _dense_rows(counts, idx: np.ndarray) -> torch.Tensor:
-    rows = counts[idx]
-    rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
-    return torch.from_numpy(rows.astype(np.float32, copy=False))
+class _Clock:
+    """Wall seconds per part of a step (time.perf_counter; CPU ops are synchronous)."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(PARTS, 0.0)
+        self._t = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] += now - self._t
+        self._t = now
+
+
+@dataclass
+class _Batch:
+    """The spots of one step (rows start..stop of the run's order) and what a step reads of them."""
+
+    start: int
+    stop: int
+    spatial: object  # DGL graph on these spots
+    expression: object
+    pos_src: np.ndarray  # spatial neighbour pairs, local indices
+    pos_dst: np.ndarray
+    features: object = None  # SparseFeatures of these rows when the input is kept sparse
+
+
+def bisect_spots(coords: np.ndarray, max_spots: int) -> list[np.ndarray]:
+    """Spatially compact parts of at most ``max_spots`` spots: split the wider side at its median,
+    recursively. Deterministic; parts differ in size by at most one spot per level."""
+    parts, todo = [], [np.arange(len(coords))]
+    while todo:
+        idx = todo.pop()
+        if len(idx) <= max_spots:
+            parts.append(idx)
+            continue
+        pts = coords[idx]
+        axis = int(np.argmax(pts.max(0) - pts.min(0)))
+        order = idx[np.argsort(pts[:, axis], kind="stable")]
+        half = len(order) // 2
+        todo += [order[half:], order[:half]]
+    return parts
+
+
+def _batch(graph_s, graph_f, start: int, stop: int, whole: bool) -> _Batch:
+    if whole:
+        sg, fg = graph_s, graph_f
+    else:
+        nodes = torch.arange(start, stop)
+        sg, fg = dgl.node_subgraph(graph_s, nodes), dgl.node_subgraph(graph_f, nodes)
+    ps, pd = neighbour_pairs(sg)
+    return _Batch(start, stop, sg, fg, ps, pd)
+
+
+def resolve_minibatch(cfg, n_spots: int) -> bool:
+    """Whether this slide trains in mini-batches: forced by ``minibatch`` "on"/"off", else above
+    ``minibatch_above`` spots. A forced mini-batch larger than the slide is an error."""
+    if cfg.minibatch == "on":
+        if cfg.batch_spots >= n_spots:
+            raise ValueError(f"minibatch = \"on\" with batch_spots = {cfg.batch_spots} but the slide has only "
+                             f"{n_spots} spots: use a smaller batch_spots or minibatch = \"off\"")
+        return True
+    if cfg.minibatch == "off":
+        return False
+    return n_spots > cfg.minibatch_above and cfg.batch_spots < n_spots
 
 
 def train_semst(features, counts, size_factors, spatial, expression, semantic, cfg, seed: int,
-                progress: bool = True, model_factory=None) -> TrainResult:
+                progress: bool = True, coords=None) -> TrainResult:
     """Train SemST on one slide and return the last epoch's Z_final.
 
     features: (n, g) preprocessed expression; counts: (n, g) raw counts of the same genes (CSR ok);
     size_factors: (n,); spatial, expression: DGL graphs with self-loops; semantic: (n, d) or None
-    (only with ``cfg.fusion == "none"``); cfg: ClusterConfig; seed: seeds weights, dropout, sampling.
-    ``model_factory(n_genes, emb_dim) -> nn.Module`` swaps the backbone (plug-and-play experiments);
-    the module must offer ``encode(sg, fg, x, semantic) -> (z1, z2, z_final)`` and ``decoder``.
+    (only with ``cfg.fusion == "none"``); cfg: ClusterConfig; seed: seeds weights, dropout, sampling;
+    coords: (n, 2) spot coordinates, needed only to cut mini-batches.
     """
     with deterministic_torch():
         return _train_semst(features, counts, size_factors, spatial, expression, semantic, cfg, seed,
-                            progress, model_factory)
+                            progress, coords)
 
 
 def _train_semst(features, counts, size_factors, spatial, expression, semantic, cfg, seed, progress,
-                 model_factory) -> TrainResult:
+                 coords) -> TrainResult:
     from tqdm import tqdm
 
     if cfg.fusion != "none" and semantic is None:
         raise ValueError(f"fusion {cfg.fusion!r} needs semantic embeddings; use fusion 'none' without them")
+    clock = _Clock()
+    n, g = np.shape(features)
+    sem_np = None
+    if cfg.fusion != "none":
+        sem_np = np.ascontiguousarray(semantic, dtype=np.float32)
+        if sem_np.shape[0] != n:
+            raise ValueError(f"semantic embeddings have {sem_np.shape[0]} rows for {n} spots")
+    minibatch = resolve_minibatch(cfg, n)
+    if minibatch and coords is None:
+        raise ValueError("mini-batch training needs the spot coordinates (coords=)")
+    # Spots in batch order (identity for full batch), so every batch is a contiguous row range.
+    parts = bisect_spots(np.asarray(coords, dtype=np.float64), cfg.batch_spots) if minibatch else [np.arange(n)]
+    order = np.concatenate(parts)
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[order] = np.arange(n)
+    identity = not minibatch
+    x = torch.from_numpy(np.ascontiguousarray(features if identity else np.asarray(features)[order], dtype=np.float32))
+    sparse_input = bool(x.numel()) and float((x != 0).sum()) / x.numel() <= SPARSE_INPUT_DENSITY
+    sparse_counts = SparseCounts(counts if identity else _rows(counts, order))
+    sf = torch.from_numpy(np.asarray(size_factors, dtype=np.float32)[order])
+    sem = None if sem_np is None else torch.from_numpy(sem_np if identity else sem_np[order])
+    graph_s = spatial if identity else dgl.reorder_graph(spatial, "custom", permute_config={"nodes_perm": torch.from_numpy(order)})
+    graph_f = expression if identity else dgl.reorder_graph(expression, "custom", permute_config={"nodes_perm": torch.from_numpy(order)})
+    bounds = np.cumsum([0] + [len(p) for p in parts])
+    batches = [_batch(graph_s, graph_f, int(bounds[i]), int(bounds[i + 1]), identity) for i in range(len(parts))]
+    if sparse_input:
+        for b in batches:
+            b.features = SparseFeatures(x[b.start:b.stop].numpy())
+        x_all = batches[0].features if identity else SparseFeatures(x.numpy())
+    else:
+        x_all = x
+    clock.lap("graphs")
+
     seed_everything(seed)
     rng = np.random.default_rng(seed)
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    n, g = x.shape
-    counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
-    sf = torch.from_numpy(np.asarray(size_factors, dtype=np.float32))
-    sem = None
-    if cfg.fusion != "none":
-        sem = torch.from_numpy(np.ascontiguousarray(semantic, dtype=np.float32))
-        if sem.shape[0] != n:
-            raise ValueError(f"semantic embeddings have {sem.shape[0]} rows for {n} spots")
     emb_dim = None if sem is None else sem.shape[1]
-    if model_factory is None:
-        model = SemST(g, emb_dim, cfg.hidden1, cfg.hidden2, cfg.dropout, cfg.fusion, cfg.fsm_hidden_ratio)
-    else:
-        model = model_factory(g, emb_dim)
+    model = SemST(g, emb_dim, cfg.hidden1, cfg.hidden2, cfg.dropout, cfg.fusion, cfg.fsm_hidden_ratio)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    pos_src, pos_dst = neighbour_pairs(spatial)
-    pos_src_t, pos_dst_t = torch.from_numpy(pos_src), torch.from_numpy(pos_dst)
-    batch = max(2, int(cfg.decoder_batch))  # BatchNorm needs >= 2 spots per batch
+    rows = block_rows(g) if cfg.decoder_batch is None else cfg.decoder_batch
     history: dict[str, list[float]] = {"total": [], "zinb": [], "cr": [], "spatial": []}
-
-    bar = tqdm(range(cfg.epochs), desc="training", unit="epoch", disable=not progress)
+    mode = "full batch" if identity else f"mini-batch ({len(parts)} batches of <= {cfg.batch_spots} spots)"
+    mode += ", sparse input" if sparse_input else ""
+    bar = tqdm(range(cfg.epochs), desc=f"training ({mode})", unit="epoch", disable=not progress)
+    clock._t = time.perf_counter()
     for _ in bar:
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        z1, z2, z = model.encode(spatial, expression, x, sem)
-        # ZINB over spot batches, each back-propagated into a detached copy of Z_final.
-        z_leaf = z.detach().requires_grad_(True)
-        order = rng.permutation(n)
-        starts = list(range(0, n, batch))
-        if len(starts) > 1 and n - starts[-1] < 2:  # never a 1-spot batch (BatchNorm)
-            starts.pop()
-        zinb_total = 0.0
-        for i, start in enumerate(starts):
-            stop = starts[i + 1] if i + 1 < len(starts) else n
-            idx = np.sort(order[start:stop])
-            pi, disp, mean = model.decoder(z_leaf[idx])
-            loss_b = zinb_loss(_dense_rows(counts, idx), mean, disp, pi, sf[idx], reduce="sum") / (n * g)
-            (cfg.zinb_weight * loss_b).backward()
-            zinb_total += loss_b.item()
-        neg_src, neg_dst = sample_negatives(n, pos_src, pos_dst, cfg.n_negatives, rng)
-        l_cr = correlation_reduction_loss(z1, z2)
-        l_s = (spatial_regularisation_loss(z, pos_src_t, pos_dst_t, torch.from_numpy(neg_src), torch.from_numpy(neg_dst))
-               if len(pos_src) else z.sum() * 0.0)
-        rest = cfg.gamma * l_cr + cfg.lambda_s * l_s
-        torch.autograd.backward([z, rest], [z_leaf.grad, None])
-        opt.step()
-        total = cfg.zinb_weight * zinb_total + rest.item()
-        for key, value in (("total", total), ("zinb", zinb_total), ("cr", l_cr.item()), ("spatial", l_s.item())):
+        sums = dict.fromkeys(history, 0.0)
+        for i in (rng.permutation(len(batches)) if len(batches) > 1 else [0]):
+            b = batches[i]
+            step = _step(model, opt, b, x, sem, sparse_counts, sf, cfg, rows, rng, clock)
+            weight = (b.stop - b.start) / n  # epoch loss: the spot-weighted mean over batches
+            for key in sums:
+                sums[key] += weight * step[key]
+        for key, value in sums.items():
             history[key].append(value)
-        if not np.isfinite(total):
-            raise FloatingPointError(f"training diverged (loss {total}) at epoch {len(history['total'])}")
-        bar.set_postfix(loss=f"{total:.4f}")
+        if not np.isfinite(sums["total"]):
+            raise FloatingPointError(f"training diverged (loss {sums['total']}) at epoch {len(history['total'])}")
+        bar.set_postfix(loss=f"{sums['total']:.4f}")
     model.eval()
     with torch.no_grad():
-        _, _, z = model.encode(spatial, expression, x, sem)
-    return TrainResult(latent=z.numpy().astype(np.float32), history=history)
+        _, _, z = model.encode(graph_s, graph_f, x_all, sem)
+    latent = z.numpy().astype(np.float32)
+    return TrainResult(latent=latent if identity else latent[inverse], history=history, mode=mode,
+                       seconds={k: round(v, 3) for k, v in clock.seconds.items()})
+
+
+def _rows(matrix, order):
+    import scipy.sparse as sp
+
+    return sp.csr_matrix(matrix)[order] if sp.issparse(matrix) else np.asarray(matrix)[order]
+
+
+def _step(model, opt, b: _Batch, x, sem, counts: SparseCounts, sf, cfg, rows: int, rng, clock) -> dict:
+    """One optimiser step on the spots of ``b``; the losses it took."""
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    m, g = b.stop - b.start, x.shape[1]
+    xb = x[b.start:b.stop] if b.features is None else b.features
+    semb = None if sem is None else sem[b.start:b.stop]
+    z_s, z_f, z = model.encode(b.spatial, b.expression, xb, semb)
+    clock.lap("encoder")
+    z_leaf = z.detach().requires_grad_(True)
+    h = model.decoder.body(z_leaf)  # BatchNorm over every spot of the step
+    clock.lap("decoder")
+    h_data = h.detach()
+    weight, bias = (t.detach() for t in model.decoder.heads())
+    grad_h = torch.empty_like(h_data)
+    grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(bias)
+    scale = cfg.zinb_weight / (m * g)  # the loss is the mean over spots x genes
+    zinb = 0.0
+    for s in range(0, m, rows):
+        e = min(m, s + rows)
+        hb = h_data[s:e]
+        logits = torch.addmm(bias, hb, weight.T)
+        clock.lap("decoder")
+        nll, grad = zinb_nll_and_grad(logits, counts.block(b.start + s, b.start + e), sf[b.start + s:b.start + e])
+        clock.lap("zinb")
+        zinb += nll / (m * g)
+        grad.mul_(scale)
+        torch.mm(grad, weight, out=grad_h[s:e])
+        grad_w.addmm_(grad.T, hb)
+        grad_b.add_(grad.sum(0))
+        clock.lap("decoder")
+    dec = model.decoder
+    for head, gw, gb in zip((dec.pi, dec.disp, dec.mean), grad_w.chunk(3), grad_b.chunk(3)):
+        head.weight.grad, head.bias.grad = gw, gb
+    neg_src, neg_dst = sample_negatives(m, b.pos_src, b.pos_dst, cfg.n_negatives, rng)
+    l_cr = correlation_reduction_loss(z_s, z_f)
+    clock.lap("cr")
+    l_s = (spatial_regularisation_loss(z, torch.from_numpy(b.pos_src), torch.from_numpy(b.pos_dst),
+                                       torch.from_numpy(neg_src), torch.from_numpy(neg_dst))
+           if len(b.pos_src) else z.sum() * 0.0)
+    clock.lap("spatial")
+    torch.autograd.backward(h, grad_h)  # decoder body -> dL/dZ_final in z_leaf.grad
+    rest = cfg.gamma * l_cr + cfg.lambda_s * l_s
+    torch.autograd.backward([z, rest], [z_leaf.grad, None])
+    clock.lap("backward")
+    opt.step()
+    clock.lap("optimiser")
+    total = cfg.zinb_weight * zinb + rest.item()
+    return {"total": total, "zinb": zinb, "cr": l_cr.item(), "spatial": l_s.item()}

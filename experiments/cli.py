@@ -137,8 +137,13 @@ def _parse_seeds(value: str | None) -> list[int] | None:
 @click.option("--pooling", type=click.Choice(["mean", "last"]), default=None)
 @click.option("--template", default=None)
 @click.option("--run-name", default=None, help="Name of the run folder (default: derived from the settings).")
+@click.option("--threads", type=int, default=None,
+              help="Threads for every pool (torch, BLAS, OpenMP, DGL); default OMP_NUM_THREADS, else all cores.")
+@click.option("--minibatch", type=click.Choice(["auto", "on", "off"]), default=None,
+              help="Mini-batch training: auto (above minibatch_above spots), on, off.")
+@click.option("--batch-spots", "batch_spots", type=int, default=None, help="Spots per mini-batch.")
 def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, embedding, epochs,
-                model, k_genes, pooling, template, run_name):
+                model, k_genes, pooling, template, run_name, threads, minibatch, batch_spots):
     """Stage 2: train SemST on cached embeddings and find spatial domains."""
     from semst.shared.config import config_to_toml, load_cluster_config
     from semst.cluster.run import cluster_dataset
@@ -146,7 +151,8 @@ def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, 
     cfg = load_cluster_config(
         dataset,
         {"cache": str(cache) if cache else None, "seeds": _parse_seeds(seeds), "n_domains": n_domains,
-         "fusion": fusion, "embedding": embedding, "epochs": epochs},
+         "fusion": fusion, "embedding": embedding, "epochs": epochs, "threads": threads,
+         "minibatch": minibatch, "batch_spots": batch_spots},
         config_path,
         embed_overrides={"cache": str(cache) if cache else None, "model": model, "k_genes": k_genes,
                          "pooling": pooling, "template": template})

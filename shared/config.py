@@ -88,7 +88,16 @@ class ClusterConfig:
     gamma: float = 0.1  # correlation-reduction weight
     lambda_s: float = 0.1  # spatial-regularisation weight
     n_negatives: int = 5  # sampled non-neighbours per spot for L_s
-    decoder_batch: int = 4096  # spots per ZINB-decoder mini-batch (memory stays linear)
+    # Spots per block of the ZINB decoder's heads and loss (memory for spots x genes outputs is one
+    # block; the loss and gradient do not depend on it). None: ~2^19 / genes (cache-sized blocks).
+    decoder_batch: int | None = None
+    # Mini-batch training (see semst.cluster.train): "auto" = above minibatch_above spots, "on", "off".
+    minibatch: str = "auto"
+    batch_spots: int = 50_000  # spots per spatial batch in mini-batch mode
+    minibatch_above: int = 200_000  # "auto" trains in mini-batches above this many spots
+    # Threads for every pool (torch, BLAS, OpenMP, numba, DGL); None = OMP_NUM_THREADS, else all
+    # usable cores. Results are identical for a fixed thread count, not across counts.
+    threads: int | None = None
     # clustering
     n_domains: int | None = None  # None = number of annotated domains
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -179,6 +188,16 @@ def validate_cluster_config(cfg: ClusterConfig) -> None:
         raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
     if not cfg.seeds:
         raise ConfigError("seeds must list at least one seed")
+    if cfg.decoder_batch is not None and cfg.decoder_batch < 2:
+        raise ConfigError(f"decoder_batch must be >= 2 spots (or unset for automatic), got {cfg.decoder_batch}")
+    if cfg.minibatch not in ("auto", "on", "off"):
+        raise ConfigError(f"minibatch must be \"auto\", \"on\" or \"off\", got {cfg.minibatch!r}")
+    if cfg.batch_spots < 2:
+        raise ConfigError(f"batch_spots must be >= 2, got {cfg.batch_spots}")
+    if cfg.minibatch_above < 1:
+        raise ConfigError(f"minibatch_above must be >= 1, got {cfg.minibatch_above}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {cfg.threads}")
 
 
 def config_to_dict(cfg) -> dict[str, Any]:

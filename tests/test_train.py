@@ -5,7 +5,7 @@ import scipy.sparse as sp
 
 from semst.cluster.domains import kmeans_domains
 from semst.cluster.graphs import expression_graph, spatial_graph
-from semst.cluster.train import train_semst
+from semst.cluster.train import bisect_spots, resolve_minibatch, train_semst
 from semst.shared.config import ClusterConfig
 
 
@@ -52,12 +52,13 @@ def test_another_seed_gives_another_embedding(slide):
     assert not np.array_equal(run(slide, cfg(), 1).latent, run(slide, cfg(), 2).latent)
 
 
-def test_decoder_batching_does_not_change_the_objective(slide):
-    """Mini-batching the ZINB decoder is a memory device, not a different loss (same first step)."""
-    whole = run(slide, cfg(epochs=1, decoder_batch=120), 3)
-    parts = run(slide, cfg(epochs=1, decoder_batch=40), 3)
-    # BatchNorm statistics differ per batch, so compare the reported loss, not bit-identity.
-    assert np.isclose(whole.history["zinb"][0], parts.history["zinb"][0], rtol=0.05)
+def test_the_decoder_block_size_changes_neither_the_loss_nor_the_training(slide):
+    """Blocks are a memory device: BatchNorm sees every spot, so the loss and the trained model are
+    the same up to floating-point summation order (120 spots in one block, or in blocks of 7)."""
+    whole = run(slide, cfg(epochs=3, decoder_batch=120), 3)
+    blocks = run(slide, cfg(epochs=3, decoder_batch=7), 3)
+    np.testing.assert_allclose(whole.history["zinb"], blocks.history["zinb"], rtol=1e-6)
+    np.testing.assert_allclose(whole.latent, blocks.latent, rtol=1e-4, atol=1e-5)
 
 
 def test_w_o_llm_needs_no_embedding_and_a_semantic_fusion_needs_one(slide):
@@ -91,3 +92,59 @@ def test_the_same_seed_gives_the_same_embedding_in_another_process(slide):
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parents[1]).stdout.strip() for _ in range(2)}
     assert len(digests) == 1, digests
+
+
+def test_sparse_input_trains_the_same_model_as_dense_input(slide, monkeypatch):
+    """Below SPARSE_INPUT_DENSITY the first layer multiplies a CSR matrix: the same numbers."""
+    sparse_features = np.where(np.random.default_rng(1).random(slide["features"].shape) < 0.9, 0.0,
+                               slide["features"]).astype(np.float32)
+    s = {**slide, "features": sparse_features}
+    dense = run(s, cfg(epochs=3), 4)
+    monkeypatch.setattr("semst.cluster.train.SPARSE_INPUT_DENSITY", 0.5)
+    sparse = run(s, cfg(epochs=3), 4)
+    assert "sparse input" in sparse.mode and "sparse" not in dense.mode
+    np.testing.assert_allclose(sparse.latent, dense.latent, rtol=1e-3, atol=2e-4)  # summation order only
+
+
+def test_bisection_cuts_the_slide_into_compact_parts_of_at_most_the_batch_size():
+    coords = np.stack(np.meshgrid(np.arange(12.0), np.arange(10.0)), -1).reshape(-1, 2)
+    parts = bisect_spots(coords, 40)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(120))
+    assert [len(p) for p in parts] == [30, 30, 30, 30]
+    for p in parts:  # each part is a rectangle of the grid: 6 x 5 spots
+        assert np.ptp(coords[p, 0]) == 5 and np.ptp(coords[p, 1]) == 4
+
+
+def test_mini_batch_returns_the_latent_of_each_spot_in_the_slide_order(slide):
+    """With nothing learned (lr 0), mini-batch and full-batch training give the same latent: the
+    batch order of the spots is undone."""
+    coords = np.stack(np.meshgrid(np.arange(12.0), np.arange(10.0)), -1).reshape(-1, 2)
+    frozen = dict(epochs=1, lr=0.0, weight_decay=0.0)
+    full = run(slide, cfg(**frozen), 5)
+    batched = train_semst(slide["features"], slide["counts"], slide["size_factors"], slide["spatial"],
+                          slide["expression"], slide["semantic"], cfg(**frozen, minibatch="on", batch_spots=40), 5,
+                          progress=False, coords=coords)
+    assert batched.mode.startswith("mini-batch (4 batches of <= 40 spots)") and full.mode == "full batch"
+    np.testing.assert_allclose(batched.latent, full.latent, rtol=1e-5, atol=1e-6)
+
+
+def test_mini_batch_training_learns_with_finite_losses(slide):
+    coords = np.stack(np.meshgrid(np.arange(12.0), np.arange(10.0)), -1).reshape(-1, 2)
+    r = train_semst(slide["features"], slide["counts"], slide["size_factors"], slide["spatial"],
+                    slide["expression"], slide["semantic"], cfg(epochs=5, minibatch="on", batch_spots=60), 0,
+                    progress=False, coords=coords)
+    assert r.latent.shape == (120, 8) and all(np.isfinite(v).all() and len(v) == 5 for v in r.history.values())
+    assert r.history["total"][-1] < r.history["total"][0]
+
+
+@pytest.mark.parametrize("settings, mini", [({"minibatch": "auto", "minibatch_above": 119}, True),
+                                            ({"minibatch": "auto", "minibatch_above": 120}, False),
+                                            ({"minibatch": "off", "minibatch_above": 1}, False),
+                                            ({"minibatch": "on", "batch_spots": 119}, True)])
+def test_mini_batch_mode_is_chosen_by_size_unless_forced(settings, mini):
+    assert resolve_minibatch(cfg(**{"batch_spots": 60, **settings}), 120) is mini
+
+
+def test_a_forced_mini_batch_as_large_as_the_slide_is_refused():
+    with pytest.raises(ValueError, match="batch_spots = 120 but the slide has only 120 spots"):
+        resolve_minibatch(cfg(minibatch="on", batch_spots=120), 120)

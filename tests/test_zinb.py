@@ -1,0 +1,64 @@
+"""The fused ZINB loss and gradient are those of the decoder's activations + zinb_loss under autograd."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from semst.cluster.losses import zinb_loss
+from semst.cluster.zinb import SparseCounts, block_rows, zinb_nll_and_grad
+
+
+def reference(logits: torch.Tensor, counts: np.ndarray, sf: torch.Tensor):
+    """Autograd (float64) through ZINBDecoder's activations and clamps, then zinb_loss summed."""
+    g = counts.shape[1]
+    raw = logits.detach().double().requires_grad_(True)
+    a, b, c = raw[:, :g], raw[:, g:2 * g], raw[:, 2 * g:]
+    pi = torch.sigmoid(a)
+    disp = torch.clamp(F.softplus(b), 1e-4, 1e4)
+    mean = torch.clamp(torch.exp(c), 1e-5, 1e6)
+    loss = zinb_loss(torch.from_numpy(counts).double(), mean, disp, pi, sf.double(), reduce="sum")
+    loss.backward()
+    return loss.item(), raw.grad
+
+
+@pytest.fixture
+def block():
+    rng = np.random.default_rng(0)
+    m, g = 40, 25
+    counts = (rng.negative_binomial(1, 0.5, size=(m, g)) * (rng.random((m, g)) < 0.3)).astype(np.float32)
+    logits = rng.normal(0, 2, size=(m, 3 * g)).astype(np.float32)
+    # every clamp and threshold: softplus linear above 20, theta below 1e-4, mu below 1e-5 and above 1e6
+    logits[0, g:g + 3], logits[1, g:g + 3] = 25.0, -12.0
+    logits[2, 2 * g:2 * g + 3], logits[3, 2 * g:2 * g + 3] = -13.0, 14.5
+    return torch.from_numpy(logits), counts, torch.from_numpy(rng.uniform(0.5, 2, m).astype(np.float32))
+
+
+def test_loss_and_gradient_equal_autograd_through_the_decoder_activations(block):
+    logits, counts, sf = block
+    loss, grad = zinb_nll_and_grad(logits, SparseCounts(counts).block(0, len(counts)), sf)
+    want_loss, want_grad = reference(logits, counts, sf)
+    assert loss == pytest.approx(want_loss, rel=1e-7)
+    np.testing.assert_allclose(grad.numpy(), want_grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_blocks_of_rows_add_up_to_the_whole(block):
+    logits, counts, sf = block
+    sc = SparseCounts(counts)
+    whole, grad = zinb_nll_and_grad(logits, sc.block(0, 40), sf)
+    parts = [zinb_nll_and_grad(logits[s:s + 7], sc.block(s, min(40, s + 7)), sf[s:s + 7]) for s in range(0, 40, 7)]
+    assert sum(p[0] for p in parts) == pytest.approx(whole, rel=1e-9)
+    np.testing.assert_array_equal(torch.cat([p[1] for p in parts]).numpy(), grad.numpy())
+
+
+def test_sparse_counts_keep_every_non_zero_and_its_log_factorial():
+    counts = sp.csr_matrix(np.array([[0, 3, 0], [1, 0, 0], [0, 0, 0], [2, 5, 7]], dtype=np.float32))
+    flat, x, lgx1 = SparseCounts(counts).block(1, 4)
+    assert flat.tolist() == [0, 6, 7, 8] and x.tolist() == [1, 2, 5, 7]
+    np.testing.assert_allclose(lgx1.numpy(), np.log([1, 2, 120, 5040]))
+
+
+def test_a_block_holds_about_half_a_million_entries_and_at_least_two_spots():
+    assert block_rows(3000) == 174 and block_rows(500) == 1048 and block_rows(10**7) == 2
