@@ -111,7 +111,7 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
         semantic, source = semantic_embeddings(cfg, slide.spot_ids, cfg.seeds[0])
     prep = slide.prep
     sgraph = slide.spatial_graph
-    fgraph = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs)
+    fgraph = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs, cfg.expr_knn, progress=progress)
     log(f"{cfg.dataset}: {slide.adata.n_obs} spots, {prep.n_vars} genes, {slide.n_domains} domains; spatial graph "
         f"{sgraph.num_edges()} edges, expression graph {fgraph.num_edges()} edges; embedding {source['embedding']}; "
         f"{threads} thread(s)")

@@ -72,6 +72,9 @@ class ClusterConfig:
     # computed on that many truncated-SVD components instead (for slides of ~50k+ spots, where the
     # exact search takes hours; see cluster.graphs.expression_graph).
     expr_pcs: int | None = None
+    # "auto": exact expression kNN up to 50k spots, pynndescent's NN-descent above; or "exact" /
+    # "approximate" (recall of the approximate graph: see README)
+    expr_knn: str = "auto"
     # network (paper: nhid1=256, nhid2=128)
     hidden1: int = 256
     hidden2: int = 128
@@ -188,6 +191,8 @@ def validate_cluster_config(cfg: ClusterConfig) -> None:
         raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
     if not cfg.seeds:
         raise ConfigError("seeds must list at least one seed")
+    if cfg.expr_knn not in ("auto", "exact", "approximate"):
+        raise ConfigError(f"expr_knn must be \"auto\", \"exact\" or \"approximate\", got {cfg.expr_knn!r}")
     if cfg.decoder_batch is not None and cfg.decoder_batch < 2:
         raise ConfigError(f"decoder_batch must be >= 2 spots (or unset for automatic), got {cfg.decoder_batch}")
     if cfg.minibatch not in ("auto", "on", "off"):

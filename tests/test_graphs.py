@@ -1,6 +1,7 @@
 """Graph builders against brute force on tiny inputs."""
 import numpy as np
 import pytest
+import torch
 
 from semst.cluster.graphs import GraphError, expression_graph, neighbour_pairs, spatial_graph
 
@@ -83,3 +84,21 @@ def test_exactly_one_spatial_rule_is_required(coords):
         spatial_graph(coords)
     with pytest.raises(GraphError, match="exactly one"):
         spatial_graph(coords, radius=1.0, k=3)
+
+
+def test_the_approximate_expression_graph_finds_most_exact_neighbours_on_a_real_slide(shared_data_dir):
+    from semst.shared.config import load_cluster_config
+    from semst.shared.datasets import load_dataset
+    from semst.shared.preprocess import preprocess
+
+    cfg = load_cluster_config("dlpfc-151510")
+    features = preprocess(load_dataset("dlpfc-151510", shared_data_dir / "dlpfc-151510.h5ad"), cfg.preprocess).X
+    exact = set(zip(*(t.numpy() for t in expression_graph(features, cfg.expr_k, method="exact").edges())))
+    approx = set(zip(*(t.numpy() for t in expression_graph(features, cfg.expr_k, method="approximate").edges())))
+    assert len(exact & approx) / len(exact) > 0.85
+
+
+def test_the_approximate_expression_graph_is_the_same_for_the_same_seed():
+    x = np.random.default_rng(0).normal(size=(300, 20)).astype(np.float32)
+    a, b = (expression_graph(x, 5, method="approximate", seed=3) for _ in range(2))
+    assert all(torch.equal(u, v) for u, v in zip(a.edges(), b.edges()))

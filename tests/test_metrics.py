@@ -37,3 +37,14 @@ def test_more_clusters_than_domains_count_the_extra_cluster_as_errors():
 def test_no_labelled_spot_is_an_error():
     with pytest.raises(ValueError, match="no labelled spot"):
         cluster_metrics([None, np.nan], [0, 1])
+
+
+def test_kmeans_above_the_fit_size_fits_a_seeded_sample_and_assigns_every_spot(monkeypatch):
+    from semst.cluster import domains
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, size=(300, 2)), rng.normal(5, 0.1, size=(300, 2))])
+    monkeypatch.setattr(domains, "KMEANS_FIT_MAX", 100)
+    a, b = domains.kmeans_domains(x, 2, 3), domains.kmeans_domains(x, 2, 3)
+    np.testing.assert_array_equal(a, b)
+    assert len(a) == 600 and len(set(a[:300])) == 1 and len(set(a[300:])) == 1 and a[0] != a[-1]
