@@ -70,7 +70,7 @@ bench: bench-embed bench-cluster
 bench-embed: setup model
 	$(BIN)/python tests/benchmarks/bench_embed.py
 bench-cluster: setup
-	$(BIN)/python tests/benchmarks/bench_cluster.py --expr-pcs 50
+	$(BIN)/python tests/benchmarks/bench_cluster.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,81 +1,240 @@
-"""`make bench-cluster` (`python tests/benchmarks/bench_cluster.py`): seconds per epoch and peak memory of stage 2 at 3k, 10k, 30k and 100k spots.
+"""`make bench-cluster`: stage-2 speed and memory, measured, never asserted.
 
-Each size runs in a fresh subprocess (so peak RSS is that size's own): synthetic negative-binomial
-counts over 3000 genes on a square grid, random 576-d semantic vectors (SmolLM2's width), FSM fusion,
-the DLPFC config's network sizes, graphs built as in a real run, then ``--epochs`` epochs of
-training. Not a test: numbers, not assertions.
+Parts (``--parts``, default all):
+
+- ``dlpfc``: seconds per epoch on dlpfc-151673 (3639 spots x 3000 genes, FSM on random 576-d
+  vectors) on one pinned core and on two, for this checkout **and** for ``--baseline`` (a git
+  revision, default the commit before the stage-2 speed work) checked out with ``git worktree`` in a
+  temporary folder, measured in the same run, one subprocess each, so the ratio compares like with
+  like. Also user and system CPU time per epoch (system time = allocation churn) and the per-part
+  profile of one epoch (this checkout).
+- ``sizes``: synthetic negative-binomial counts x 3000 genes on a grid (``--sizes``), one epoch
+  each after set-up, one subprocess per size: graph seconds, seconds per epoch, peak RSS.
+- ``million``: 1M cells x 500 genes, imaging-like (irregular positions, 8-nearest spatial graph,
+  sparse counts, ten spatial domains): one training epoch (time, peak RSS), then a whole
+  ``semst cluster`` on it (``--million-epochs``, fusion none, 10 domains), end to end, outputs written.
+
+Every subprocess gets one thread per core it is pinned to (``taskset``) and ``--threads`` to match.
+Timings taken while other jobs run are not comparable: run on an idle machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BASELINE = "983362f"  # the commit before the stage-2 speed work (issue 8)
+
+_EPOCH_TIMER = r"""
+import inspect, json, resource, sys, time
+import numpy as np
+threads = {threads}
+try:
+    from semst.shared.threads import apply_thread_budget
+    apply_thread_budget(threads)
+except ImportError:  # a revision without the thread budget
+    import torch; torch.set_num_threads(threads)
+from semst.shared.config import load_cluster_config
+from semst.shared.datasets import load_dataset
+from semst.shared.preprocess import preprocess
+from semst.cluster.graphs import expression_graph
+from semst.cluster.runner import slide_spatial_graph
+from semst.cluster.train import train_semst
+cfg = load_cluster_config("dlpfc-151673", {{"fusion": "film", "epochs": {epochs}}})
+a = load_dataset("dlpfc-151673")
+prep = preprocess(a, cfg.preprocess)
+sg = slide_spatial_graph(cfg, np.asarray(a.obsm["spatial"], float))
+fg = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs)
+sem = np.random.default_rng(0).normal(size=(a.n_obs, 576)).astype(np.float32)
+kw = {{"coords": a.obsm["spatial"]}} if "coords" in inspect.signature(train_semst).parameters else {{}}
+args = (prep.X, prep.layers["counts"], prep.obs["size_factor"].to_numpy(), sg, fg, sem)
+import dataclasses
+train_semst(*args, dataclasses.replace(cfg, epochs=1), 0, progress=False, **kw)  # warm-up
+r0 = resource.getrusage(resource.RUSAGE_SELF); t0 = time.perf_counter()
+result = train_semst(*args, cfg, 0, progress=False, **kw)
+wall = time.perf_counter() - t0; r1 = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({{"s_per_epoch": wall / cfg.epochs, "user": (r1.ru_utime - r0.ru_utime) / cfg.epochs,
+                  "sys": (r1.ru_stime - r0.ru_stime) / cfg.epochs, "peak_gib": r1.ru_maxrss / 2**20,
+                  "parts": {{k: v / cfg.epochs for k, v in getattr(result, "seconds", {{}}).items() if k != "graphs"}}}}))
+"""
 
 
-def one_size(n_spots: int, n_genes: int, epochs: int, expr_pcs: int | None = None, seed: int = 0) -> dict:
+def _run_python(code: str, cores: str, pythonpath: str | None = None, cwd: Path = REPO) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(len(cores.split(",")))}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    done = subprocess.run(["taskset", "-c", cores, sys.executable, "-c", code], env=env, cwd=cwd,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr else str(done.returncode))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_dlpfc(baseline: str, epochs: int) -> None:
+    """This checkout vs ``baseline`` on dlpfc-151673, one pinned core and two, in one run."""
+    tmp = Path(tempfile.mkdtemp(prefix="semst-bench-"))
+    old = tmp / "semst"
+    this = tmp / "this"  # `import semst` -> this checkout, whatever is installed
+    this.mkdir()
+    (this / "semst").symlink_to(REPO)
+    try:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(old), baseline], check=True)
+        print(f"dlpfc-151673, {epochs} epochs after a 1-epoch warm-up, FSM on random 576-d vectors; "
+              f"baseline {baseline} from a git worktree", flush=True)
+        print(f"{'code':>10}{'cores':>7}{'s/epoch':>9}{'user s':>8}{'sys s':>7}{'sys %':>7}{'GiB':>6}")
+        rows = {}
+        for cores in ("0", "0,1"):
+            for name, pythonpath, cwd in (("baseline", str(tmp), REPO), ("this", str(this), REPO)):
+                code = _EPOCH_TIMER.format(threads=len(cores.split(",")), epochs=epochs)
+                r = _run_python(code, cores, pythonpath, cwd)
+                rows[name, cores] = r
+                print(f"{name:>10}{cores:>7}{r['s_per_epoch']:>9.3f}{r['user']:>8.3f}{r['sys']:>7.3f}"
+                      f"{100 * r['sys'] / r['s_per_epoch']:>6.1f}%{r['peak_gib']:>6.2f}", flush=True)
+        for cores in ("0", "0,1"):
+            print(f"speed-up on {len(cores.split(','))} core(s): "
+                  f"{rows['baseline', cores]['s_per_epoch'] / rows['this', cores]['s_per_epoch']:.2f}x")
+        print("per-part seconds per epoch (this checkout, one core): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in rows["this", "0"]["parts"].items()))
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def synthetic_slide(n_spots: int, n_genes: int, seed: int = 0, irregular: bool = False, n_domains: int = 10):
+    """Counts with ``n_domains`` spatial domains (Voronoi regions of random centres), CSR, built in
+    blocks; grid positions (Visium-like) or uniform random ones (imaging-like)."""
     import numpy as np
     import scipy.sparse as sp
 
-    from semst.cluster.graphs import expression_graph, spatial_graph
-    from semst.cluster.train import train_semst
-    from semst.shared.config import load_cluster_config
-
     rng = np.random.default_rng(seed)
     side = int(np.ceil(np.sqrt(n_spots)))
-    coords = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:n_spots].astype(float)
-    # Negative-binomial counts, ~8% non-zero like Visium, built sparse row block by row block.
+    if irregular:
+        coords = rng.uniform(0, side, size=(n_spots, 2))
+    else:
+        coords = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:n_spots].astype(float)
+    centres = rng.uniform(0, side, size=(n_domains, 2))
+    from scipy.spatial import cKDTree
+
+    domain = cKDTree(centres).query(coords)[1]
+    # per-domain mean expression: a shared profile times domain-specific fold changes; ~5-10% non-zero
+    base = rng.gamma(0.3, 0.3, size=n_genes)
+    fold = np.exp(rng.normal(0, 0.7, size=(n_domains, n_genes)))
     blocks = []
-    for start in range(0, n_spots, 10_000):
-        m = min(10_000, n_spots - start)
-        dense = rng.negative_binomial(1, 0.93, size=(m, n_genes)).astype(np.float32)
-        blocks.append(sp.csr_matrix(dense))
-    counts = sp.vstack(blocks).tocsr()
-    lib = np.asarray(counts.sum(1)).ravel()
-    features = counts.multiply(1.0 / np.maximum(lib, 1)[:, None]).tocsr() * 1e4
-    features = np.minimum(features.toarray() / (features.toarray().std(0) + 1e-6), 10).astype(np.float32)
-    semantic = rng.normal(size=(n_spots, 576)).astype(np.float32)
-    cfg = load_cluster_config("dlpfc-151673", {"epochs": epochs, "fusion": "film", "expr_pcs": expr_pcs})
-    t0 = time.perf_counter()
-    sg = spatial_graph(coords, k=6)
-    fg = expression_graph(features, cfg.expr_k, cfg.expr_pcs)
-    graph_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    train_semst(features, counts, lib / np.median(lib), sg, fg, semantic, cfg, seed, progress=False)
-    train_s = time.perf_counter() - t0
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
-    return {"spots": n_spots, "genes": n_genes, "epochs": epochs, "graph_s": round(graph_s, 1),
-            "s_per_epoch": round(train_s / epochs, 2), "peak_gib": round(peak_gib, 2)}
+    for start in range(0, n_spots, 20_000):
+        d = domain[start:start + 20_000]
+        mean = base[None, :] * fold[d]
+        p = 1.0 / (1.0 + mean)  # NB with r = 1 (geometric) and this mean
+        blocks.append(sp.csr_matrix(rng.negative_binomial(1, p).astype(np.float32)))
+    return coords, sp.vstack(blocks).tocsr(), domain
+
+
+_SIZE = r"""
+import json, resource, time
+import numpy as np
+from semst.shared.threads import apply_thread_budget
+apply_thread_budget({threads})
+import sys; sys.path.insert(0, {bench_dir!r})
+from bench_cluster import synthetic_slide
+from semst.cluster.graphs import expression_graph, spatial_graph
+from semst.cluster.train import train_semst
+from semst.shared.config import load_cluster_config
+coords, counts, _ = synthetic_slide({n}, {genes}, irregular={irregular})
+lib = np.asarray(counts.sum(1)).ravel(); lib = np.maximum(lib, 1)
+norm = counts.multiply(1e4 / lib[:, None]).tocsr()
+sd = np.sqrt(np.asarray(norm.multiply(norm).mean(0)).ravel() - np.asarray(norm.mean(0)).ravel() ** 2)
+features = norm.multiply(1.0 / np.maximum(sd, 1e-6)[None, :]).tocsr(); features.data = np.minimum(features.data, 10)
+features = features.toarray().astype(np.float32)
+cfg = load_cluster_config("dlpfc-151673", {{"epochs": {epochs}, "fusion": "{fusion}", "spatial_k": {spatial_k},
+                                            "minibatch": "{minibatch}"}})
+t0 = time.perf_counter()
+sg = spatial_graph(coords, k={spatial_k}); fg = expression_graph(features, cfg.expr_k, progress=True)
+graph_s = time.perf_counter() - t0
+sem = None if "{fusion}" == "none" else np.random.default_rng(0).normal(size=({n}, 576)).astype(np.float32)
+t0 = time.perf_counter()
+r = train_semst(features, counts, lib / np.median(lib), sg, fg, sem, cfg, 0, progress=True, coords=coords)
+train_s = time.perf_counter() - t0
+print(json.dumps({{"spots": {n}, "graph_s": round(graph_s, 1), "s_per_epoch": round(train_s / {epochs}, 2),
+                  "setup_s": r.seconds["graphs"], "mode": r.mode,
+                  "peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}}))
+"""
+
+
+def bench_sizes(sizes: list[int], genes: int, epochs: int, cores: str, irregular: bool = False,
+                fusion: str = "film", spatial_k: int = 6, minibatch: str = "auto") -> None:
+    print(f"synthetic NB counts x {genes} genes ({'irregular' if irregular else 'grid'} positions, "
+          f"{spatial_k}-nearest spatial graph), fusion {fusion}, {epochs} epoch(s), cores {cores}", flush=True)
+    print(f"{'spots':>9}{'graphs s':>10}{'s/epoch':>9}{'peak GiB':>10}  mode")
+    for n in sizes:
+        code = _SIZE.format(n=n, genes=genes, epochs=epochs, threads=len(cores.split(",")), irregular=irregular,
+                            fusion=fusion, spatial_k=spatial_k, minibatch=minibatch,
+                            bench_dir=str(Path(__file__).parent))
+        try:
+            r = _run_python(code, cores)
+        except RuntimeError as exc:
+            print(f"{n:>9}  failed: {exc}", flush=True)
+            continue
+        print(f"{r['spots']:>9}{r['graph_s']:>10}{r['s_per_epoch']:>9}{r['peak_gib']:>10}  {r['mode']}", flush=True)
+
+
+def bench_million_end_to_end(epochs: int, cores: str, n: int = 1_000_000, genes: int = 500) -> None:
+    """A whole ``semst cluster`` on 1M synthetic cells (fusion none: no LLM stage), outputs written."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    work = Path(tempfile.mkdtemp(prefix="semst-million-"))
+    try:
+        coords, counts, domain = synthetic_slide(n, genes, irregular=True)
+        a = ad.AnnData(X=counts, obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]),
+                       var=pd.DataFrame(index=[f"G{j}" for j in range(genes)]))
+        a.obsm["spatial"] = coords
+        a.obs["ground_truth"] = pd.Categorical([f"d{d}" for d in domain])
+        (work / "data").mkdir()
+        a.write_h5ad(work / "data" / "synthetic-1m.h5ad")
+        (work / "synthetic-1m.toml").write_text(
+            f"[preprocess]\nmin_cells = 10\nn_top_genes = {genes}\n[cluster]\nspatial_k = 8\n"
+            f"epochs = {epochs}\nfusion = \"none\"\n")
+        env = {**os.environ, "SEMST_DATA_PATH": str(work / "data"), "SEMST_HOME": str(work),
+               "OMP_NUM_THREADS": str(len(cores.split(",")))}
+        t0 = time.perf_counter()
+        done = subprocess.run(["taskset", "-c", cores, sys.executable, "-m", "semst.experiments.cli", "cluster",
+                               "synthetic-1m", "--config", str(work / "synthetic-1m.toml"), "--out",
+                               str(work / "results")], env=env, cwd=work, text=True)
+        wall = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+        outputs = sorted(p.name for p in (work / "results" / "synthetic-1m").glob("*/*"))
+        print(f"semst cluster, {n} cells x {genes} genes, {epochs} epochs, fusion none: exit {done.returncode}, "
+              f"{wall:.0f} s end to end, peak RSS {peak:.2f} GiB; outputs: {', '.join(outputs)}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--sizes", default="3000,10000,30000,100000")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="dlpfc,sizes,million")
+    ap.add_argument("--baseline", default=BASELINE, help="git revision to compare against on dlpfc-151673")
+    ap.add_argument("--epochs", type=int, default=10, help="epochs timed on dlpfc-151673")
+    ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--genes", type=int, default=3000)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--expr-pcs", type=int, default=None,
-                    help="expression kNN on this many SVD components (config expr_pcs); default exact")
-    ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--cores", default="0,1", help="cores for the synthetic sizes and the million (taskset)")
+    ap.add_argument("--million-epochs", type=int, default=3)
     args = ap.parse_args(argv)
-    if args.one:
-        print(json.dumps(one_size(args.one, args.genes, args.epochs, args.expr_pcs)))
-        return
-    graph = f"expression kNN on {args.expr_pcs} SVD components" if args.expr_pcs else "exact expression kNN"
-    print(f"bench-cluster: {args.genes} genes, {args.epochs} epochs each, FSM fusion, {graph}, "
-          f"one subprocess per size", flush=True)
-    print(f"{'spots':>8}{'graphs s':>10}{'s/epoch':>10}{'peak GiB':>10}")
-    for n in (int(s) for s in args.sizes.split(",")):
-        done = subprocess.run([sys.executable, __file__, "--one", str(n), "--genes", str(args.genes),
-                               "--epochs", str(args.epochs)]
-                              + (["--expr-pcs", str(args.expr_pcs)] if args.expr_pcs else []),
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{n:>8}  failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}", flush=True)
-            continue
-        r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{r['spots']:>8}{r['graph_s']:>10}{r['s_per_epoch']:>10}{r['peak_gib']:>10}", flush=True)
+    parts = set(args.parts.split(","))
+    if "dlpfc" in parts:
+        bench_dlpfc(args.baseline, args.epochs)
+    if "sizes" in parts:
+        bench_sizes([int(s) for s in args.sizes.split(",")], args.genes, 1, args.cores)
+    if "million" in parts:
+        bench_sizes([1_000_000], 500, 1, args.cores, irregular=True, fusion="none", spatial_k=8)
+        bench_million_end_to_end(args.million_epochs, args.cores)
 
 
 if __name__ == "__main__":
