@@ -93,9 +93,6 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     """
     from semst.cluster.graphs import expression_graph
     from semst.cluster.train import resolve_minibatch, train_semst
-    from semst.shared.threads import apply_thread_budget
-
-    threads = apply_thread_budget(cfg.threads)
     slide = load_slide(cfg, adata)
     try:  # a forced mini-batch larger than the slide stops here, before any work
         resolve_minibatch(cfg, slide.adata.n_obs)
@@ -114,8 +111,8 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     fgraph = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs, cfg.expr_knn, progress=progress)
     log(f"{cfg.dataset}: {slide.adata.n_obs} spots, {prep.n_vars} genes, {slide.n_domains} domains; spatial graph "
         f"{sgraph.num_edges()} edges, expression graph {fgraph.num_edges()} edges; embedding {source['embedding']}; "
-        f"{threads} thread(s)")
-    source = {**source, "threads": threads}
+        f"{slide.threads} thread(s)")
+    source = {**source, "threads": slide.threads}
 
     def fit(seed: int):
         vectors = semantic

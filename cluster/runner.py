@@ -79,6 +79,7 @@ class Slide:
     coords: np.ndarray
     truth: pd.Series
     n_domains: int
+    threads: int  # the thread budget every pool runs with (semst.shared.threads)
 
     @functools.cached_property
     def prep(self):
@@ -100,14 +101,17 @@ class Slide:
 
 
 def load_slide(cfg: ClusterConfig, adata=None) -> Slide:
-    """The dataset of ``cfg`` (or ``adata``), its coordinates checked and its number of domains fixed."""
+    """The dataset of ``cfg`` (or ``adata``), its coordinates checked and its number of domains fixed,
+    with every thread pool bounded by ``cfg.threads`` first."""
     from semst.shared.datasets import check_coordinates, load_dataset
+    from semst.shared.threads import apply_thread_budget
 
+    threads = apply_thread_budget(cfg.threads)
     if adata is None:
         adata = load_dataset(cfg.dataset)
     coords = np.asarray(check_coordinates(adata), dtype=np.float64)
     truth = annotation(adata)
-    return Slide(cfg, adata, coords, truth, resolve_n_domains(cfg, truth))
+    return Slide(cfg, adata, coords, truth, resolve_n_domains(cfg, truth), threads)
 
 
 def run_seeds(slide: Slide, fit: Callable[[int], Any], run_dir: Path | None = None, log=print,

@@ -76,6 +76,9 @@ class _Clock:
 
     def __init__(self):
         self.seconds = dict.fromkeys(PARTS, 0.0)
+        self.restart()
+
+    def restart(self) -> None:
         self._t = time.perf_counter()
 
     def lap(self, part: str) -> None:
@@ -200,7 +203,7 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
     mode = "full batch" if identity else f"mini-batch ({len(parts)} batches of <= {cfg.batch_spots} spots)"
     mode += ", sparse input" if sparse_input else ""
     bar = tqdm(range(cfg.epochs), desc=f"training ({mode})", unit="epoch", disable=not progress)
-    clock._t = time.perf_counter()
+    clock.restart()
     for _ in bar:
         sums = dict.fromkeys(history, 0.0)
         for i in (rng.permutation(len(batches)) if len(batches) > 1 else [0]):
