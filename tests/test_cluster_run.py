@@ -137,6 +137,10 @@ def test_cli_errors_exit_non_zero_with_one_line(slide, tmp_path):
     for extra, message in ((["--n-domains", "1"], "n_domains must be >= 2"),
                            (["--fusion", "none", "--config", str(tmp_path / "far.toml")],
                             "leaves 120 of 120 spots without any spatial neighbour"),
+                           (["--fusion", "none", "--minibatch", "on", "--batch-spots", "500"],
+                            "batch_spots = 500 but the slide has only 120 spots"),
+                           (["--threads", "0"], "threads must be >= 1, got 0"),
+                           (["--batch-spots", "1"], "batch_spots must be >= 2, got 1"),
                            ([], "make embed DATASET=grid")):
         done = subprocess.run(base + extra, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
         assert done.returncode == 2, done.stderr[-1500:]

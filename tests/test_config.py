@@ -40,6 +40,11 @@ def test_cluster_config_needs_a_spatial_graph_rule(tmp_path):
     ("fusion", "multiply", "fusion must be one of"),
     ("n_domains", 1, "n_domains must be >= 2"),
     ("epochs", 0, "epochs must be >= 1"),
+    ("batch_spots", 1, "batch_spots must be >= 2, got 1"),
+    ("decoder_batch", 1, "decoder_batch must be >= 2 spots"),
+    ("threads", 0, "threads must be >= 1, got 0"),
+    ("minibatch", "sometimes", "minibatch must be \"auto\", \"on\" or \"off\""),
+    ("expr_knn", "fast", "expr_knn must be \"auto\", \"exact\" or \"approximate\""),
 ])
 def test_bad_cluster_values_are_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
