@@ -51,7 +51,9 @@ def write_outputs(report, cfg, adata, ground_truth: pd.Series, source: dict):
         out.write_h5ad(tmp / "semst.h5ad")
         sub = ""
         if "ARI" in report.summary:
-            sub = f" (ARI {report.summary['ARI']['mean']:.1f}, NMI {report.summary['NMI']['mean']:.1f})"
+            ari, nmi = report.summary["ARI"], report.summary["NMI"]
+            sub = (f" (ARI {ari['mean']:.1f}, NMI {nmi['mean']:.1f}" +
+                   (f": mean of {ari['n']} seeds)" if ari["n"] > 1 else ")"))
         plot_domain_maps(tmp / "domains.png", coords, ground_truth, [(f"SemST domains{sub}", report.labels[first])],
                          title=f"{cfg.dataset}: SemST ({cfg.fusion}, seed {first})")
         plot_losses(report.histories, tmp / "loss.png", title=f"{cfg.dataset}: training losses")
