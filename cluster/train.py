@@ -16,8 +16,8 @@ Full batch (the paper's way) makes one step per epoch on the whole slide. Mini-b
 slides larger than ``minibatch_above`` spots (or forced with ``minibatch = "on"``), cuts the slide
 into spatially compact batches of at most ``batch_spots`` spots (recursive median bisection of the
 coordinates) and makes one step per batch per epoch, in a seeded random order, on each batch's
-induced spatial and expression subgraphs (Cluster-GCN style: edges between batches are dropped while
-training). Memory is then bounded by one batch plus the data. The returned latent is always computed
+induced spatial subgraph and an expression kNN graph searched among the batch's spots (Cluster-GCN
+style: spatial edges between batches are dropped while training). Memory is then bounded by one batch plus the data. The returned latent is always computed
 on the whole slide, full graphs, in evaluation mode.
 
 No choice is made by looking at labels: the returned latent is Z_final after the last epoch.
@@ -117,12 +117,17 @@ def bisect_spots(coords: np.ndarray, max_spots: int) -> list[np.ndarray]:
     return parts
 
 
-def _batch(graph_s, graph_f, start: int, stop: int, whole: bool) -> _Batch:
+def _batch(graph_s, graph_f, start: int, stop: int, whole: bool, features=None, cfg=None) -> _Batch:
+    """A batch's graphs: the spatial graph's induced subgraph (a compact batch keeps nearly all its
+    spatial edges) and the expression kNN graph searched again among the batch's spots, so every spot
+    keeps k expression neighbours while training, as in the whole-slide graph it is inferred on."""
     if whole:
         sg, fg = graph_s, graph_f
     else:
-        nodes = torch.arange(start, stop)
-        sg, fg = dgl.node_subgraph(graph_s, nodes), dgl.node_subgraph(graph_f, nodes)
+        from semst.cluster.graphs import expression_graph
+
+        sg = dgl.node_subgraph(graph_s, torch.arange(start, stop))
+        fg = expression_graph(features[start:stop], min(cfg.expr_k, stop - start - 1), cfg.expr_pcs, cfg.expr_knn)
     ps, pd = neighbour_pairs(sg)
     return _Batch(start, stop, sg, fg, ps, pd)
 
@@ -184,7 +189,8 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
     graph_s = spatial if identity else dgl.reorder_graph(spatial, "custom", permute_config={"nodes_perm": torch.from_numpy(order)})
     graph_f = expression if identity else dgl.reorder_graph(expression, "custom", permute_config={"nodes_perm": torch.from_numpy(order)})
     bounds = np.cumsum([0] + [len(p) for p in parts])
-    batches = [_batch(graph_s, graph_f, int(bounds[i]), int(bounds[i + 1]), identity) for i in range(len(parts))]
+    batches = [_batch(graph_s, graph_f, int(bounds[i]), int(bounds[i + 1]), identity, x.numpy(), cfg)
+               for i in range(len(parts))]
     if sparse_input:
         for b in batches:
             b.features = SparseFeatures(x[b.start:b.stop].numpy())
