@@ -78,7 +78,7 @@ def _run_python(code: str, cores: str, pythonpath: str | None = None, cwd: Path 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_dlpfc(baseline: str, epochs: int) -> None:
+def bench_dlpfc(baseline: str, epochs: int, core_sets: tuple[str, ...] = ("0", "0,1")) -> None:
     """This checkout vs ``baseline`` on dlpfc-151673, one pinned core and two, in one run."""
     tmp = Path(tempfile.mkdtemp(prefix="semst-bench-"))
     old = tmp / "semst"
@@ -91,18 +91,18 @@ def bench_dlpfc(baseline: str, epochs: int) -> None:
               f"baseline {baseline} from a git worktree", flush=True)
         print(f"{'code':>10}{'cores':>7}{'s/epoch':>9}{'user s':>8}{'sys s':>7}{'sys %':>7}{'GiB':>6}")
         rows = {}
-        for cores in ("0", "0,1"):
+        for cores in core_sets:
             for name, pythonpath, cwd in (("baseline", str(tmp), REPO), ("this", str(this), REPO)):
                 code = _EPOCH_TIMER.format(threads=len(cores.split(",")), epochs=epochs)
                 r = _run_python(code, cores, pythonpath, cwd)
                 rows[name, cores] = r
                 print(f"{name:>10}{cores:>7}{r['s_per_epoch']:>9.3f}{r['user']:>8.3f}{r['sys']:>7.3f}"
                       f"{100 * r['sys'] / r['s_per_epoch']:>6.1f}%{r['peak_gib']:>6.2f}", flush=True)
-        for cores in ("0", "0,1"):
+        for cores in core_sets:
             print(f"speed-up on {len(cores.split(','))} core(s): "
                   f"{rows['baseline', cores]['s_per_epoch'] / rows['this', cores]['s_per_epoch']:.2f}x")
-        print("per-part seconds per epoch (this checkout, one core): " + ", ".join(
-            f"{k} {v:.3f}" for k, v in rows["this", "0"]["parts"].items()))
+        print(f"per-part seconds per epoch (this checkout, cores {core_sets[0]}): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in rows["this", core_sets[0]]["parts"].items()))
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -224,6 +224,7 @@ def main(argv=None) -> None:
     ap.add_argument("--parts", default="dlpfc,sizes,million")
     ap.add_argument("--baseline", default=BASELINE, help="git revision to compare against on dlpfc-151673")
     ap.add_argument("--epochs", type=int, default=10, help="epochs timed on dlpfc-151673")
+    ap.add_argument("--dlpfc-cores", default="0;0,1", help="';'-separated core sets for the dlpfc comparison")
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--genes", type=int, default=3000)
     ap.add_argument("--cores", default="0,1", help="cores for the synthetic sizes and the million (taskset)")
@@ -231,7 +232,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     if "dlpfc" in parts:
-        bench_dlpfc(args.baseline, args.epochs)
+        bench_dlpfc(args.baseline, args.epochs, tuple(args.dlpfc_cores.split(";")))
     if "sizes" in parts:
         bench_sizes([int(s) for s in args.sizes.split(",")], args.genes, 1, args.cores)
     if "million" in parts:
