@@ -100,8 +100,11 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     from semst.cluster.train import resolve_minibatch, train_semst
     from semst.shared.threads import apply_thread_budget
 
+    from semst.shared.preprocess import check_gene_supply
+
     threads = apply_thread_budget(cfg.threads)
     slide = load_slide(cfg, adata)
+    check_gene_supply(slide.adata, cfg.preprocess)  # a recipe the slide cannot support stops here
     try:  # a forced mini-batch larger than the slide stops here, before any work
         resolve_minibatch(cfg, slide.adata.n_obs)
     except ValueError as exc:
