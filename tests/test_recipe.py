@@ -181,6 +181,20 @@ def test_the_adaptive_threshold_is_the_authors_search():
             assert adaptive_radius(coords, k, step=5.0) == pytest.approx(_authors_threshold(dist, k))
 
 
+def test_the_authors_knn_graph_is_the_symmetrised_k_nearest_other_spots():
+    """MVC / Embryo (construction.py lines 11-35): spot i links to its k nearest other spots, then
+    A = min(A + A^T, 1); here plus one self-loop (their + I in train.py)."""
+    rng = np.random.default_rng(8)
+    coords = rng.uniform(0, 10, (30, 2))
+    dist = np.linalg.norm(coords[:, None] - coords[None], axis=2)
+    A = np.zeros((30, 30))
+    for i in range(30):
+        A[i, np.argsort(dist[i])[1:16]] = 1
+    A = np.minimum(A + A.T, 1) + np.eye(30)
+    g, _ = spatial_graph_rule(coords, k=15)
+    np.testing.assert_array_equal(_dense_adjacency(g, 30), A)
+
+
 def test_a_radius_in_spacings_is_the_same_graph_in_any_coordinate_unit():
     rng = np.random.default_rng(2)
     coords = np.stack(np.meshgrid(np.arange(10.0), np.arange(10.0)), -1).reshape(-1, 2) + rng.normal(0, 0.02, (100, 2))
