@@ -137,3 +137,75 @@ def _nn_descent(X: np.ndarray, k: int, seed: int, progress: bool) -> np.ndarray:
         idx, _ = index.neighbor_graph
         bar.update(1)
     return np.asarray(idx[:, :k], dtype=np.int64)
+
+
+# -- unit-free spatial rules (the paper recipe; see shared/recipes.py) ---------------------------------
+
+def median_spacing(coords) -> float:
+    """The slide's spot spacing: the median over spots of the distance to the nearest other spot."""
+    from sklearn.neighbors import NearestNeighbors
+
+    coords = np.asarray(coords, dtype=np.float64)
+    if len(coords) < 2:
+        raise GraphError("a spatial graph needs at least 2 spots")
+    dist, _ = NearestNeighbors(n_neighbors=2).fit(coords).kneighbors(coords)
+    spacing = float(np.median(dist[:, 1]))
+    if not spacing > 0:
+        raise GraphError("the median nearest-neighbour distance is 0 (most spots share coordinates); "
+                         "a spacing-based radius cannot be used, set spatial_k instead")
+    return spacing
+
+
+def adaptive_radius(coords, k: int, step: float, min_neighbours: int = 2) -> float:
+    """The authors' adaptive threshold (preprocess/construction.py lines 65-84, MBA and HBC).
+
+    Their coarse-to-fine search (steps of 100, 10, 5 px) returns the smallest multiple of 5 px at
+    which every spot has more than ``min_neighbours`` spots (itself included) within the threshold and
+    some spot more than ``k``; the condition only grows with the threshold, so that is
+    ``step * ceil(t / step)`` with t = max(the largest distance of a spot to its
+    ``min_neighbours``-th nearest other spot, the smallest distance of a spot to its ``k``-th nearest).
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    coords = np.asarray(coords, dtype=np.float64)
+    n = len(coords)
+    if not 1 <= k < n or not 1 <= min_neighbours < n:
+        raise GraphError(f"the adaptive threshold's k must be between 1 and n_spots - 1 ({n - 1}), got {k}")
+    if not step > 0:
+        raise GraphError(f"the adaptive threshold's step must be > 0, got {step}")
+    dist, _ = NearestNeighbors(n_neighbors=max(k, min_neighbours) + 1).fit(coords).kneighbors(coords)
+    t = max(float(dist[:, min_neighbours].max()), float(dist[:, k].min()))
+    return step * float(np.ceil(t / step - 1e-9))
+
+
+def add_self_loops(g, extra: int):
+    """``g`` with ``extra`` more self-loops on every node: a spot's own weight 1 + extra in the
+    GCN's aggregation (the authors' DLPFC radius graph already holds the spot, then adds I: 2)."""
+    for _ in range(extra):
+        g = dgl.add_self_loop(g)
+    return g
+
+
+def spatial_graph_rule(coords, radius: float | None = None, k: int | None = None,
+                       radius_spacings: float | None = None, adaptive_k: int | None = None,
+                       adaptive_step_spacings: float = 5.0 / 137.0, self_loops: int = 1):
+    """The spatial graph of a config's rule, first set of: ``adaptive_k`` (the authors' adaptive
+    threshold, its step in spacings), ``radius_spacings`` (radius = that many median nearest-neighbour
+    distances), ``k`` (k nearest spots), ``radius`` (coordinate units). ``self_loops``: a spot's own
+    weight. Returns (graph, description)."""
+    if adaptive_k is not None:
+        spacing = median_spacing(coords)
+        r = adaptive_radius(coords, adaptive_k, adaptive_step_spacings * spacing)
+        g, rule = spatial_graph(coords, radius=r), f"adaptive threshold k {adaptive_k}: radius {r:.4g} ({r / spacing:.3g} spacings)"
+    elif radius_spacings is not None:
+        spacing = median_spacing(coords)
+        r = radius_spacings * spacing
+        g, rule = spatial_graph(coords, radius=r), f"radius {radius_spacings} spacings = {r:.4g} (spacing {spacing:.4g})"
+    elif k is not None:
+        g, rule = spatial_graph(coords, k=k), f"{k} nearest spots"
+    else:
+        g, rule = spatial_graph(coords, radius=radius), f"radius {radius}"
+    if self_loops > 1:
+        g = add_self_loops(g, self_loops - 1)
+        rule += f", self weight {self_loops}"
+    return g, rule

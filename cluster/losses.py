@@ -11,11 +11,13 @@ import torch.nn.functional as F
 _EPS = 1e-10
 
 
-def zinb_loss(x, mean, disp, pi, scale_factor=None, reduce: str = "mean"):
+def zinb_loss(x, mean, disp, pi, scale_factor=None, reduce: str = "mean", ridge: float = 0.0):
     """Negative log-likelihood of counts ``x`` under ZINB(mu = mean * scale_factor, theta = disp, pi).
 
     The DCA / Spatial-MGCN formulation: for x > 0, -log((1 - pi) NB(x)); for x = 0,
-    -log(pi + (1 - pi) (theta / (theta + mu))^theta).
+    -log(pi + (1 - pi) (theta / (theta + mu))^theta). ``ridge``: ``ridge * pi^2`` is added to every
+    entry before the reduction (the authors' ridge_lambda = 0.05, train.py line 53, utils.py lines
+    159-160). ``x`` need not be integer (the paper recipe reconstructs the scaled matrix).
     """
     if scale_factor is not None:
         mean = mean * scale_factor.reshape(-1, 1)
@@ -25,20 +27,29 @@ def zinb_loss(x, mean, disp, pi, scale_factor=None, reduce: str = "mean"):
     zero_nb = torch.pow(disp / (disp + mean + _EPS), disp)
     zero_case = -torch.log(pi + (1.0 - pi) * zero_nb + _EPS)
     nll = torch.where(x <= 1e-8, zero_case, nb_case)
+    if ridge:
+        nll = nll + ridge * pi ** 2
     return nll.mean() if reduce == "mean" else nll.sum()
 
 
-def correlation_reduction_loss(z1, z2):
+def correlation_reduction_loss(z1, z2, similarity: str = "pearson"):
     """Feature-level correlation reduction between the two views (O(d^2), never N x N).
 
-    Columns are standardised over spots; C = z1^T z2 / n is their cross-correlation. Matching
-    features are pulled to correlation 1 (the views agree) and different features to 0 (the
-    features are not redundant): mean_i (1 - C_ii)^2 + mean_{i != j} C_ij^2.
+    ``similarity = "pearson"``: columns are standardised over spots and C = z1^T z2 / n is their
+    cross-correlation. ``"cosine"`` (the authors', utils.py lines 53, 63, 82): columns are only
+    L2-normalised over spots (no centring) and C = z1n^T z2n. Matching features are pulled to 1
+    (the views agree) and different features to 0 (the features are not redundant):
+    mean_i (1 - C_ii)^2 + mean_{i != j} C_ij^2.
     """
     n, d = z1.shape
-    a = (z1 - z1.mean(0)) / (z1.std(0, unbiased=False) + 1e-6)
-    b = (z2 - z2.mean(0)) / (z2.std(0, unbiased=False) + 1e-6)
-    c = a.T @ b / n
+    if similarity == "cosine":
+        c = F.normalize(z1, dim=0).T @ F.normalize(z2, dim=0)
+    elif similarity == "pearson":
+        a = (z1 - z1.mean(0)) / (z1.std(0, unbiased=False) + 1e-6)
+        b = (z2 - z2.mean(0)) / (z2.std(0, unbiased=False) + 1e-6)
+        c = a.T @ b / n
+    else:
+        raise ValueError(f"similarity must be 'pearson' or 'cosine', got {similarity!r}")
     on = torch.diagonal(c)
     off_sum = (c ** 2).sum() - (on ** 2).sum()
     return ((1.0 - on) ** 2).mean() + (off_sum / (d * (d - 1)) if d > 1 else 0.0)
@@ -55,6 +66,66 @@ def spatial_regularisation_loss(z, pos_src, pos_dst, neg_src, neg_dst):
     pos = torch.sigmoid((zn[pos_src] * zn[pos_dst]).sum(1))
     neg = torch.sigmoid((zn[neg_src] * zn[neg_dst]).sum(1))
     return -(torch.log(pos + _EPS).mean() + torch.log(1.0 - neg + _EPS).mean()) / 2.0
+
+
+class _OffDiagonalLogSigmoid(torch.autograd.Function):
+    """sum_{i != j} log sigmoid(-c_ij) with c = zn zn^T, in row blocks (memory: one block x N).
+
+    The gradient is computed in the same pass: d/dc log sigmoid(-c) = -sigmoid(c), and c is
+    symmetric, so dS/dzn = 2 G zn with G_ij = -sigmoid(c_ij) (0 on the diagonal).
+    """
+
+    @staticmethod
+    def forward(ctx, zn, block_rows):
+        n = zn.shape[0]
+        total = torch.zeros((), dtype=torch.float64)
+        grad = torch.empty_like(zn)
+        for s in range(0, n, block_rows):
+            e = min(n, s + block_rows)
+            c = zn[s:e] @ zn.T
+            idx = torch.arange(e - s)
+            diag = c[idx, idx + s].clone()
+            total += F.logsigmoid(-c).sum(dtype=torch.float64) - F.logsigmoid(-diag).sum(dtype=torch.float64)
+            g = torch.sigmoid(c).neg_()
+            g[idx, idx + s] = 0.0
+            torch.mm(g, zn, out=grad[s:e])
+        ctx.save_for_backward(grad)
+        return total.to(zn.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return 2.0 * grad_out * grad, None
+
+
+def all_pairs_spatial_loss(z, pos_src, pos_dst, exact_below: int = 20_000, samples_per_spot: int = 64,
+                           rng: np.random.Generator | None = None, block_elements: int = 1 << 22):
+    """The authors' spatial loss (utils.py lines 11-30): the mean over all N^2 pairs,
+
+        L = -1/(2 N^2) [ sum_ij nei_ij log s(c_ij) + sum_ij (1 - nei_ij) log(1 - s(c_ij)) ],
+
+    s = sigmoid, c_ij = cosine(z_i, z_j) with c_ii = 0, nei = the spatial neighbour pairs
+    (``pos_src``, ``pos_dst``, both directions, no self pairs). Since log s(c) - log(1 - s(c)) = c and
+    c_ii = 0, this is exactly -1/(2 N^2) [ sum_nei c_ij + sum_{i != j} log s(-c_ij) - N log 2 ], which
+    is computed without N^2 memory: the neighbour sum exactly, the sum over all pairs i != j exactly
+    in row blocks below ``exact_below`` spots, and above it as the unbiased estimate
+    N (N - 1) / M * sum over M = ``samples_per_spot`` * N pairs drawn uniformly among i != j.
+    """
+    n = z.shape[0]
+    zn = F.normalize(z, dim=1)
+    pos = (zn[pos_src] * zn[pos_dst]).sum()
+    if n < 2:
+        off = zn.sum() * 0.0
+    elif n < exact_below:
+        off = _OffDiagonalLogSigmoid.apply(zn, max(1, block_elements // n))
+    else:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        m = samples_per_spot * n
+        i = rng.integers(0, n, size=m)
+        j = (i + rng.integers(1, n, size=m)) % n  # uniform over j != i
+        i, j = torch.from_numpy(i), torch.from_numpy(j)
+        off = F.logsigmoid(-(zn[i] * zn[j]).sum(1)).sum() * (n * (n - 1) / m)
+    return -(pos + off - n * float(np.log(2.0))) / (2.0 * n * n)
 
 
 def sample_negatives(n_nodes: int, pos_src: np.ndarray, pos_dst: np.ndarray, n_per_node: int,

@@ -69,21 +69,36 @@ def fsm_modulate(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> to
 
 
 class GCNBranch(nn.Module):
-    """Two GCN layers (DGL GraphConv, symmetric normalisation; graphs carry self-loops), ReLU between.
+    """Two GCN layers (DGL GraphConv; graphs carry self-loops), ReLU between.
+
+    ``norm``: "both" = D^-1/2 (A+I) D^-1/2 (DGL's symmetric normalisation), "right" = D^-1 (A+I)
+    (row-normalised: the mean over the spot and its neighbours, the authors' train.py lines 38-41).
+    ``init``: "xavier" = as GraphConv initialises (Xavier uniform, zero bias); "uniform" = the
+    authors' GraphConvolution (models.py lines 39-43): weight and bias ~ U(-1/sqrt(out), 1/sqrt(out)).
 
     The first layer's weight is kept here rather than in its GraphConv so that both branches, which
     read the same input, multiply it in one GEMM (:meth:`SemST.encode`); the GraphConv then only
     aggregates (DGL multiplies before aggregating whenever the input is wider than the output, so
-    this is the same computation). Initialised as GraphConv initialises (Xavier uniform, zero bias).
+    this is the same computation).
     """
 
-    def __init__(self, in_dim: int, hidden1: int, hidden2: int, dropout: float):
+    def __init__(self, in_dim: int, hidden1: int, hidden2: int, dropout: float, norm: str = "both",
+                 init: str = "xavier"):
         super().__init__()
+        if norm not in ("both", "right"):
+            raise ValueError(f"GCN norm must be 'both' or 'right', got {norm!r}")
+        if init not in ("xavier", "uniform"):
+            raise ValueError(f"GCN init must be 'xavier' or 'uniform', got {init!r}")
         self.weight1 = nn.Parameter(torch.empty(in_dim, hidden1))
         nn.init.xavier_uniform_(self.weight1)
-        self.conv1 = dglnn.GraphConv(hidden1, hidden1, norm="both", weight=False, allow_zero_in_degree=False)
-        self.conv2 = dglnn.GraphConv(hidden1, hidden2, norm="both", allow_zero_in_degree=False)
+        self.conv1 = dglnn.GraphConv(hidden1, hidden1, norm=norm, weight=False, allow_zero_in_degree=False)
+        self.conv2 = dglnn.GraphConv(hidden1, hidden2, norm=norm, allow_zero_in_degree=False)
         self.dropout = nn.Dropout(dropout)
+        if init == "uniform":
+            for weight, bias in ((self.weight1, self.conv1.bias), (self.conv2.weight, self.conv2.bias)):
+                bound = 1.0 / float(weight.shape[1]) ** 0.5
+                nn.init.uniform_(weight, -bound, bound)
+                nn.init.uniform_(bias, -bound, bound)
 
     def forward(self, graph, x, xw=None):
         """``xw``: ``x @ weight1`` when the caller has computed it already."""
@@ -103,18 +118,43 @@ class SemanticProjection(nn.Module):
         return self.mlp(e)
 
 
-class FSM(nn.Module):
-    """Fine-grained Semantic Modulation: per-spot alpha and beta from the semantic vector."""
+FSM_MODES = ("paper", "zero-init", "gated")
 
-    def __init__(self, sem_dim: int, width: int, hidden_ratio: float, dropout: float):
+
+class FSM(nn.Module):
+    """Fine-grained Semantic Modulation: per-spot alpha and beta from the semantic vector.
+
+    ``mode``: "paper" = the published FSM, ``(1 + alpha) z + beta``; "zero-init" = the same with
+    its last layer zero-initialised, so the network starts as fusion "none" and the modulation only
+    grows where the gradient finds use for it; "gated" = ``z + g (alpha z + beta)`` with one learned
+    scalar gate g starting at 0 (weight decay pulls it back to 0), reported per run. After every
+    forward pass ``stats`` holds the gate and the relative change ||FSM(z) - z|| / ||z||.
+    """
+
+    def __init__(self, sem_dim: int, width: int, hidden_ratio: float, dropout: float, mode: str = "paper"):
         super().__init__()
+        if mode not in FSM_MODES:
+            raise ValueError(f"FSM mode must be one of {', '.join(FSM_MODES)}, got {mode!r}")
+        self.mode = mode
         hidden = max(1, int(sem_dim * hidden_ratio))
         self.mlp = nn.Sequential(nn.Linear(sem_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, 2 * width))
+        if mode == "zero-init":
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+        self.gate = nn.Parameter(torch.zeros(1)) if mode == "gated" else None
+        self.stats: dict[str, float] = {}
 
     def forward(self, z, s):
         alpha, beta = torch.chunk(self.mlp(s), 2, dim=1)
-        return fsm_modulate(z, alpha, beta)
+        if self.gate is None:
+            out = fsm_modulate(z, alpha, beta)
+        else:
+            out = z + self.gate * (alpha * z + beta)
+        with torch.no_grad():
+            change = float(torch.linalg.vector_norm(out - z) / torch.linalg.vector_norm(z).clamp_min(1e-12))
+            self.stats = {"film_change": change, **({"film_gate": float(self.gate)} if self.gate is not None else {})}
+        return out
 
 
 class CrossAttentionFusion(nn.Module):
@@ -170,19 +210,20 @@ class SemST(nn.Module):
     """The full network; ``fusion`` is one of film | concat | add | cross-attention | none."""
 
     def __init__(self, n_genes: int, emb_dim: int | None, hidden1: int = 256, hidden2: int = 128,
-                 dropout: float = 0.0, fusion: str = "film", fsm_hidden_ratio: float = 1.2):
+                 dropout: float = 0.0, fusion: str = "film", fsm_hidden_ratio: float = 1.2,
+                 fsm_mode: str = "paper", gcn_norm: str = "both", gcn_init: str = "xavier"):
         super().__init__()
         if fusion != "none" and not emb_dim:
             raise ValueError(f"fusion {fusion!r} needs a semantic embedding (emb_dim)")
         self.fusion = fusion
         width = 2 * hidden2
-        self.spatial = GCNBranch(n_genes, hidden1, hidden2, dropout)
-        self.expression = GCNBranch(n_genes, hidden1, hidden2, dropout)
+        self.spatial = GCNBranch(n_genes, hidden1, hidden2, dropout, gcn_norm, gcn_init)
+        self.expression = GCNBranch(n_genes, hidden1, hidden2, dropout, gcn_norm, gcn_init)
         fused_width = width
         if fusion != "none":
             self.project = SemanticProjection(emb_dim, hidden2)
         if fusion == "film":
-            self.fuse = FSM(hidden2, width, fsm_hidden_ratio, dropout)
+            self.fuse = FSM(hidden2, width, fsm_hidden_ratio, dropout, fsm_mode)
         elif fusion == "add":
             self.fuse = nn.Linear(hidden2, width)
         elif fusion == "cross-attention":

@@ -20,10 +20,15 @@ from semst.shared.hashing import json_hash
 
 def embed_command(cfg: ClusterConfig) -> str:
     """The exact stage-1 call that writes the embeddings this config asks for."""
+    from semst.shared.recipes import recipe_values
+
     e = cfg.embed
     make = f"make embed DATASET={cfg.dataset}" + (f" MODEL={e.model}" if e.model != "default" else "")
+    recipe = {"k_genes": 20, "gene_ranking": "counts", **recipe_values(e.recipe, cfg.dataset, "embed")}
     options = [f"--{flag} {value}" for flag, value, default in (
-        ("k-genes", e.k_genes, 20), ("pooling", e.pooling, "mean"), ("template", e.template, "semst"))
+        ("recipe", e.recipe, "semst"),
+        ("k-genes", e.k_genes, recipe["k_genes"]), ("gene-ranking", e.gene_ranking, recipe["gene_ranking"]),
+        ("pooling", e.pooling, "mean"), ("template", e.template, "semst"))
         if value != default]
     if not options:
         return f"`{make}`" + (f" (with --cache {cfg.cache})" if cfg.cache != e.cache else "")
@@ -93,7 +98,10 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     """
     from semst.cluster.graphs import expression_graph
     from semst.cluster.train import resolve_minibatch, train_semst
+    from semst.shared.preprocess import check_gene_supply
+
     slide = load_slide(cfg, adata)
+    check_gene_supply(slide.adata, cfg.preprocess)  # a recipe the slide cannot support stops here
     try:  # a forced mini-batch larger than the slide stops here, before any work
         resolve_minibatch(cfg, slide.adata.n_obs)
     except ValueError as exc:

@@ -63,9 +63,14 @@ def resolve_n_domains(cfg: ClusterConfig, ground_truth: pd.Series) -> int:
 
 
 def slide_spatial_graph(cfg: ClusterConfig, coords):
-    """The spatial graph the config asks for: ``spatial_k`` nearest spots if set, else ``radius``."""
-    from semst.cluster.graphs import spatial_graph
+    """The spatial graph the config asks for: ``spatial_k`` nearest spots if set, else ``radius``
+    (or the paper recipe's unit-free rules, see cluster.graphs.spatial_graph_rule)."""
+    from semst.cluster.graphs import spatial_graph, spatial_graph_rule
 
+    if (getattr(cfg, "radius_spacings", None) is not None or getattr(cfg, "spatial_adaptive_k", None) is not None
+            or getattr(cfg, "spatial_self_loops", 1) > 1):
+        return spatial_graph_rule(coords, cfg.radius, cfg.spatial_k, cfg.radius_spacings, cfg.spatial_adaptive_k,
+                                  cfg.adaptive_step_spacings, cfg.spatial_self_loops)[0]
     return spatial_graph(coords, radius=cfg.radius if cfg.spatial_k is None else None, k=cfg.spatial_k)
 
 
@@ -130,6 +135,7 @@ def run_seeds(slide: Slide, fit: Callable[[int], Any], run_dir: Path | None = No
         result = fit(seed)
         labels = kmeans_domains(result.latent, slide.n_domains, seed)
         row: dict[str, Any] = {"seed": seed, "seconds": round(time.perf_counter() - t0 + fixed_seconds, 2)}
+        row.update(getattr(result, "report", None) or {})  # e.g. the FiLM gate (fsm_mode "gated")
         if slide.annotated:
             row.update(cluster_metrics(slide.truth.to_numpy(), labels))
         report.per_seed.append(row)

@@ -34,7 +34,8 @@ import torch
 
 from semst.cluster.dgl_compat import dgl
 from semst.cluster.graphs import neighbour_pairs
-from semst.cluster.losses import correlation_reduction_loss, sample_negatives, spatial_regularisation_loss
+from semst.cluster.losses import (all_pairs_spatial_loss, correlation_reduction_loss, sample_negatives,
+                                  spatial_regularisation_loss)
 from semst.cluster.model import SPARSE_INPUT_DENSITY, SemST, SparseFeatures
 from semst.cluster.zinb import SparseCounts, block_rows, zinb_nll_and_grad
 
@@ -47,6 +48,9 @@ class TrainResult:
     history: dict[str, list[float]] = field(default_factory=dict)  # per epoch: total, zinb, cr, spatial
     mode: str = "full batch"  # or "mini-batch (k batches of <= m spots)"
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per part of training, all epochs
+    # Reported per seed (metrics.json per_seed): with fusion film, the FSM's relative change of Z_gcn
+    # after the last epoch (film_change) and, with fsm_mode "gated", its gate (film_gate).
+    report: dict[str, float] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -150,7 +154,8 @@ def train_semst(features, counts, size_factors, spatial, expression, semantic, c
     """Train SemST on one slide and return the last epoch's Z_final.
 
     features: (n, g) preprocessed expression; counts: (n, g) raw counts of the same genes (CSR ok);
-    size_factors: (n,); spatial, expression: DGL graphs with self-loops; semantic: (n, d) or None
+    size_factors: (n,) (with ``cfg.zinb_target = "scaled"`` the ZINB reconstructs ``features`` with
+    scale factor 1 instead, the authors' choice, and these two are not used); spatial, expression: DGL graphs with self-loops; semantic: (n, d) or None
     (only with ``cfg.fusion == "none"``); cfg: ClusterConfig; seed: seeds weights, dropout, sampling;
     coords: (n, 2) spot coordinates, needed only to cut mini-batches.
     """
@@ -181,6 +186,8 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
     inverse = np.empty(n, dtype=np.int64)
     inverse[order] = np.arange(n)
     identity = not minibatch
+    if getattr(cfg, "zinb_target", "counts") == "scaled":  # the authors' train.py line 53
+        counts, size_factors = features, np.ones(n, dtype=np.float32)
     x = torch.from_numpy(np.ascontiguousarray(features if identity else np.asarray(features)[order], dtype=np.float32))
     sparse_input = bool(x.numel()) and float((x != 0).sum()) / x.numel() <= SPARSE_INPUT_DENSITY
     sparse_counts = SparseCounts(counts if identity else _rows(counts, order))
@@ -202,10 +209,16 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     emb_dim = None if sem is None else sem.shape[1]
-    model = SemST(g, emb_dim, cfg.hidden1, cfg.hidden2, cfg.dropout, cfg.fusion, cfg.fsm_hidden_ratio)
+    model = SemST(g, emb_dim, cfg.hidden1, cfg.hidden2, cfg.dropout, cfg.fusion, cfg.fsm_hidden_ratio,
+                  getattr(cfg, "fsm_mode", "paper"), getattr(cfg, "gcn_norm", "both"), getattr(cfg, "gcn_init", "xavier"))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rows = block_rows(g) if cfg.decoder_batch is None else cfg.decoder_batch
     history: dict[str, list[float]] = {"total": [], "zinb": [], "cr": [], "spatial": []}
+    fsm_mode = getattr(cfg, "fsm_mode", "paper")
+    if cfg.fusion == "film" and fsm_mode != "paper":  # per epoch: how far the FSM moved from the identity
+        history["film_change"] = []
+        if fsm_mode == "gated":
+            history["film_gate"] = []
     mode = "full batch" if identity else f"mini-batch ({len(parts)} batches of <= {cfg.batch_spots} spots)"
     mode += ", sparse input" if sparse_input else ""
     bar = tqdm(range(cfg.epochs), desc=f"training ({mode})", unit="epoch", disable=not progress)
@@ -227,8 +240,9 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
     with torch.no_grad():
         _, _, z = model.encode(graph_s, graph_f, x_all, sem)
     latent = z.numpy().astype(np.float32)
+    report = dict(model.fuse.stats) if cfg.fusion == "film" else {}
     return TrainResult(latent=latent if identity else latent[inverse], history=history, mode=mode,
-                       seconds={k: round(v, 3) for k, v in clock.seconds.items()})
+                       seconds={k: round(v, 3) for k, v in clock.seconds.items()}, report=report)
 
 
 def _rows(matrix, order):
@@ -260,7 +274,8 @@ def _step(model, opt, b: _Batch, x, sem, counts: SparseCounts, sf, cfg, rows: in
         hb = h_data[s:e]
         logits = torch.addmm(bias, hb, weight.T)
         clock.lap("decoder")
-        nll, grad = zinb_nll_and_grad(logits, counts.block(b.start + s, b.start + e), sf[b.start + s:b.start + e])
+        nll, grad = zinb_nll_and_grad(logits, counts.block(b.start + s, b.start + e), sf[b.start + s:b.start + e],
+                                      getattr(cfg, "zinb_ridge", 0.0))
         clock.lap("zinb")
         zinb += nll / (m * g)
         grad.mul_(scale)
@@ -271,12 +286,17 @@ def _step(model, opt, b: _Batch, x, sem, counts: SparseCounts, sf, cfg, rows: in
     dec = model.decoder
     for head, gw, gb in zip((dec.pi, dec.disp, dec.mean), grad_w.chunk(3), grad_b.chunk(3)):
         head.weight.grad, head.bias.grad = gw, gb
-    neg_src, neg_dst = sample_negatives(m, b.pos_src, b.pos_dst, cfg.n_negatives, rng)
-    l_cr = correlation_reduction_loss(z_s, z_f)
+    film_stats = dict(model.fuse.stats) if model.fusion == "film" else {}
+    l_cr = correlation_reduction_loss(z_s, z_f, getattr(cfg, "cr_similarity", "pearson"))
     clock.lap("cr")
-    l_s = (spatial_regularisation_loss(z, torch.from_numpy(b.pos_src), torch.from_numpy(b.pos_dst),
-                                       torch.from_numpy(neg_src), torch.from_numpy(neg_dst))
-           if len(b.pos_src) else z.sum() * 0.0)
+    if getattr(cfg, "spatial_loss", "sampled") == "all-pairs":  # the authors' mean over N^2 pairs
+        l_s = all_pairs_spatial_loss(z, torch.from_numpy(b.pos_src), torch.from_numpy(b.pos_dst),
+                                     cfg.spatial_exact_below, cfg.spatial_samples_per_spot, rng)
+    else:
+        neg_src, neg_dst = sample_negatives(m, b.pos_src, b.pos_dst, cfg.n_negatives, rng)
+        l_s = (spatial_regularisation_loss(z, torch.from_numpy(b.pos_src), torch.from_numpy(b.pos_dst),
+                                           torch.from_numpy(neg_src), torch.from_numpy(neg_dst))
+               if len(b.pos_src) else z.sum() * 0.0)
     clock.lap("spatial")
     torch.autograd.backward(h, grad_h)  # decoder body -> dL/dZ_final in z_leaf.grad
     rest = cfg.gamma * l_cr + cfg.lambda_s * l_s
@@ -285,4 +305,4 @@ def _step(model, opt, b: _Batch, x, sem, counts: SparseCounts, sf, cfg, rows: in
     opt.step()
     clock.lap("optimiser")
     total = cfg.zinb_weight * zinb + rest.item()
-    return {"total": total, "zinb": zinb, "cr": l_cr.item(), "spatial": l_s.item()}
+    return {"total": total, "zinb": zinb, "cr": l_cr.item(), "spatial": l_s.item(), **film_stats}

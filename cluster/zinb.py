@@ -57,11 +57,14 @@ def block_rows(n_genes: int) -> int:
     return max(2, BLOCK_ELEMENTS // max(1, n_genes))
 
 
-def zinb_nll_and_grad(logits: torch.Tensor, block, size_factors: torch.Tensor) -> tuple[float, torch.Tensor]:
+def zinb_nll_and_grad(logits: torch.Tensor, block, size_factors: torch.Tensor,
+                      ridge: float = 0.0) -> tuple[float, torch.Tensor]:
     """Summed ZINB NLL of a block of spots and its gradient with respect to ``logits``.
 
     ``logits``: (m, 3 * genes) float32, the dropout, dispersion and mean heads side by side (no
     grad needed); ``block``: :meth:`SparseCounts.block` of the same spots; ``size_factors``: (m,).
+    ``ridge``: ``ridge * pi^2`` added to every entry (the authors' ridge_lambda 0.05; with the paper
+    recipe the "counts" are the scaled matrix and the size factors 1, see train.py).
     """
     m, width = logits.shape
     g = width // 3
@@ -100,6 +103,9 @@ def zinb_nll_and_grad(logits: torch.Tensor, block, size_factors: torch.Tensor) -
     dl_dtheta.reshape(-1)[flat] = (torch.digamma(the) - torch.digamma(x + the) + torch.log1p(muk / the)
                                    - (thk + x) * muk / (the * (the + muk)) + x / the).float()
     dl_dmu.reshape(-1)[flat] = ((thk + x) / (the + muk) - x / (muk + EPS)).float()
+    if ridge:
+        total = total + ridge * (pi * pi).sum(dtype=torch.float64)
+        dl_dpi.add_(pi, alpha=2.0 * ridge)
     grad = torch.empty_like(logits)
     torch.mul(dl_dpi, pi.mul_(one_minus_pi), out=grad[:, :g])
     torch.mul(dl_dtheta, dtheta_db, out=grad[:, g:2 * g])

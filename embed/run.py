@@ -36,11 +36,12 @@ class EmbedReport:
 
 
 def spot_gene_lists(cfg: EmbedConfig, adata) -> list[list[str]]:
-    """Top-k_g genes of each spot, in descending raw count (see shared.preprocess.top_k_genes)."""
+    """Top-k_g genes of each spot, in descending raw count or preprocessed value (``gene_ranking``;
+    see shared.preprocess.top_k_genes)."""
     from semst.shared.preprocess import preprocess, top_k_genes
 
     source = preprocess(adata, cfg.preprocess) if cfg.genes_from == "hvg" else adata
-    return top_k_genes(source, cfg.k_genes)
+    return top_k_genes(source, cfg.k_genes, cfg.gene_ranking)
 
 
 def embedding_space(model_dir: Path, cfg: EmbedConfig):
@@ -105,7 +106,7 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     table = cache.write_spot_table(cfg.dataset, tag, list(adata.obs_names), spot_hashes, {
         "dataset": cfg.dataset, "tag": tag, "space": dataclasses.asdict(space), "space_id": space.space_id,
         "model": cfg.model, "model_dir": str(model_dir), "k_genes": cfg.k_genes, "template": cfg.template,
-        "genes_from": cfg.genes_from, "pooling": cfg.pooling, "n_spots": len(adata),
+        "genes_from": cfg.genes_from, "gene_ranking": cfg.gene_ranking, "pooling": cfg.pooling, "n_spots": len(adata),
         "n_empty_spots": sum(1 for g in gene_lists if not g)})
     seconds = time.perf_counter() - t0
     n_cached = len(hashes) - n_computed

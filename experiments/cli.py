@@ -61,6 +61,8 @@ cache_option = click.option(
     "--cache", "cache", type=click.Path(path_type=Path), default=None,
     help="Zarr embedding cache to use (default data/cache/embeddings.zarr under $SEMST_HOME, else the current folder); "
          "share one between checkouts by pointing them at the same path.")
+RECIPE_HELP = ("Defaults of every setting not given: 'semst' (this repository's) or 'paper' (the authors' "
+               "code, choice by choice; see the README's recipe table).")
 config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
                              help="TOML config to use instead of the dataset's own.")
 
@@ -98,14 +100,19 @@ def data_cmd(dataset, list_only, mirror):
 @click.option("--template", default=None, help="Prompt template: semst (the paper's) or nonbio (control).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--max-spots", type=int, default=None, help="Only the first N spots (quick checks).")
-def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, template, batch_size, max_spots):
+@click.option("--recipe", default=None, help=RECIPE_HELP)
+@click.option("--gene-ranking", "gene_ranking", default=None,
+              help="Rank a spot's genes by raw 'counts' (semst) or by the 'scaled' preprocessed matrix (paper).")
+def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, template, batch_size, max_spots,
+              recipe, gene_ranking):
     """Stage 1: embed DATASET's top-k gene prompts into the shared cache."""
     from semst.shared.config import config_to_toml, load_embed_config
     from semst.embed.run import embed_dataset
 
     cfg = load_embed_config(dataset, {"cache": str(cache) if cache else None, "model": model,
                                       "k_genes": k_genes, "pooling": pooling, "backend": backend,
-                                      "template": template, "batch_size": batch_size}, config_path)
+                                      "template": template, "batch_size": batch_size, "recipe": recipe,
+                                      "gene_ranking": gene_ranking}, config_path)
     click.echo("# semst embed config\n" + config_to_toml(cfg))
     embed_dataset(cfg, max_spots=max_spots)
 
@@ -142,8 +149,14 @@ def _parse_seeds(value: str | None) -> list[int] | None:
 @click.option("--minibatch", type=click.Choice(["auto", "on", "off"]), default=None,
               help="Mini-batch training: auto (above minibatch_above spots), on, off.")
 @click.option("--batch-spots", "batch_spots", type=int, default=None, help="Spots per mini-batch.")
+@click.option("--recipe", default=None, help=RECIPE_HELP)
+@click.option("--gene-ranking", "gene_ranking", default=None,
+              help="Which prompts' embeddings to read: genes ranked by 'counts' or by the 'scaled' matrix.")
+@click.option("--fsm-mode", "fsm_mode", default=None,
+              help="FiLM start: paper | zero-init | gated (starts as the identity; the gate is reported).")
 def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, embedding, epochs,
-                model, k_genes, pooling, template, run_name, threads, minibatch, batch_spots):
+                model, k_genes, pooling, template, run_name, threads, minibatch, batch_spots, recipe,
+                gene_ranking, fsm_mode):
     """Stage 2: train SemST on cached embeddings and find spatial domains."""
     from semst.shared.config import config_to_toml, load_cluster_config
     from semst.cluster.run import cluster_dataset
@@ -152,10 +165,10 @@ def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, 
         dataset,
         {"cache": str(cache) if cache else None, "seeds": _parse_seeds(seeds), "n_domains": n_domains,
          "fusion": fusion, "embedding": embedding, "epochs": epochs, "threads": threads,
-         "minibatch": minibatch, "batch_spots": batch_spots},
+         "minibatch": minibatch, "batch_spots": batch_spots, "recipe": recipe, "fsm_mode": fsm_mode},
         config_path,
         embed_overrides={"cache": str(cache) if cache else None, "model": model, "k_genes": k_genes,
-                         "pooling": pooling, "template": template})
+                         "pooling": pooling, "template": template, "gene_ranking": gene_ranking})
     click.echo("# semst cluster config\n" + config_to_toml(cfg))
     cluster_dataset(cfg, out_dir=out_dir, run_name=run_name)
 

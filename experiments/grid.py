@@ -603,7 +603,8 @@ def run_cell(grid: Grid, variant: Variant, dataset: str, adata, cache=None, embe
         summary=report.summary, per_seed=report.per_seed, wall_seconds=round(time.perf_counter() - t0, 2),
         embed_seconds=round(embed_seconds, 2), prompts_computed=computed, embedding=identity,
         settings={"backbone": variant.backbone, "fusion": cfg.fusion, "embedding": cfg.embedding,
-                  "k_genes": cfg.embed.k_genes, "template": cfg.embed.template, "epochs": cfg.epochs},
+                  "k_genes": cfg.embed.k_genes, "template": cfg.embed.template, "epochs": cfg.epochs,
+                  "recipe": cfg.recipe, "gene_ranking": cfg.embed.gene_ranking, "fsm_mode": cfg.fsm_mode},
         config_hash=json_hash(settings), finished=_now())
     return cell, report.labels
 

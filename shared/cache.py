@@ -91,10 +91,16 @@ def embedding_tag(cfg) -> str:
     stage 2 looks up: the contract between the stages.
 
     Readable parts plus a short hash of everything that changes the prompts (k_g, template, which
-    genes are ranked, and the preprocessing that picks the HVGs), so two settings never share a tag.
+    genes are ranked and by what -- raw counts or the preprocessed matrix --, and the preprocessing
+    that picks the HVGs), so two settings never share a tag.
     """
     prompt_settings = {"k": cfg.k_genes, "template": cfg.template, "genes_from": cfg.genes_from,
                        "preprocess": dataclasses.asdict(cfg.preprocess) if cfg.genes_from == "hvg" else None}
+    ranking = getattr(cfg, "gene_ranking", "counts")
+    if ranking != "counts":  # absent for counts, so the tags of existing spot tables stay valid
+        prompt_settings["ranking"] = ranking
+    if prompt_settings["preprocess"] is not None:  # whether the HVG count is enforced changes no prompt
+        prompt_settings["preprocess"].pop("require_top_genes", None)
     return f"{model_label(cfg.model)}.{cfg.pooling}.k{cfg.k_genes}.{cfg.template}.{json_hash(prompt_settings, 8)}"
 
 

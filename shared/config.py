@@ -40,6 +40,9 @@ class PreprocessConfig:
     scale: bool = True  # divide each gene by its standard deviation
     zero_center: bool = False  # the paper scales without centring (sc.pp.scale(zero_center=False))
     max_value: float | None = 10.0  # clip after scaling; None = no clip
+    # The slide must have n_top_genes genes after the gene filter (the paper recipe on the authors'
+    # datasets: their network is built for exactly fdim genes); False = cap at the genes available.
+    require_top_genes: bool = False
 
 
 @dataclass
@@ -49,6 +52,10 @@ class EmbedConfig:
     dataset: str = ""
     k_genes: int = 20  # k_g: top expressed genes per spot listed in the prompt
     genes_from: str = "hvg"  # rank genes among "hvg" (after preprocessing's gene filter) or "all"
+    # "counts": by raw count (semst); "scaled": by the preprocessed matrix (normalised, divided by the
+    # gene's sd, clipped), as the authors' llm_generate_embedding.py does (needs genes_from = "hvg")
+    gene_ranking: str = "counts"
+    recipe: str = "semst"  # "semst" | "paper": defaults of the fields not set (shared/recipes.py)
     template: str = "semst"  # prompt template name, see embed.prompts.TEMPLATES
     model: str = "default"  # "default" = the converted SmolLM2 in data/models, or any id / path
     pooling: str = "mean"  # "mean" (the paper's code) or "last", over the final layer
@@ -67,6 +74,15 @@ class ClusterConfig:
     # graphs
     radius: float | None = None  # spatial graph radius in obsm["spatial"] units
     spatial_k: int | None = None  # k nearest spatial neighbours instead of a radius
+    # Radius as a multiple of the slide's median nearest-neighbour distance (unit-free; used instead of
+    # radius / spatial_k when set). The paper's DLPFC radius of 560 px is ~4.1 spot spacings.
+    radius_spacings: float | None = None
+    # The authors' adaptive threshold (MBA/HBC) with this k: the smallest multiple of
+    # adaptive_step_spacings spacings at which every spot has >= 2 neighbours and some spot > k - 1
+    # (see cluster.graphs.adaptive_radius). Used before every other rule when set.
+    spatial_adaptive_k: int | None = None
+    adaptive_step_spacings: float = 5.0 / 137.0  # the authors' 5 px step, in Visium spot spacings
+    spatial_self_loops: int = 1  # weight of a spot's own edge in the spatial graph (paper radius graph: 2)
     expr_k: int = 14  # k_n: cosine kNN expression graph
     # None: the expression graph's cosine kNN is exact over all genes (the paper's). An integer:
     # computed on that many truncated-SVD components instead (for slides of ~50k+ spots, where the
@@ -81,6 +97,11 @@ class ClusterConfig:
     dropout: float = 0.0
     fsm_hidden_ratio: float = 1.2  # FSM MLP hidden width = ratio * hidden2
     fusion: str = "film"  # film | concat | add | cross-attention | none
+    # FiLM start: "paper" (the FSM as published), "zero-init" (last FSM layer zero: starts as the
+    # identity), "gated" (z + g * (alpha * z + beta), learned scalar g starting at 0; reported per run)
+    fsm_mode: str = "paper"
+    gcn_norm: str = "both"  # "both": D^-1/2 (A+I) D^-1/2 (DGL); "right": D^-1 (A+I) (the authors')
+    gcn_init: str = "xavier"  # "xavier" (DGL GraphConv) | "uniform": U(+-1/sqrt(out)) (the authors')
     embedding: str = "llm"  # llm | random | <embedding tag in the cache>
     random_embedding_std: float = 0.85  # the paper's "random" control, N(0, 0.85)
     # training
@@ -91,6 +112,18 @@ class ClusterConfig:
     gamma: float = 0.1  # correlation-reduction weight
     lambda_s: float = 0.1  # spatial-regularisation weight
     n_negatives: int = 5  # sampled non-neighbours per spot for L_s
+    # L_s: "sampled" (neighbours vs n_negatives sampled non-neighbours per spot, each term averaged
+    # on its own) or "all-pairs" (the authors' mean over all N^2 pairs: exact in blocks below
+    # spatial_exact_below spots, above it an unbiased estimate from spatial_samples_per_spot
+    # uniformly drawn pairs per spot)
+    spatial_loss: str = "sampled"
+    spatial_exact_below: int = 20_000
+    spatial_samples_per_spot: int = 64
+    cr_similarity: str = "pearson"  # correlation reduction on "pearson" (centred) or "cosine" columns
+    # ZINB target: "counts" (raw counts x size factors) or "scaled" (the preprocessed matrix, scale
+    # factor 1, as the authors' train.py); zinb_ridge * pi^2 is added to every entry (authors: 0.05)
+    zinb_target: str = "counts"
+    zinb_ridge: float = 0.0
     # Spots per block of the ZINB decoder's heads and loss (memory for spots x genes outputs is one
     # block; the loss and gradient do not depend on it). None: ~2^19 / genes (cache-sized blocks).
     decoder_batch: int | None = None
@@ -103,6 +136,7 @@ class ClusterConfig:
     threads: int | None = None
     # clustering
     n_domains: int | None = None  # None = number of annotated domains
+    recipe: str = "semst"  # "semst" | "paper": defaults of the fields not set (shared/recipes.py)
     seeds: list[int] = field(default_factory=lambda: [0])
     cache: str = field(default_factory=lambda: str(default_cache()))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -139,11 +173,25 @@ def _drop_none(overrides: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (overrides or {}).items() if v is not None}
 
 
+def _user_file(path: str | Path | None) -> dict[str, Any]:
+    """The sections of a ``--config`` file: set by the user, so a recipe never overrides them."""
+    if not path or not Path(path).exists():
+        return {}
+    return tomllib.loads(Path(path).read_text())
+
+
 def load_embed_config(dataset: str, overrides: dict[str, Any] | None = None,
                       path: str | Path | None = None) -> EmbedConfig:
+    from semst.shared.recipes import apply_recipe, check_recipe
+
     raw = read_toml(dataset, path)
-    prep = _build(PreprocessConfig, raw.get("preprocess", {}), "preprocess")
-    values = {**raw.get("embed", {}), **_drop_none(overrides), "dataset": dataset}
+    user = _user_file(path)
+    explicit = {**user.get("embed", {}), **_drop_none(overrides)}
+    recipe = check_recipe(explicit.get("recipe", raw.get("embed", {}).get("recipe", "semst")))
+    prep = _build(PreprocessConfig, apply_recipe(recipe, dataset, "preprocess", raw.get("preprocess", {}),
+                                                 user.get("preprocess", {})), "preprocess")
+    values = {**apply_recipe(recipe, dataset, "embed", raw.get("embed", {}), explicit),
+              "recipe": recipe, "dataset": dataset}
     cfg = _build(EmbedConfig, {**values, "preprocess": prep}, "embed")
     validate_embed_config(cfg)
     return cfg
@@ -152,9 +200,16 @@ def load_embed_config(dataset: str, overrides: dict[str, Any] | None = None,
 def load_cluster_config(dataset: str, overrides: dict[str, Any] | None = None,
                         path: str | Path | None = None,
                         embed_overrides: dict[str, Any] | None = None) -> ClusterConfig:
+    from semst.shared.recipes import apply_recipe, check_recipe
+
     raw = read_toml(dataset, path)
+    explicit = {**_user_file(path).get("cluster", {}), **_drop_none(overrides)}
+    recipe = check_recipe(explicit.get("recipe", raw.get("cluster", {}).get("recipe", "semst")))
+    # The prompts follow the cluster recipe unless the embed settings name their own.
+    embed_overrides = {"recipe": recipe, **_drop_none(embed_overrides)}
     emb = load_embed_config(dataset, embed_overrides, path)
-    values = {**raw.get("cluster", {}), **_drop_none(overrides), "dataset": dataset}
+    values = {**apply_recipe(recipe, dataset, "cluster", raw.get("cluster", {}), explicit),
+              "recipe": recipe, "dataset": dataset}
     cfg = _build(ClusterConfig, {**values, "preprocess": emb.preprocess, "embed": emb}, "cluster")
     validate_cluster_config(cfg)
     return cfg
@@ -171,6 +226,18 @@ def validate_embed_config(cfg: EmbedConfig) -> None:
         raise ConfigError(f"genes_from must be 'hvg' or 'all', got {cfg.genes_from!r}")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    _choice(cfg, "gene_ranking", ("counts", "scaled"))
+    if cfg.gene_ranking == "scaled" and cfg.genes_from != "hvg":
+        raise ConfigError("gene_ranking = \"scaled\" ranks genes by the preprocessed matrix, which only "
+                          "exists for the HVGs: use genes_from = \"hvg\"")
+    from semst.shared.recipes import check_recipe
+    check_recipe(cfg.recipe)
+
+
+def _choice(cfg, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
 
 
 FUSIONS = ("film", "concat", "add", "cross-attention", "none")
@@ -179,8 +246,9 @@ FUSIONS = ("film", "concat", "add", "cross-attention", "none")
 def validate_cluster_config(cfg: ClusterConfig) -> None:
     if cfg.fusion not in FUSIONS:
         raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got {cfg.fusion!r}")
-    if cfg.radius is None and cfg.spatial_k is None:
-        raise ConfigError("the spatial graph needs either radius or spatial_k in [cluster]")
+    if cfg.radius is None and cfg.spatial_k is None and cfg.radius_spacings is None and cfg.spatial_adaptive_k is None:
+        raise ConfigError("the spatial graph needs either radius or spatial_k (or radius_spacings, "
+                          "spatial_adaptive_k) in [cluster]")
     if cfg.radius is not None and cfg.radius <= 0:
         raise ConfigError(f"radius must be > 0, got {cfg.radius}")
     if cfg.spatial_k is not None and cfg.spatial_k < 1:
@@ -203,6 +271,29 @@ def validate_cluster_config(cfg: ClusterConfig) -> None:
         raise ConfigError(f"minibatch_above must be >= 1, got {cfg.minibatch_above}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads must be >= 1, got {cfg.threads}")
+    _validate_recipe_fields(cfg)
+
+
+def _validate_recipe_fields(cfg: ClusterConfig) -> None:
+    """The fields that make the paper recipe's choices switchable one by one."""
+    from semst.shared.recipes import check_recipe
+
+    check_recipe(cfg.recipe)
+    for name, allowed in (("fsm_mode", ("paper", "zero-init", "gated")), ("gcn_norm", ("both", "right")),
+                          ("gcn_init", ("xavier", "uniform")), ("spatial_loss", ("sampled", "all-pairs")),
+                          ("cr_similarity", ("pearson", "cosine")), ("zinb_target", ("counts", "scaled"))):
+        _choice(cfg, name, allowed)
+    for name in ("radius_spacings", "adaptive_step_spacings"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
+    for name, low in (("spatial_adaptive_k", 1), ("spatial_exact_below", 1), ("spatial_samples_per_spot", 1),
+                      ("spatial_self_loops", 1)):
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+    if cfg.zinb_ridge < 0:
+        raise ConfigError(f"zinb_ridge must be >= 0, got {cfg.zinb_ridge}")
 
 
 def config_to_dict(cfg) -> dict[str, Any]:

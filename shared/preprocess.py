@@ -17,17 +17,34 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-from semst.shared.config import PreprocessConfig
+from semst.shared.config import ConfigError, PreprocessConfig
 
 
 class PreprocessError(ValueError):
     """Preprocessing cannot run as configured; the message says why."""
 
 
+def check_gene_supply(adata, cfg: PreprocessConfig) -> int:
+    """Genes passing the ``min_cells`` filter; with ``require_top_genes`` (the paper recipe on the
+    authors' datasets, whose network is built for exactly ``n_top_genes`` = fdim genes) a slide with
+    fewer is refused here, before any work, with a message naming what is missing."""
+    X = sp.csr_matrix(adata.X)
+    detected = np.asarray((X > 0).sum(axis=0)).ravel()
+    available = int((detected >= cfg.min_cells).sum())
+    if cfg.require_top_genes and available < cfg.n_top_genes:
+        raise ConfigError(
+            f"this slide has {available} genes detected in >= {cfg.min_cells} spots (of {adata.n_vars}), but the "
+            f"paper recipe needs n_top_genes = {cfg.n_top_genes} (the authors' fdim): missing "
+            f"{cfg.n_top_genes - available} genes. Use recipe \"semst\", or set n_top_genes <= {available} "
+            f"(or require_top_genes = false) in [preprocess] of a --config file")
+    return available
+
+
 def preprocess(adata, cfg: PreprocessConfig):
     """Filtered, normalised, scaled HVG expression (float32 dense X) plus raw counts and size factors."""
     import scanpy as sc
 
+    check_gene_supply(adata, cfg)
     work = adata.copy()
     work.X = sp.csr_matrix(work.X, dtype=np.float32)
     n_genes_in = work.n_vars
@@ -61,8 +78,14 @@ def preprocess(adata, cfg: PreprocessConfig):
     return out
 
 
-def top_k_genes(adata, k: int) -> list[list[str]]:
+def top_k_genes(adata, k: int, ranking: str = "counts") -> list[list[str]]:
     """Per spot, the ``k`` genes with the highest raw count, most expressed first.
+
+    ``ranking = "scaled"`` ranks by ``X`` instead (the preprocessed matrix of a preprocessed AnnData:
+    normalised, divided by each gene's sd, clipped), as the authors' llm_generate_embedding.py
+    (lines 85-93: argsort of the preprocessed matrix, last 10, reversed). Their argsort also lists
+    genes of value 0 (in an order numpy leaves undefined) for spots with fewer than k expressed
+    genes; here a listed gene always has a value > 0, as for counts.
 
     Counts are ``layers["counts"]`` when present (a preprocessed AnnData), else ``X``. Ties are
     broken by gene order in ``var`` (stable), genes with zero counts are never listed, so a spot may
@@ -75,7 +98,12 @@ def top_k_genes(adata, k: int) -> list[list[str]]:
     if k > n_genes:
         raise PreprocessError(f"k_g={k} is larger than the {n_genes} genes available; "
                               f"use --k-genes {n_genes} or fewer")
-    counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    if ranking not in ("counts", "scaled"):
+        raise PreprocessError(f"gene ranking must be \"counts\" or \"scaled\", got {ranking!r}")
+    if ranking == "scaled":
+        counts = adata.X
+    else:
+        counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
     counts = sp.csr_matrix(counts)
     counts.sum_duplicates()
     names = np.asarray(adata.var_names, dtype=object)

@@ -69,3 +69,10 @@ def test_a_grid_with_a_typo_is_one_line_and_exit_2_before_anything_runs(tmp_path
     assert result.exit_code == 2
     assert "unknown key(s) in variant 'semst' cluster: fuson" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_recipe_is_one_line_and_exit_2_for_both_stages():
+    for stage in ("embed", "cluster"):
+        out = CliRunner().invoke(main, [stage, "mob", "--recipe", "papr"])
+        assert out.exit_code == 2
+        assert out.output.startswith("error: unknown recipe 'papr'; known recipes: semst, paper")

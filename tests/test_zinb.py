@@ -11,7 +11,7 @@ from semst.cluster.losses import zinb_loss
 from semst.cluster.zinb import SparseCounts, block_rows, zinb_nll_and_grad
 
 
-def reference(logits: torch.Tensor, counts: np.ndarray, sf: torch.Tensor):
+def reference(logits: torch.Tensor, counts: np.ndarray, sf: torch.Tensor, ridge: float = 0.0):
     """Autograd (float64) through ZINBDecoder's activations and clamps, then zinb_loss summed."""
     g = counts.shape[1]
     raw = logits.detach().double().requires_grad_(True)
@@ -19,7 +19,7 @@ def reference(logits: torch.Tensor, counts: np.ndarray, sf: torch.Tensor):
     pi = torch.sigmoid(a)
     disp = torch.clamp(F.softplus(b), 1e-4, 1e4)
     mean = torch.clamp(torch.exp(c), 1e-5, 1e6)
-    loss = zinb_loss(torch.from_numpy(counts).double(), mean, disp, pi, sf.double(), reduce="sum")
+    loss = zinb_loss(torch.from_numpy(counts).double(), mean, disp, pi, sf.double(), reduce="sum", ridge=ridge)
     loss.backward()
     return loss.item(), raw.grad
 
@@ -42,6 +42,21 @@ def test_loss_and_gradient_equal_autograd_through_the_decoder_activations(block)
     want_loss, want_grad = reference(logits, counts, sf)
     assert loss == pytest.approx(want_loss, rel=1e-7)
     np.testing.assert_allclose(grad.numpy(), want_grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_the_papers_target_scaled_matrix_scale_factor_1_and_ridge_equals_autograd(block):
+    """The paper recipe: the ZINB reconstructs the scaled matrix (continuous values, clipped at 10,
+    zero where the counts are zero) with scale factor 1 and 0.05 * pi^2 added to every entry."""
+    logits, counts, _ = block
+    rng = np.random.default_rng(1)
+    scaled = np.where(counts > 0, np.minimum(counts * rng.uniform(0.3, 2.5, counts.shape), 10.0), 0.0).astype(np.float32)
+    ones = torch.ones(len(counts))
+    loss, grad = zinb_nll_and_grad(logits, SparseCounts(scaled).block(0, len(scaled)), ones, ridge=0.05)
+    want_loss, want_grad = reference(logits, scaled, ones, ridge=0.05)
+    assert loss == pytest.approx(want_loss, rel=1e-7)
+    np.testing.assert_allclose(grad.numpy(), want_grad.numpy(), rtol=1e-4, atol=1e-6)
+    no_ridge, _ = zinb_nll_and_grad(logits, SparseCounts(scaled).block(0, len(scaled)), ones)
+    assert loss - no_ridge == pytest.approx(0.05 * float((torch.sigmoid(logits[:, :25].double()) ** 2).sum()), rel=1e-6)
 
 
 def test_blocks_of_rows_add_up_to_the_whole(block):
