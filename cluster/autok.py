@@ -16,12 +16,14 @@ the k whose solutions agree most. Our version, on SemST's embeddings:
 3. **Scored against its neighbours.** Raw stability favours small k (two clusters are almost always
    stable, and on a continuum stability simply falls with k). CellCharter compares every k with
    k - 1 and k + 1 (it averages the similarity of solutions at k with those at k +- 1); measured on
-   synthetic blobs with that comparison and FMI, its maximum sat one above the true number of
-   clusters, so we compare the *stabilities* instead: a k is a candidate only when its stability is
-   a local peak, higher than at k - 1 and at least as high as at k + 1 (``margin`` = stability(k) -
-   max(stability(k - 1), stability(k + 1)) >= 0, strict on the left). The chosen k is the most stable
-   candidate; if the curve has no peak in the range (a monotone curve: no k stands out), the most
-   stable k of the range. Ties go to the smaller k.
+   synthetic blobs with that comparison and FMI (or ARI), its maximum sat one above the true number
+   of clusters, so we compare the *stabilities* instead: a k is a candidate only when its stability
+   is a peak that stands out of the noise, i.e. higher than at k - 1 and ``margin`` = stability(k) -
+   max(stability(k - 1), stability(k + 1)) at least the standard error of stability(k) (its sd over
+   pairs / sqrt(runs)): on a flat stretch of the curve, a bump smaller than the run-to-run noise is no
+   evidence for k. The chosen k is the most stable candidate; if there is none (a monotone curve: no
+   k stands out, e.g. a continuum of expression), the most stable k of the range, i.e. usually its
+   lower bound. Ties go to the smaller k.
 
 Nothing here reads the annotation: the input is the list of learned embeddings, the output a k.
 Deterministic for the same embeddings (every fit is seeded). Cost: (HI - LO + 3) x ``auto_runs``
@@ -57,6 +59,10 @@ class StabilityCurve:
     def ks(self) -> list[int]:
         return sorted(self.mean)
 
+    def se(self, k: int) -> float:
+        """Standard error of the stability at k: sd over pairs / sqrt(runs)."""
+        return self.sd[k] / np.sqrt(self.runs)
+
     def margin(self, k: int) -> float:
         """Stability at k minus the higher of its two neighbours' (>= 0: k stands out)."""
         return self.mean[k] - max(self.mean[k - 1], self.mean[k + 1])
@@ -65,7 +71,7 @@ class StabilityCurve:
         rows = []
         for k in self.ks:
             inside = self.lo <= k <= self.hi
-            rows.append({"k": k, "stability": self.mean[k], "sd": self.sd[k], "in_range": inside,
+            rows.append({"k": k, "stability": self.mean[k], "sd": self.sd[k], "se": self.se(k), "in_range": inside,
                          "margin": self.margin(k) if inside else np.nan, "peak": k in self.peaks,
                          "chosen": k == self.chosen})
         return pd.DataFrame(rows)
@@ -75,8 +81,9 @@ class StabilityCurve:
                 "stability": {str(k): round(self.mean[k], 4) for k in self.ks},
                 "sd": {str(k): round(self.sd[k], 4) for k in self.ks},
                 "peaks": list(self.peaks), "seconds": round(self.seconds, 2),
-                "rule": "most stable local peak of the k-means stability (mean pairwise Fowlkes-Mallows "
-                        "index over runs) in the range; the most stable k if there is no peak"}
+                "rule": "most stable peak of the k-means stability (mean pairwise Fowlkes-Mallows index over "
+                        "runs) rising above both neighbours by at least its standard error; the most stable "
+                        "k of the range if there is no such peak"}
 
 
 def run_labels(latents: Sequence[np.ndarray], k: int, runs: int) -> list[np.ndarray]:
@@ -101,9 +108,12 @@ def pairwise_stability(solutions: Sequence[np.ndarray]) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def choose_k(mean: dict[int, float], lo: int, hi: int) -> tuple[int, list[int]]:
-    """(chosen k, local peaks in [lo, hi]) from the stability of every k in [lo - 1, hi + 1]."""
-    peaks = [k for k in range(lo, hi + 1) if mean[k] > mean[k - 1] and mean[k] >= mean[k + 1]]
+def choose_k(mean: dict[int, float], lo: int, hi: int, se: dict[int, float] | None = None) -> tuple[int, list[int]]:
+    """(chosen k, peaks in [lo, hi]) from the stability of every k in [lo - 1, hi + 1] and its standard
+    error (``se``; none = 0): a peak rises above k - 1 and stands out of both neighbours by >= se."""
+    se = se or {}
+    peaks = [k for k in range(lo, hi + 1)
+             if mean[k] > mean[k - 1] and mean[k] - max(mean[k - 1], mean[k + 1]) >= se.get(k, 0.0)]
     candidates = peaks or list(range(lo, hi + 1))
     best = max(candidates, key=lambda k: (mean[k], -k))
     return best, peaks
@@ -125,7 +135,7 @@ def stability_curve(latents: Sequence[np.ndarray], lo: int, hi: int, runs: int =
     mean, sd = {}, {}
     for k in range(lo - 1, hi + 2):
         mean[k], sd[k] = pairwise_stability(run_labels(latents, k, runs))
-    chosen, peaks = choose_k(mean, lo, hi)
+    chosen, peaks = choose_k(mean, lo, hi, {k: sd[k] / np.sqrt(runs) for k in sd})
     return StabilityCurve(lo, hi, runs, chosen, mean, sd, peaks, time.perf_counter() - t0)
 
 

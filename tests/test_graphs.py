@@ -83,3 +83,36 @@ def test_exactly_one_spatial_rule_is_required(coords):
         spatial_graph(coords)
     with pytest.raises(GraphError, match="exactly one"):
         spatial_graph(coords, radius=1.0, k=3)
+
+
+def test_radius_in_spacings_gives_the_same_graph_in_any_coordinate_unit(coords):
+    from semst.cluster.graphs import median_spacing
+
+    for scale in (1.0, 22.2, 0.045):  # e.g. array units, full-resolution pixels, millimetres
+        scaled = coords * scale
+        g = spatial_graph(scaled, radius=3.0 * median_spacing(scaled))
+        assert edge_set(g) == edge_set(spatial_graph(coords, radius=3.0 * median_spacing(coords)))
+
+
+def test_median_spacing_is_the_grid_step():
+    from semst.cluster.graphs import median_spacing
+
+    grid = np.stack(np.meshgrid(np.arange(6.0), np.arange(5.0)), -1).reshape(-1, 2) * 137.0
+    assert median_spacing(grid) == pytest.approx(137.0)
+
+
+def test_a_radius_meant_for_other_units_is_refused_before_any_edge_is_built():
+    # a Visium-like slide in array units (spacing ~6) with the full-resolution-pixel radius 275
+    grid = np.stack(np.meshgrid(np.arange(30.0), np.arange(30.0)), -1).reshape(-1, 2) * 6.2
+    with pytest.raises(GraphError) as err:
+        spatial_graph(grid, radius=275.0, max_mean_degree=100)
+    message = str(err.value)
+    assert "neighbours on average (more than 100)" in message and "median spot spacing is 6.2" in message
+    assert "radius_spacings" in message and "allow_dense_graph = true" in message
+    assert spatial_graph(grid, radius=275.0).num_nodes() == 900  # allowed when the caller asks for it
+
+
+def test_a_knn_graph_with_more_than_the_limit_is_refused_too():
+    pts = np.random.default_rng(0).uniform(size=(300, 2))
+    with pytest.raises(GraphError, match="120 nearest spots"):
+        spatial_graph(pts, k=120, max_mean_degree=100)
