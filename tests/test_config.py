@@ -108,3 +108,32 @@ def test_a_spatial_rule_given_as_override_replaces_the_files_rule():
 def test_radius_spacings_must_be_positive():
     with pytest.raises(ConfigError, match="radius_spacings must be > 0"):
         load_cluster_config("dlpfc-151507", {"radius_spacings": 0.0})
+
+
+LOCAL_SLIDES = ["dlpfc-151673", "dlpfc-151510", "mob", "starmap-mpfc", "osmfish", "seqfish-cortex"]
+
+
+@pytest.mark.parametrize("dataset", LOCAL_SLIDES)
+def test_every_local_slide_gets_a_few_neighbours_per_spot_from_its_shipped_config(shared_data_dir, dataset):
+    import anndata as ad
+    import numpy as np
+
+    from semst.cluster.runner import slide_spatial_graph
+
+    coords = np.asarray(ad.read_h5ad(shared_data_dir / f"{dataset}.h5ad", backed="r").obsm["spatial"], dtype=float)
+    g = slide_spatial_graph(load_cluster_config(dataset), coords)
+    assert 4 <= (g.num_edges() - len(coords)) / len(coords) <= 20
+
+
+def test_a_visium_config_holds_for_the_slide_in_any_unit(shared_data_dir):
+    """The DLPFC rule (2 spot spacings) on a DLPFC slide in array units and in full-resolution pixels:
+    the same ~12 neighbours, where the former radius = 275.0 gave 3451 in array units."""
+    import anndata as ad
+    import numpy as np
+
+    from semst.cluster.runner import slide_spatial_graph
+
+    coords = np.asarray(ad.read_h5ad(shared_data_dir / "dlpfc-151510.h5ad", backed="r").obsm["spatial"], dtype=float)
+    cfg = load_cluster_config("dlpfc-151507")
+    edges = [slide_spatial_graph(cfg, coords * scale).num_edges() for scale in (1.0, 137.0 / 6.21)]
+    assert edges[0] == edges[1] and 10 <= (edges[0] - len(coords)) / len(coords) <= 13
