@@ -100,7 +100,7 @@ def test_auto_n_domains_in_a_config_file_loads_back_from_the_printed_config(tmp_
 
 def test_a_spatial_rule_given_as_override_replaces_the_files_rule():
     dlpfc = load_cluster_config("dlpfc-151507")  # the file gives radius_spacings
-    assert (dlpfc.radius_spacings, dlpfc.radius, dlpfc.spatial_k) == (2.0, None, None)
+    assert (dlpfc.radius_spacings, dlpfc.radius, dlpfc.spatial_k) == (1.9, None, None)
     assert load_cluster_config("dlpfc-151507", {"radius": 300.0}).radius_spacings is None
     assert load_cluster_config("dlpfc-151673", {"radius_spacings": 2.5}).spatial_k is None
 
@@ -126,7 +126,7 @@ def test_every_local_slide_gets_a_few_neighbours_per_spot_from_its_shipped_confi
 
 
 def test_a_visium_config_holds_for_the_slide_in_any_unit(shared_data_dir):
-    """The DLPFC rule (2 spot spacings) on a DLPFC slide in array units and in full-resolution pixels:
+    """The DLPFC rule (1.9 spot spacings) on a DLPFC slide in array units and in full-resolution pixels:
     the same ~12 neighbours, where the former radius = 275.0 gave 3451 in array units."""
     import anndata as ad
     import numpy as np
