@@ -100,7 +100,7 @@ def spatial_graph(coords, radius: float | None = None, k: int | None = None,
         isolated = int((degree <= 0).sum())
         if isolated:
             raise GraphError(f"radius {radius} leaves {isolated} of {n} spots without any spatial neighbour; "
-                             f"use a larger radius or spatial_k (k nearest spots) in the dataset config")
+                             f"use a larger radius (or radius_spacings) or spatial_k (k nearest spots) in the dataset config")
         adj = adj.tocoo()
         rows, cols = adj.row, adj.col
     keep = rows != cols
