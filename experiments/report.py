@@ -28,7 +28,8 @@ NO_SELECTION_STATEMENT = (
     "before the run in the grid file and the dataset configs; the embedding clustered is the last "
     "epoch's (no early stopping, no checkpoint picked by score); k-means runs with a fixed seed and "
     "the number of annotated domains (the only use of the annotation before scoring, as in the "
-    "paper); every seed is reported, none dropped. The annotation is otherwise used only to compute "
+    "paper), or, for methods run with n_domains = \"auto\", a number chosen from the stability of their "
+    "own embeddings alone; every seed is reported, none dropped. The annotation is otherwise used only to compute "
     "the metrics and to give matched domains the colour of their annotated layer in the domain maps.")
 
 
