@@ -8,6 +8,7 @@ DATASET ?= dlpfc-151673
 MODEL ?= default
 CACHE ?=
 SEEDS ?=
+N_DOMAINS ?=
 GRID ?= experiments/paper.toml
 STAMP := $(VENV)/.installed
 MODEL_DIR := data/models/SmolLM2-135M-Instruct
@@ -21,6 +22,7 @@ export TOKENIZERS_PARALLELISM ?= false
 CACHE_OPT := $(if $(CACHE),--cache $(CACHE),)
 MODEL_OPT := $(if $(filter default,$(MODEL)),,--model $(MODEL))
 SEEDS_OPT := $(if $(SEEDS),--seeds $(SEEDS),)
+N_DOMAINS_OPT := $(if $(N_DOMAINS),--n-domains $(N_DOMAINS),)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 .PHONY: setup model embed cluster data reproduce test bench bench-embed bench-cluster clean-venv help
@@ -54,7 +56,7 @@ embed: setup $(if $(filter default,$(MODEL)),model,)
 	$(BIN)/semst embed $(DATASET) $(CACHE_OPT) $(MODEL_OPT)
 
 cluster: embed
-	$(BIN)/semst cluster $(DATASET) $(CACHE_OPT) $(SEEDS_OPT) $(if $(filter default,$(MODEL)),,--model $(MODEL))
+	$(BIN)/semst cluster $(DATASET) $(CACHE_OPT) $(SEEDS_OPT) $(N_DOMAINS_OPT) $(if $(filter default,$(MODEL)),,--model $(MODEL))
 
 data: setup
 	$(BIN)/semst data $(DATASET)

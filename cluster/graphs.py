@@ -1,6 +1,10 @@
 """The two graphs SemST convolves over, built sparse (memory linear in the number of spots).
 
 - :func:`spatial_graph`: spots within ``radius`` of each other, or each spot's ``k`` nearest spots.
+  A radius can be given in the slide's own terms, as a multiple of its median nearest-neighbour
+  distance (:func:`median_spacing`), so one rule fits a slide in pixels, micrometres or array units;
+  a graph denser than ``max_mean_degree`` neighbours per spot is refused (a radius meant for other
+  units makes every spot neighbour every other).
 - :func:`expression_graph`: each spot's ``k`` nearest spots by cosine similarity of expression.
 
 Both are symmetric (an edge either way makes both), carry a self-loop on every spot, and have no
@@ -37,9 +41,37 @@ def neighbour_pairs(g) -> tuple[np.ndarray, np.ndarray]:
     return src[keep], dst[keep]
 
 
-def spatial_graph(coords, radius: float | None = None, k: int | None = None):
-    """Spatial neighbour graph: within ``radius`` (coordinate units), or the ``k`` nearest spots."""
-    from sklearn.neighbors import NearestNeighbors
+def median_spacing(coords) -> float:
+    """The median distance from a spot to its nearest other spot (the slide's spot spacing)."""
+    from scipy.spatial import cKDTree
+
+    coords = np.asarray(coords, dtype=np.float64)
+    if len(coords) < 2:
+        raise GraphError("a spatial graph needs at least 2 spots")
+    dist, _ = cKDTree(coords).query(coords, k=2)
+    spacing = float(np.median(dist[:, 1]))
+    if not spacing > 0:
+        raise GraphError("the median distance between neighbouring spots is 0 (most spots share their "
+                         "coordinates with another); use spatial_k instead of a radius")
+    return spacing
+
+
+def _dense_error(what: str, mean_degree: float, limit: float, coords) -> GraphError:
+    return GraphError(
+        f"the spatial graph ({what}) gives every spot {mean_degree:.0f} neighbours on average (more than "
+        f"{limit:g}); this slide's median spot spacing is {median_spacing(coords):.4g} coordinate units, so the "
+        f"radius was probably meant for other units. Use radius_spacings = 2.0 (2 x the spacing, in any unit) "
+        f"or spatial_k in the dataset config, or set allow_dense_graph = true if this graph is intended")
+
+
+def spatial_graph(coords, radius: float | None = None, k: int | None = None,
+                  max_mean_degree: float | None = None):
+    """Spatial neighbour graph: within ``radius`` (coordinate units), or the ``k`` nearest spots.
+
+    ``max_mean_degree``: refuse (GraphError) a graph with more neighbours per spot on average; for a
+    radius this is counted before any edge is built, so an absurd radius costs no memory.
+    """
+    from sklearn.neighbors import KDTree, NearestNeighbors
 
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim != 2 or not np.isfinite(coords).all():
@@ -57,17 +89,27 @@ def spatial_graph(coords, radius: float | None = None, k: int | None = None):
     else:
         if radius <= 0:
             raise GraphError(f"radius must be > 0, got {radius}")
+        if max_mean_degree is not None:
+            counts = KDTree(coords).query_radius(coords, radius, count_only=True)
+            mean_degree = float(np.mean(counts)) - 1.0
+            if mean_degree > max_mean_degree:
+                raise _dense_error(f"radius {radius:g}", mean_degree, max_mean_degree, coords)
         nn = NearestNeighbors(radius=radius).fit(coords)
         adj = nn.radius_neighbors_graph(coords, mode="connectivity")
         degree = np.diff(adj.indptr) - 1  # minus the spot itself
         isolated = int((degree <= 0).sum())
         if isolated:
             raise GraphError(f"radius {radius} leaves {isolated} of {n} spots without any spatial neighbour; "
-                             f"use a larger radius or spatial_k (k nearest spots) in the dataset config")
+                             f"use a larger radius (or radius_spacings) or spatial_k (k nearest spots) in the dataset config")
         adj = adj.tocoo()
         rows, cols = adj.row, adj.col
     keep = rows != cols
-    return _symmetric_graph(rows[keep], cols[keep], n)
+    g = _symmetric_graph(rows[keep], cols[keep], n)
+    if max_mean_degree is not None and k is not None:
+        mean_degree = (g.num_edges() - n) / n
+        if mean_degree > max_mean_degree:
+            raise _dense_error(f"{k} nearest spots", mean_degree, max_mean_degree, coords)
+    return g
 
 
 EXACT_KNN_MAX = 50_000  # "auto": exact expression kNN up to this many spots, NN-descent above
@@ -141,21 +183,6 @@ def _nn_descent(X: np.ndarray, k: int, seed: int, progress: bool) -> np.ndarray:
 
 # -- unit-free spatial rules (the paper recipe; see shared/recipes.py) ---------------------------------
 
-def median_spacing(coords) -> float:
-    """The slide's spot spacing: the median over spots of the distance to the nearest other spot."""
-    from sklearn.neighbors import NearestNeighbors
-
-    coords = np.asarray(coords, dtype=np.float64)
-    if len(coords) < 2:
-        raise GraphError("a spatial graph needs at least 2 spots")
-    dist, _ = NearestNeighbors(n_neighbors=2).fit(coords).kneighbors(coords)
-    spacing = float(np.median(dist[:, 1]))
-    if not spacing > 0:
-        raise GraphError("the median nearest-neighbour distance is 0 (most spots share coordinates); "
-                         "a spacing-based radius cannot be used, set spatial_k instead")
-    return spacing
-
-
 def adaptive_radius(coords, k: int, step: float, min_neighbours: int = 2) -> float:
     """The authors' adaptive threshold (preprocess/construction.py lines 65-84, MBA and HBC).
 
@@ -188,7 +215,8 @@ def add_self_loops(g, extra: int):
 
 def spatial_graph_rule(coords, radius: float | None = None, k: int | None = None,
                        radius_spacings: float | None = None, adaptive_k: int | None = None,
-                       adaptive_step_spacings: float = 5.0 / 137.0, self_loops: int = 1):
+                       adaptive_step_spacings: float = 5.0 / 137.0, self_loops: int = 1,
+                       max_mean_degree: float | None = None):
     """The spatial graph of a config's rule, first set of: ``adaptive_k`` (the authors' adaptive
     threshold, its step in spacings), ``radius_spacings`` (radius = that many median nearest-neighbour
     distances), ``k`` (k nearest spots), ``radius`` (coordinate units). ``self_loops``: a spot's own
@@ -196,15 +224,15 @@ def spatial_graph_rule(coords, radius: float | None = None, k: int | None = None
     if adaptive_k is not None:
         spacing = median_spacing(coords)
         r = adaptive_radius(coords, adaptive_k, adaptive_step_spacings * spacing)
-        g, rule = spatial_graph(coords, radius=r), f"adaptive threshold k {adaptive_k}: radius {r:.4g} ({r / spacing:.3g} spacings)"
+        g, rule = spatial_graph(coords, radius=r, max_mean_degree=max_mean_degree), f"adaptive threshold k {adaptive_k}: radius {r:.4g} ({r / spacing:.3g} spacings)"
     elif radius_spacings is not None:
         spacing = median_spacing(coords)
         r = radius_spacings * spacing
-        g, rule = spatial_graph(coords, radius=r), f"radius {radius_spacings} spacings = {r:.4g} (spacing {spacing:.4g})"
+        g, rule = spatial_graph(coords, radius=r, max_mean_degree=max_mean_degree), f"radius {radius_spacings} spacings = {r:.4g} (spacing {spacing:.4g})"
     elif k is not None:
-        g, rule = spatial_graph(coords, k=k), f"{k} nearest spots"
+        g, rule = spatial_graph(coords, k=k, max_mean_degree=max_mean_degree), f"{k} nearest spots"
     else:
-        g, rule = spatial_graph(coords, radius=radius), f"radius {radius}"
+        g, rule = spatial_graph(coords, radius=radius, max_mean_degree=max_mean_degree), f"radius {radius}"
     if self_loops > 1:
         g = add_self_loops(g, self_loops - 1)
         rule += f", self weight {self_loops}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from semst.cluster.runner import ClusterError, ClusterReport, load_slide, run_seeds
+from semst.cluster.runner import ClusterError, ClusterReport, load_slide, run_seeds, spatial_rule
 from semst.shared.config import ClusterConfig
 from semst.shared.hashing import json_hash
 
@@ -117,9 +117,10 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     prep = slide.prep
     sgraph = slide.spatial_graph
     fgraph = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs, cfg.expr_knn, progress=progress)
-    log(f"{cfg.dataset}: {slide.adata.n_obs} spots, {prep.n_vars} genes, {slide.n_domains} domains; spatial graph "
-        f"{sgraph.num_edges()} edges, expression graph {fgraph.num_edges()} edges; embedding {source['embedding']}; "
-        f"{slide.threads} thread(s)")
+    n = slide.adata.n_obs
+    log(f"{cfg.dataset}: {n} spots, {prep.n_vars} genes, {slide.n_domains} domains; spatial graph "
+        f"({spatial_rule(cfg, slide.coords)[2]}) {(sgraph.num_edges() - n) / n:.1f} neighbours per spot, "
+        f"expression graph {fgraph.num_edges()} edges; embedding {source['embedding']}; {slide.threads} thread(s)")
     source = {**source, "threads": slide.threads}
 
     def fit(seed: int):

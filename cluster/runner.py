@@ -6,7 +6,8 @@ is shared and written once: loading and checking the slide, the annotation, the 
 preprocessing, the spatial graph, k-means per seed, metrics on labelled spots, mean +- sd.
 
 Nothing here looks at the annotation except to *report* metrics: the latent is the method's last
-word, k-means runs with a fixed number of domains, and every seed's result is kept.
+word, k-means runs with a fixed number of domains or one chosen from the latents alone ("auto"),
+and every seed's result is kept.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from semst.shared.config import ClusterConfig
+from semst.cluster.domains import consensus_labels
+from semst.shared.config import AutoDomains, ClusterConfig, parse_n_domains
 
 METRICS = ("ARI", "NMI", "ACC", "F1_macro", "F1_weighted")
 
@@ -34,12 +36,21 @@ class ClusterReport:
     dataset: str
     run_dir: Path | None
     n_spots: int
-    n_domains: int
+    n_domains: int  # the number of domains used (the chosen one with "auto")
     per_seed: list[dict] = field(default_factory=list)  # seed, seconds, metrics (if annotated)
     summary: dict = field(default_factory=dict)  # metric -> {"mean", "sd", "n"}
     labels: dict[int, np.ndarray] = field(default_factory=dict)  # seed -> domain per spot
     latents: dict[int, np.ndarray] = field(default_factory=dict)  # seed -> what k-means clustered
     histories: dict[int, dict] = field(default_factory=dict)  # seed -> per-epoch losses
+    consensus: np.ndarray | None = None  # one labelling from all seeds (several seeds only)
+    consensus_metrics: dict = field(default_factory=dict)  # its metrics (if annotated)
+    auto: Any = None  # cluster.autok.StabilityCurve when n_domains = "auto..."
+    auto_comparison: dict = field(default_factory=dict)  # annotated vs chosen k, ARI at both (if annotated)
+
+    @property
+    def main_labels(self) -> np.ndarray:
+        """The run's answer: the consensus with several seeds, else the one seed's domains."""
+        return self.consensus if self.consensus is not None else next(iter(self.labels.values()))
 
 
 def annotation(adata) -> pd.Series:
@@ -49,29 +60,61 @@ def annotation(adata) -> pd.Series:
     return pd.Series([np.nan] * adata.n_obs, index=adata.obs_names)
 
 
-def resolve_n_domains(cfg: ClusterConfig, ground_truth: pd.Series) -> int:
+def resolve_n_domains(cfg: ClusterConfig, ground_truth: pd.Series) -> int | AutoDomains:
+    """The number of domains for this slide: the config's k, its "auto" range (checked against the
+    number of spots, before anything is trained), or the number of annotated domains."""
     n_spots = len(ground_truth)
     n = cfg.n_domains
+    if not (isinstance(n, int) and not isinstance(n, bool)):
+        n = parse_n_domains(n)
+    if isinstance(n, AutoDomains):
+        if n.hi + 1 > n_spots:
+            raise ClusterError(f"n_domains {n}: k above the number of spots; scoring k up to {n.hi} clusters "
+                               f"up to {n.hi + 1} domains, but {cfg.dataset} has {n_spots} spots, so the upper "
+                               f"bound must be at most {n_spots - 1}")
+        return n
     if n is None:
         n = int(ground_truth.dropna().nunique())
         if n < 2:
             raise ClusterError(f"{cfg.dataset} has no usable annotation ({n} annotated domains): "
-                               f"pass --n-domains K")
+                               f"pass --n-domains K, or --n-domains auto to choose it from the data")
     if n < 2 or n > n_spots:
         raise ClusterError(f"n-domains must be between 2 and the number of spots ({n_spots}), got {n}")
     return n
 
 
-def slide_spatial_graph(cfg: ClusterConfig, coords):
-    """The spatial graph the config asks for: ``spatial_k`` nearest spots if set, else ``radius``
-    (or the paper recipe's unit-free rules, see cluster.graphs.spatial_graph_rule)."""
-    from semst.cluster.graphs import spatial_graph, spatial_graph_rule
+def spatial_rule(cfg: ClusterConfig, coords) -> tuple[float | None, int | None, str]:
+    """(radius in coordinate units, k, the rule in words) of the config's spatial graph on this slide:
+    ``spatial_k`` if set, else ``radius``, else ``radius_spacings`` x the slide's median spot spacing.
+    (The paper recipe's adaptive threshold is described by :func:`slide_spatial_graph`.)"""
+    from semst.cluster.graphs import median_spacing
 
-    if (getattr(cfg, "radius_spacings", None) is not None or getattr(cfg, "spatial_adaptive_k", None) is not None
-            or getattr(cfg, "spatial_self_loops", 1) > 1):
-        return spatial_graph_rule(coords, cfg.radius, cfg.spatial_k, cfg.radius_spacings, cfg.spatial_adaptive_k,
-                                  cfg.adaptive_step_spacings, cfg.spatial_self_loops)[0]
-    return spatial_graph(coords, radius=cfg.radius if cfg.spatial_k is None else None, k=cfg.spatial_k)
+    if cfg.spatial_k is not None:
+        return None, cfg.spatial_k, f"{cfg.spatial_k} nearest spots"
+    if cfg.radius is not None:
+        return cfg.radius, None, f"radius {cfg.radius:g}"
+    if cfg.radius_spacings is None:
+        return None, None, f"the authors' adaptive threshold (k {cfg.spatial_adaptive_k})"
+    spacing = median_spacing(coords)
+    radius = cfg.radius_spacings * spacing
+    return radius, None, f"radius {cfg.radius_spacings:g} x spacing {spacing:.4g} = {radius:.4g}"
+
+
+def slide_spatial_graph(cfg: ClusterConfig, coords):
+    """The spatial graph the config asks for (:func:`spatial_rule`, or the authors' adaptive threshold
+    when ``spatial_adaptive_k`` is set; ``spatial_self_loops`` weights each spot itself), refused if
+    denser than ``MAX_MEAN_DEGREE`` neighbours per spot unless ``allow_dense_graph``."""
+    from semst.cluster.graphs import spatial_graph_rule
+    from semst.shared.config import MAX_MEAN_DEGREE
+
+    limit = None if cfg.allow_dense_graph else MAX_MEAN_DEGREE
+    if cfg.spatial_adaptive_k is not None:
+        return spatial_graph_rule(coords, adaptive_k=cfg.spatial_adaptive_k,
+                                  adaptive_step_spacings=cfg.adaptive_step_spacings,
+                                  self_loops=cfg.spatial_self_loops, max_mean_degree=limit)[0]
+    radius, k, _ = spatial_rule(cfg, coords)
+    return spatial_graph_rule(coords, radius=radius, k=k, self_loops=cfg.spatial_self_loops,
+                              max_mean_degree=limit)[0]
 
 
 @dataclass
@@ -83,7 +126,7 @@ class Slide:
     adata: Any
     coords: np.ndarray
     truth: pd.Series
-    n_domains: int
+    n_domains: int | AutoDomains  # AutoDomains: chosen after training (run_seeds)
     threads: int  # the thread budget every pool runs with (semst.shared.threads)
 
     @functools.cached_property
@@ -123,32 +166,118 @@ def run_seeds(slide: Slide, fit: Callable[[int], Any], run_dir: Path | None = No
               fixed_seconds: float = 0.0) -> ClusterReport:
     """``fit(seed)`` for every seed of the slide's config, then k-means and metrics; a report.
 
+    With ``n_domains = "auto:LO-HI"`` every seed is fitted first, the number of domains is chosen from
+    their embeddings alone (:mod:`semst.cluster.autok`), and then every seed is clustered with it.
+    With ``refine`` each seed's domains are smoothed over the spatial graph
+    (:func:`semst.cluster.domains.refine_labels`). With several seeds, one consensus labelling
+    (:func:`semst.cluster.domains.consensus_labels`) is added, with its own metrics.
+
     ``fixed_seconds``: work shared by every seed (e.g. a baseline's PCA), added to each seed's time.
     """
-    from semst.cluster.domains import kmeans_domains
-    from semst.cluster.metrics import cluster_metrics
+    from semst.cluster.autok import stability_curve
 
     cfg = slide.cfg
-    report = ClusterReport(cfg.dataset, run_dir, slide.adata.n_obs, slide.n_domains)
+    auto = slide.n_domains if isinstance(slide.n_domains, AutoDomains) else None
+    report = ClusterReport(cfg.dataset, run_dir, slide.adata.n_obs, 0 if auto else slide.n_domains)
+    if not slide.annotated:
+        log(f"{cfg.dataset}: no annotation (obs['ground_truth']), so no metrics")
+    pending: dict[int, float] = {}
+    extras: dict[int, dict] = {}
     for seed in cfg.seeds:
         t0 = time.perf_counter()
         result = fit(seed)
-        labels = kmeans_domains(result.latent, slide.n_domains, seed)
-        row: dict[str, Any] = {"seed": seed, "seconds": round(time.perf_counter() - t0 + fixed_seconds, 2)}
-        row.update(getattr(result, "report", None) or {})  # e.g. the FiLM gate (fsm_mode "gated")
-        if slide.annotated:
-            row.update(cluster_metrics(slide.truth.to_numpy(), labels))
-        report.per_seed.append(row)
-        report.labels[seed] = labels
         report.latents[seed] = result.latent
+        extras[seed] = getattr(result, "report", None) or {}  # e.g. the FiLM gate (fsm_mode "gated")
         report.histories[seed] = getattr(result, "history", {}) or {}
-        log("seed {}: {}".format(seed, ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in row.items() if k != "seed")))
+        pending[seed] = time.perf_counter() - t0 + fixed_seconds
+        if not auto:
+            _label_seed(slide, report, seed, pending.pop(seed), log, extras[seed])
+    if auto:
+        curve = stability_curve([report.latents[s] for s in cfg.seeds], auto.lo, auto.hi, cfg.auto_runs)
+        report.auto = curve
+        report.n_domains = curve.chosen
+        log(f"number of domains: {curve.chosen} chosen in {auto} by stability over {curve.runs} k-means runs "
+            f"({curve.mean[curve.chosen]:.3f}; peaks at {', '.join(map(str, curve.peaks)) or 'none'}; "
+            f"{curve.seconds:.1f} s)")
+        for seed in cfg.seeds:
+            _label_seed(slide, report, seed, pending.pop(seed), log, extras[seed])
     report.summary = summarise(report.per_seed)
     if report.summary:
         log("mean +- sd over seeds " + ",".join(map(str, cfg.seeds)) + ": " + ", ".join(
             f"{k} {v['mean']:.2f} +- {v['sd']:.2f}" for k, v in report.summary.items()))
+    if len(cfg.seeds) > 1:
+        report.consensus = consensus_labels([report.labels[s] for s in cfg.seeds])
+        if slide.annotated:
+            report.consensus_metrics = _metrics(slide, report.consensus)
+            log("consensus of seeds " + ",".join(map(str, cfg.seeds)) + ": " + ", ".join(
+                f"{k} {report.consensus_metrics[k]:.2f}" for k in METRICS))
+    if auto and slide.annotated:
+        report.auto_comparison = _compare_with_annotation(slide, report)
+        c = report.auto_comparison
+        log(f"annotated number of domains {c['annotated_k']}, chosen {c['chosen_k']}: ARI "
+            f"{_ari_text(c['ARI_chosen'])} at the chosen k, {_ari_text(c['ARI_annotated'])} at the annotated k")
     return report
+
+
+def _metrics(slide: Slide, labels: np.ndarray) -> dict:
+    from semst.cluster.metrics import cluster_metrics
+
+    return cluster_metrics(slide.truth.to_numpy(), labels)
+
+
+def _domains(slide: Slide, latent: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means of one seed's latent (and the spatial refinement if the config asks for it)."""
+    from semst.cluster.domains import kmeans_domains, refine_labels
+    from semst.cluster.graphs import neighbour_pairs
+
+    labels = kmeans_domains(latent, k, seed)
+    if slide.cfg.refine:
+        labels = refine_labels(labels, *neighbour_pairs(slide.spatial_graph))
+    return labels
+
+
+def _label_seed(slide: Slide, report: ClusterReport, seed: int, seconds: float, log, extra: dict) -> None:
+    t0 = time.perf_counter()
+    labels = _domains(slide, report.latents[seed], report.n_domains, seed)
+    row: dict[str, Any] = {"seed": seed, "seconds": round(seconds + time.perf_counter() - t0, 2), **extra}
+    if slide.annotated:
+        row.update(_metrics(slide, labels))
+    report.per_seed.append(row)
+    report.labels[seed] = labels
+    log("seed {}: {}".format(seed, ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in row.items() if k != "seed")))
+
+
+def _ari_text(entry: dict) -> str:
+    text = f"{entry['mean']:.2f} +- {entry['sd']:.2f}"
+    return text + (f" (consensus {entry['consensus']:.2f})" if entry.get("consensus") is not None else "")
+
+
+def _compare_with_annotation(slide: Slide, report: ClusterReport) -> dict:
+    """What not knowing the number of domains cost: ARI at the chosen and at the annotated k (the
+    annotated k clustered here for this report only; the chosen k never depends on it)."""
+    seeds = slide.cfg.seeds
+    annotated_k = int(slide.truth.dropna().astype(str).nunique())
+    curve = report.auto
+
+    def ari(labels_per_seed: dict[int, np.ndarray]) -> dict:
+        values = [_metrics(slide, labels_per_seed[s])["ARI"] for s in seeds]
+        out = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+               "n": len(values), "consensus": None}
+        if len(seeds) > 1:
+            out["consensus"] = _metrics(slide, consensus_labels([labels_per_seed[s] for s in seeds]))["ARI"]
+        return out
+
+    at_chosen = ari(report.labels)
+    if annotated_k == report.n_domains:
+        at_annotated = dict(at_chosen)
+    elif 2 <= annotated_k <= report.n_spots:
+        at_annotated = ari({s: _domains(slide, report.latents[s], annotated_k, s) for s in seeds})
+    else:
+        at_annotated = {"mean": float("nan"), "sd": float("nan"), "n": 0, "consensus": None}
+    return {"annotated_k": annotated_k, "chosen_k": report.n_domains,
+            "stability_chosen": curve.mean[curve.chosen], "stability_annotated": curve.mean.get(annotated_k),
+            "ARI_chosen": at_chosen, "ARI_annotated": at_annotated}
 
 
 def summarise(per_seed: list[dict]) -> dict:

@@ -57,17 +57,19 @@ def encode(adata, *, dataset: str | None = None, key_added: str = LLM_KEY, progr
     return vectors
 
 
-def domains(adata, *, n_domains: int | None = None, seeds=(0,), fusion: str = "film", use_rep: str = LLM_KEY,
+def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: str = "film", use_rep: str = LLM_KEY,
             dataset: str | None = None, out_dir: str | Path | None = None, key_added: str = DOMAIN_KEY,
             progress: bool = True, log=print, **cluster_options: Any) -> dict:
     """Stage 2 on ``adata``: train SemST for each seed, cluster, and return the run's summary.
 
     The semantic vectors are ``adata.obsm[use_rep]`` (run :func:`encode` first), unless ``fusion``
     is "none" (SemST without the LLM). ``n_domains`` defaults to the number of annotated domains in
-    ``obs["ground_truth"]``. ``cluster_options`` are ``ClusterConfig`` fields (``epochs``,
-    ``spatial_k``, ``radius``, ...). Writes ``adata.obs[key_added]`` (the first seed's domains),
-    ``adata.obsm["X_semst"]`` and ``adata.uns["semst"]``; with ``out_dir``, also the run folder that
-    ``semst cluster`` writes. Returns ``{"dataset", "n_domains", "per_seed", "summary", "run_dir"}``.
+    ``obs["ground_truth"]``; ``"auto"`` / ``"auto:LO-HI"`` chooses it from the learned embeddings by
+    stability. ``cluster_options`` are ``ClusterConfig`` fields (``epochs``, ``spatial_k``,
+    ``radius_spacings``, ``refine``, ...). Writes ``adata.obs[key_added]`` (the consensus of the seeds'
+    domains with several seeds, else the seed's), ``adata.obsm["X_semst"]`` (first seed) and
+    ``adata.uns["semst"]``; with ``out_dir``, also the run folder that ``semst cluster`` writes. Returns
+    ``{"dataset", "n_domains", "per_seed", "summary", "consensus", "auto_k", "run_dir"}``.
     """
     from semst.cluster.run import cluster_dataset
     from semst.shared.config import ConfigError, config_to_toml, load_cluster_config, read_toml
@@ -77,7 +79,7 @@ def domains(adata, *, n_domains: int | None = None, seeds=(0,), fusion: str = "f
     checked = checked_dataset(adata, name)
     overrides = {**cluster_options, "n_domains": n_domains, "seeds": list(seeds), "fusion": fusion}
     own = read_toml(name).get("cluster", {})
-    if not any(k in own or overrides.get(k) is not None for k in ("radius", "spatial_k")):
+    if not any(k in own or overrides.get(k) is not None for k in ("radius", "radius_spacings", "spatial_k")):
         overrides["spatial_k"] = DEFAULT_SPATIAL_K
     cfg = load_cluster_config(name, overrides)
     semantic = None
@@ -89,10 +91,11 @@ def domains(adata, *, n_domains: int | None = None, seeds=(0,), fusion: str = "f
     report = cluster_dataset(cfg, out_dir=out_dir or "results", adata=checked, progress=progress, log=log,
                              write=out_dir is not None, semantic=semantic)
     first = cfg.seeds[0]
-    adata.obs[key_added] = pd.Categorical(report.labels[first].astype(str))
+    adata.obs[key_added] = pd.Categorical(report.main_labels.astype(str))
     adata.obsm[LATENT_KEY] = report.latents[first]
     # JSON text, as in the run folder's semst.h5ad: nested dicts of lists do not round-trip through .h5ad
     adata.uns["semst"] = {"config": config_to_toml(cfg), "summary": json.dumps(report.summary),
                           "per_seed": json.dumps(report.per_seed)}
     return {"dataset": name, "n_domains": report.n_domains, "per_seed": report.per_seed,
-            "summary": report.summary, "run_dir": str(report.run_dir) if out_dir is not None else None}
+            "summary": report.summary, "consensus": report.consensus_metrics,
+            "auto_k": report.auto.summary() if report.auto is not None else None, "run_dir": str(report.run_dir) if out_dir is not None else None}

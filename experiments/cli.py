@@ -135,7 +135,9 @@ def _parse_seeds(value: str | None) -> list[int] | None:
 @config_option
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
 @click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2,3,4 (mean +- sd reported).")
-@click.option("--n-domains", "n_domains", type=int, default=None, help="Number of domains (default: annotated domains).")
+@click.option("--n-domains", "n_domains", default=None,
+              help="Number of domains: K, 'auto' (chosen by stability in 3-15, never from labels) or 'auto:LO-HI' "
+                   "(default: the number of annotated domains).")
 @click.option("--fusion", type=click.Choice(["film", "concat", "add", "cross-attention", "none"]), default=None)
 @click.option("--embedding", default=None, help="llm (default), random, or an embedding tag from `semst cache info`.")
 @click.option("--epochs", type=int, default=None)

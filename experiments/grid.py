@@ -605,7 +605,9 @@ def run_cell(grid: Grid, variant: Variant, dataset: str, adata, cache=None, embe
         settings={"backbone": variant.backbone, "fusion": cfg.fusion, "embedding": cfg.embedding,
                   "k_genes": cfg.embed.k_genes, "template": cfg.embed.template, "epochs": cfg.epochs,
                   "recipe": cfg.recipe, "gene_ranking": cfg.embed.gene_ranking, "fsm_mode": cfg.fsm_mode},
-        config_hash=json_hash(settings), finished=_now())
+        config_hash=json_hash(settings), finished=_now(), consensus=report.consensus_metrics,
+        auto_k=report.auto.summary() if report.auto is not None else None,
+        auto_comparison=report.auto_comparison)
     return cell, report.labels
 
 
@@ -657,8 +659,9 @@ def run_experiment(grid: str | Path | Grid, cache: str | Path | None = None, out
             done += len(grid.variants)
             log(f"{dataset}: skipped ({why})")
             continue
-        truth = adata.obs["ground_truth"]
-        datasets_info[dataset] = {"n_spots": int(adata.n_obs), "n_domains": int(truth.dropna().nunique())}
+        from semst.cluster.runner import annotation
+        truth = annotation(adata)
+        datasets_info[dataset] = {"n_spots": int(adata.n_obs), "n_domains": int(truth.dropna().nunique()) or None}
         coords = np.asarray(adata.obsm["spatial"], dtype=float)
         atomic_write_parquet(out / "cells" / dataset / "spots.parquet",
                              pd.DataFrame({"spot_id": adata.obs_names.astype(str), "x": coords[:, 0],

@@ -28,7 +28,8 @@ NO_SELECTION_STATEMENT = (
     "before the run in the grid file and the dataset configs; the embedding clustered is the last "
     "epoch's (no early stopping, no checkpoint picked by score); k-means runs with a fixed seed and "
     "the number of annotated domains (the only use of the annotation before scoring, as in the "
-    "paper); every seed is reported, none dropped. The annotation is otherwise used only to compute "
+    "paper), or, for methods run with n_domains = \"auto\", a number chosen from the stability of their "
+    "own embeddings alone; every seed is reported, none dropped. The annotation is otherwise used only to compute "
     "the metrics and to give matched domains the colour of their annotated layer in the domain maps.")
 
 
@@ -81,6 +82,9 @@ class CellResult:
     config_hash: str = ""
     finished: str = ""  # ISO time the cell finished
     reused: bool = False  # taken from an earlier run of the same grid and settings
+    consensus: dict = field(default_factory=dict)  # metrics of the consensus over seeds (several seeds)
+    auto_k: dict | None = None  # n_domains = "auto...": the stability curve and the chosen k
+    auto_comparison: dict = field(default_factory=dict)  # annotated vs chosen k and the ARI at both
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -216,6 +220,36 @@ def render_wall_times(data: ReportData) -> str:
     return "\n".join(lines)
 
 
+def _ari_cell(entry: dict | None) -> str:
+    if not entry or entry.get("n", 0) == 0:
+        return "n/a"
+    text = f"{entry['mean']:.2f} ± {entry['sd']:.2f}"
+    return text + (f" (consensus {entry['consensus']:.2f})" if entry.get("consensus") is not None else "")
+
+
+def render_auto_k(data: ReportData) -> str | None:
+    """Per dataset and method run with n_domains = "auto": chosen vs annotated k, stability at both,
+    ARI at both (mean ± sd over seeds, and the consensus's). None when no cell used "auto"."""
+    labels = _labels(data)
+    cells = [c for c in data.cells if c.status == "ok" and c.auto_k]
+    if not cells:
+        return None
+    lines = ["| dataset | method | range | annotated k | chosen k | stability at chosen | stability at annotated | "
+             "ARI at chosen k | ARI at annotated k | auto (s) |", "|---|---|---|---:|---:|---:|---:|---|---|---:|"]
+    for c in cells:
+        a, cmp = c.auto_k, c.auto_comparison or {}
+        stab = a.get("stability", {})
+        annotated = cmp.get("annotated_k")
+        at_annotated = stab.get(str(annotated)) if annotated is not None else None
+        lines.append(f"| {c.dataset} | {_md_escape(labels.get(c.variant, c.variant))} | {a.get('range', '')} | "
+                     f"{'-' if annotated is None else annotated} | {a['chosen']} | "
+                     f"{stab.get(str(a['chosen']), float('nan')):.3f} | "
+                     f"{'-' if at_annotated is None else f'{at_annotated:.3f}'} | "
+                     f"{_ari_cell(cmp.get('ARI_chosen'))} | {_ari_cell(cmp.get('ARI_annotated'))} | "
+                     f"{format_seconds(a.get('seconds'))} |")
+    return "\n".join(lines)
+
+
 def render_report(data: ReportData) -> str:
     out = [f"# {data.title}", ""]
     meta = f"Grid `{data.grid}`; seeds {', '.join(map(str, data.seeds))}"
@@ -236,6 +270,12 @@ def render_report(data: ReportData) -> str:
         if table.caption:
             out += [table.caption, ""]
         out += [render_table(table, data), ""]
+    auto = render_auto_k(data)
+    if auto:
+        out += ["## Number of domains chosen by stability (auto)", "",
+                "Methods run with `n_domains = \"auto\"` choose k from their own embeddings (k-means stability "
+                "over runs, never the annotation); the annotated k is clustered afterwards only for this "
+                "comparison. ARI x100, mean ± sd over seeds, and of the consensus over seeds.", "", auto, ""]
     for fig in data.figures:
         out += [f"## {fig.title}", ""]
         if fig.caption:

@@ -13,6 +13,7 @@ every run (:func:`config_to_toml`) and saved beside the results, so a run can be
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,17 +73,21 @@ class ClusterConfig:
 
     dataset: str = ""
     # graphs
-    radius: float | None = None  # spatial graph radius in obsm["spatial"] units
+    # The spatial graph: one rule. Given together (e.g. by an old config file), spatial_k wins over
+    # radius, and radius over radius_spacings; an override of one rule replaces the file's rule.
+    radius: float | None = None  # spatial graph radius in obsm["spatial"] units (absolute)
+    radius_spacings: float | None = None  # radius as a multiple of the slide's median nearest-neighbour distance
     spatial_k: int | None = None  # k nearest spatial neighbours instead of a radius
-    # Radius as a multiple of the slide's median nearest-neighbour distance (unit-free; used instead of
-    # radius / spatial_k when set). The paper's DLPFC radius of 560 px is ~4.1 spot spacings.
-    radius_spacings: float | None = None
+    # The paper's DLPFC radius of 560 px is ~4.1 spot spacings (radius_spacings = 4.1).
     # The authors' adaptive threshold (MBA/HBC) with this k: the smallest multiple of
     # adaptive_step_spacings spacings at which every spot has >= 2 neighbours and some spot > k - 1
     # (see cluster.graphs.adaptive_radius). Used before every other rule when set.
     spatial_adaptive_k: int | None = None
     adaptive_step_spacings: float = 5.0 / 137.0  # the authors' 5 px step, in Visium spot spacings
     spatial_self_loops: int = 1  # weight of a spot's own edge in the spatial graph (paper radius graph: 2)
+    # A graph with a mean degree above MAX_MEAN_DEGREE is refused (a radius in other units than the
+    # slide's coordinates makes every spot neighbour every other) unless this is true.
+    allow_dense_graph: bool = False
     expr_k: int = 14  # k_n: cosine kNN expression graph
     # None: the expression graph's cosine kNN is exact over all genes (the paper's). An integer:
     # computed on that many truncated-SVD components instead (for slides of ~50k+ spots, where the
@@ -135,12 +140,68 @@ class ClusterConfig:
     # usable cores. Results are identical for a fixed thread count, not across counts.
     threads: int | None = None
     # clustering
-    n_domains: int | None = None  # None = number of annotated domains
+    # None = number of annotated domains; an integer; or "auto" / "auto:LO-HI": chosen from the
+    # learned embeddings by clustering stability (cluster.autok), never from the annotation.
+    n_domains: int | str | None = None
+    auto_runs: int = 10  # "auto": k-means runs per k (spread round-robin over the seeds' embeddings)
+    refine: bool = False  # majority vote of each spot's domain over its spatial neighbours (GraphST's refine)
     recipe: str = "semst"  # "semst" | "paper": defaults of the fields not set (shared/recipes.py)
     seeds: list[int] = field(default_factory=lambda: [0])
     cache: str = field(default_factory=lambda: str(default_cache()))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+
+
+SPATIAL_RULES = ("spatial_k", "radius", "radius_spacings")  # in order of precedence
+MAX_MEAN_DEGREE = 100  # spatial neighbours per spot above which a graph is refused (allow_dense_graph)
+# "auto" without a range: 3-15. Two clusters are always stable, and a slide with fewer than three
+# domains rarely needs a domain analysis; 15 is above the annotations of the usual benchmarks
+# (DLPFC 5-7, mouse olfactory bulb 5-7, STARmap 4, osmFISH 11).
+AUTO_RANGE = (3, 15)
+
+
+@dataclass(frozen=True)
+class AutoDomains:
+    """``n_domains = "auto:LO-HI"``: choose the number of domains in [lo, hi] by stability."""
+
+    lo: int
+    hi: int
+
+    def __str__(self) -> str:
+        return f"auto:{self.lo}-{self.hi}"
+
+
+def parse_n_domains(value: Any) -> int | AutoDomains | None:
+    """None, an integer >= 2, or "auto" / "auto:LO-HI" (2 <= LO <= HI); a ConfigError otherwise.
+
+    Whether k fits the slide (k, or HI + 1 for "auto", at most its number of spots) is checked when
+    the slide is loaded (:func:`semst.cluster.runner.resolve_n_domains`), before anything is trained.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"n_domains must be an integer >= 2, \"auto\" or \"auto:LO-HI\", got {value!r}")
+    if isinstance(value, int):
+        if value < 2:
+            raise ConfigError(f"n_domains must be >= 2, got {value}")
+        return value
+    text = value.strip().lower()
+    if text == "auto":
+        return AutoDomains(*AUTO_RANGE)
+    m = re.fullmatch(r"auto:(\d+)-(\d+)", text)
+    if not m:
+        raise ConfigError(f"n_domains must be an integer >= 2, \"auto\" or \"auto:LO-HI\" (e.g. auto:3-15), "
+                          f"got {value!r}")
+    lo, hi = int(m.group(1)), int(m.group(2))
+    if lo < 2:
+        raise ConfigError(f"n_domains {value!r}: the smallest number of domains must be >= 2, got {lo} "
+                          f"(e.g. auto:2-{max(hi, 2)})")
+    if lo > hi:
+        raise ConfigError(f"n_domains {value!r}: the range is empty, {lo} > {hi}; write the smaller bound "
+                          f"first (auto:{hi}-{lo})")
+    return AutoDomains(lo, hi)
 
 
 def available_configs() -> list[str]:
@@ -208,9 +269,13 @@ def load_cluster_config(dataset: str, overrides: dict[str, Any] | None = None,
     # The prompts follow the cluster recipe unless the embed settings name their own.
     embed_overrides = {"recipe": recipe, **_drop_none(embed_overrides)}
     emb = load_embed_config(dataset, embed_overrides, path)
+    # The recipe's spatial rule replaces the files' rule, and a rule the user sets replaces both
+    # (shared.recipes.apply_recipe), so one rule is left whatever the sources.
     values = {**apply_recipe(recipe, dataset, "cluster", raw.get("cluster", {}), explicit),
               "recipe": recipe, "dataset": dataset}
     cfg = _build(ClusterConfig, {**values, "preprocess": emb.preprocess, "embed": emb}, "cluster")
+    n = parse_n_domains(cfg.n_domains)  # "7" (from the command line) -> 7; "AUTO" -> "auto:3-15"
+    cfg.n_domains = str(n) if isinstance(n, AutoDomains) else n
     validate_cluster_config(cfg)
     return cfg
 
@@ -246,15 +311,18 @@ FUSIONS = ("film", "concat", "add", "cross-attention", "none")
 def validate_cluster_config(cfg: ClusterConfig) -> None:
     if cfg.fusion not in FUSIONS:
         raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got {cfg.fusion!r}")
-    if cfg.radius is None and cfg.spatial_k is None and cfg.radius_spacings is None and cfg.spatial_adaptive_k is None:
-        raise ConfigError("the spatial graph needs either radius or spatial_k (or radius_spacings, "
-                          "spatial_adaptive_k) in [cluster]")
+    if all(getattr(cfg, rule) is None for rule in SPATIAL_RULES) and cfg.spatial_adaptive_k is None:
+        raise ConfigError("the spatial graph needs one of radius_spacings, radius or spatial_k "
+                          "(or spatial_adaptive_k) in [cluster]")
     if cfg.radius is not None and cfg.radius <= 0:
         raise ConfigError(f"radius must be > 0, got {cfg.radius}")
+    if cfg.radius_spacings is not None and cfg.radius_spacings <= 0:
+        raise ConfigError(f"radius_spacings must be > 0, got {cfg.radius_spacings}")
     if cfg.spatial_k is not None and cfg.spatial_k < 1:
         raise ConfigError(f"spatial_k must be >= 1, got {cfg.spatial_k}")
-    if cfg.n_domains is not None and cfg.n_domains < 2:
-        raise ConfigError(f"n_domains must be >= 2, got {cfg.n_domains}")
+    parse_n_domains(cfg.n_domains)
+    if cfg.auto_runs < 2:
+        raise ConfigError(f"auto_runs must be >= 2 (stability compares runs), got {cfg.auto_runs}")
     if cfg.epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
     if not cfg.seeds:

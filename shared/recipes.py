@@ -155,11 +155,17 @@ def recipe_values(recipe: str, dataset: str, section: str) -> dict:
 def apply_recipe(recipe: str, dataset: str, section: str, from_files: dict, explicit: dict) -> dict:
     """``from_files`` < the recipe's values < ``explicit`` (what the user set), as one dict.
 
-    The spatial graph rule is one group (:data:`SPATIAL_RULE_FIELDS`): if the user sets any of its
-    fields, the recipe sets none of them.
+    The spatial graph rule is one group (:data:`SPATIAL_RULE_FIELDS`): a source that sets a rule
+    replaces the rule of the sources below it, so one rule is left. If the user sets any of its
+    fields, neither the recipe's nor the files' rule is kept; else a recipe rule replaces the files'.
     """
     values = dict(recipe_values(recipe, dataset, section))
-    if section == "cluster" and set(explicit) & set(SPATIAL_RULE_FIELDS):
-        for key in SPATIAL_RULE_FIELDS:
-            values.pop(key, None)
+    if section == "cluster":
+        group = set(SPATIAL_RULE_FIELDS)
+        rules = group - {"spatial_self_loops"}  # the fields that choose a rule
+        if set(explicit) & rules:
+            values = {k: v for k, v in values.items() if k not in group}
+            from_files = {k: v for k, v in from_files.items() if k not in group}
+        elif set(values) & rules:
+            from_files = {k: v for k, v in from_files.items() if k not in group}
     return {**from_files, **values, **explicit}

@@ -65,6 +65,14 @@ def test_domains_without_the_llm_needs_no_encode_and_takes_n_domains(home):
     assert out["summary"] == {}  # no annotation, no metrics
 
 
+def test_domains_with_auto_chooses_k_and_writes_the_consensus_of_the_seeds(home):
+    a = two_domain_slide()
+    del a.obs["ground_truth"]
+    out = semst.domains(a, fusion="none", n_domains="auto:2-4", seeds=[0, 1, 2], progress=False, log=quiet, **SMALL)
+    assert out["auto_k"]["chosen"] == out["n_domains"] and out["auto_k"]["range"] == "auto:2-4"
+    assert a.obs["semst_domain"].nunique() <= out["n_domains"] and out["consensus"] == {}
+
+
 def test_domains_with_out_dir_writes_the_run_folder_of_semst_cluster(home, tmp_path):
     out = semst.domains(two_domain_slide(), fusion="none", out_dir=tmp_path / "results", progress=False,
                         log=quiet, **SMALL)

@@ -171,3 +171,51 @@ def test_semst_beats_kmeans_on_pca_on_a_real_slide(shared_data_dir, tmp_path, da
     ours = report.summary["ARI"]["mean"]
     print(f"{dataset}: SemST w/o LLM ARI {ours:.1f}, k-means on PCA {np.mean(pca_ari):.1f}")
     assert ours > np.mean(pca_ari) + 5.0, f"SemST ARI {ours:.1f} vs k-means on PCA {np.mean(pca_ari):.1f}"
+
+
+def test_auto_with_several_seeds_writes_the_consensus_as_main_domains_and_the_stability_curve(slide, tmp_path):
+    cfg = grid_cfg(slide, fusion="none", seeds=[0, 1, 2], n_domains="auto:2-4")
+    lines = []
+    report = cluster_dataset(cfg, out_dir=tmp_path / "r", progress=False, log=lines.append)
+    run = report.run_dir
+    assert {"stability.png", "stability.tsv", "domains.png"} <= {p.name for p in run.iterdir()}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_domains"] == report.n_domains == metrics["auto_k"]["chosen"]
+    assert metrics["n_domains_setting"] == "auto:2-4" and metrics["domain"] == "consensus of seeds 0,1,2"
+    assert set(metrics["consensus"]) >= {"ARI", "NMI"} and metrics["auto_vs_annotation"]["annotated_k"] == 2
+    table = pd.read_parquet(run / "domains.parquet")
+    np.testing.assert_array_equal(table["domain"], report.consensus)
+    assert [c for c in table.columns if c.startswith("domain_seed")] == ["domain_seed0", "domain_seed1", "domain_seed2"]
+    curve = pd.read_csv(run / "stability.tsv", sep="\t")
+    assert list(curve["k"]) == [1, 2, 3, 4, 5] and curve["chosen"].sum() == 1
+    assert any(line.startswith(f"number of domains: {report.n_domains} chosen in auto:2-4") for line in lines)
+    assert any(line.startswith("consensus of seeds 0,1,2: ARI") for line in lines)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "n_domains must be >= 2, got 0"),
+    ("auto:15-3", "the range is empty, 15 > 3"),
+    ("auto:1-5", "the smallest number of domains must be >= 2"),
+    ("auto:3-150", "k above the number of spots"),
+    ("130", "between 2 and the number of spots (120)"),
+])
+def test_a_bad_n_domains_stops_with_one_line_and_exit_2_before_training(slide, tmp_path, value, message):
+    from click.testing import CliRunner
+
+    from semst.experiments.cli import main
+
+    out = CliRunner().invoke(main, ["cluster", "grid", "--config", str(slide["toml"]), "--fusion", "none",
+                                    "--cache", str(slide["cache"]), "--out", str(tmp_path / "r"), "--n-domains", value])
+    assert out.exit_code == 2, out.output
+    assert message in out.output and "Traceback" not in out.output
+    assert "epoch" not in out.output.lower().replace("epochs =", "") and not (tmp_path / "r").exists()
+
+
+def test_a_radius_in_other_units_is_refused_before_training(slide, tmp_path):
+    cfg = grid_cfg(slide, fusion="none", radius=300.0)  # the slide's spacing is 1
+    with pytest.raises(Exception, match="neighbours on average"):
+        cluster_dataset(cfg, out_dir=tmp_path / "r", progress=False, log=quiet)
+    from semst.cluster.runner import load_slide
+
+    allowed = load_slide(grid_cfg(slide, fusion="none", radius=300.0, allow_dense_graph=True))
+    assert allowed.spatial_graph.num_edges() == 120 * 120  # every spot neighbours every other, as asked

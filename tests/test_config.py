@@ -13,7 +13,7 @@ def test_every_dataset_config_loads_for_both_stages():
     for name in names:
         cfg = load_cluster_config(name)
         assert cfg.dataset == name and cfg.embed.dataset == name
-        assert (cfg.radius is not None) or (cfg.spatial_k is not None)
+        assert any(v is not None for v in (cfg.radius, cfg.radius_spacings, cfg.spatial_k))
 
 
 def test_overrides_replace_single_fields_and_none_means_keep():
@@ -32,7 +32,7 @@ def test_unknown_key_is_refused_with_the_known_ones(tmp_path):
 def test_cluster_config_needs_a_spatial_graph_rule(tmp_path):
     path = tmp_path / "nograph.toml"
     path.write_text("[cluster]\nepochs = 3\n")
-    with pytest.raises(ConfigError, match="radius or spatial_k"):
+    with pytest.raises(ConfigError, match="one of radius_spacings, radius or spatial_k"):
         load_cluster_config("whatever", path=path)
 
 
@@ -71,3 +71,74 @@ def test_printed_embed_config_loads_back_to_the_same_config(tmp_path):
     path = tmp_path / "embed.toml"
     path.write_text(config_to_toml(cfg))
     assert load_embed_config("mob", path=path) == cfg
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, None), (7, 7), ("7", 7), ("auto", "auto:3-15"), ("AUTO", "auto:3-15"), ("auto:4-9", "auto:4-9"),
+    ("auto:5-5", "auto:5-5")])
+def test_n_domains_is_a_number_or_auto_with_a_range(value, expected):
+    assert load_cluster_config("mob", {"n_domains": value}).n_domains == expected
+
+
+@pytest.mark.parametrize("value, message", [
+    (0, "n_domains must be >= 2, got 0"),
+    ("0", "n_domains must be >= 2, got 0"),
+    ("auto:15-3", "the range is empty, 15 > 3; write the smaller bound first (auto:3-15)"),
+    ("auto:1-5", "the smallest number of domains must be >= 2, got 1"),
+    ("auto:3", "integer >= 2, \"auto\" or \"auto:LO-HI\""),
+    ("seven", "integer >= 2, \"auto\" or \"auto:LO-HI\""),
+])
+def test_a_malformed_n_domains_is_refused_with_what_to_write(value, message):
+    with pytest.raises(ConfigError) as err:
+        load_cluster_config("mob", {"n_domains": value})
+    assert message in str(err.value)
+
+
+def test_auto_n_domains_in_a_config_file_loads_back_from_the_printed_config(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[cluster]\nspatial_k = 6\nn_domains = "auto:4-12"\nrefine = true\n')
+    cfg = load_cluster_config("x", path=path)
+    assert (cfg.n_domains, cfg.refine) == ("auto:4-12", True)
+    (tmp_path / "again.toml").write_text(config_to_toml(cfg))
+    assert load_cluster_config("x", path=tmp_path / "again.toml") == cfg
+
+
+def test_a_spatial_rule_given_as_override_replaces_the_files_rule():
+    dlpfc = load_cluster_config("dlpfc-151507")  # the file gives radius_spacings
+    assert (dlpfc.radius_spacings, dlpfc.radius, dlpfc.spatial_k) == (1.9, None, None)
+    assert load_cluster_config("dlpfc-151507", {"radius": 300.0}).radius_spacings is None
+    assert load_cluster_config("dlpfc-151673", {"radius_spacings": 2.5}).spatial_k is None
+
+
+def test_radius_spacings_must_be_positive():
+    with pytest.raises(ConfigError, match="radius_spacings must be > 0"):
+        load_cluster_config("dlpfc-151507", {"radius_spacings": 0.0})
+
+
+LOCAL_SLIDES = ["dlpfc-151673", "dlpfc-151510", "mob", "starmap-mpfc", "osmfish", "seqfish-cortex"]
+
+
+@pytest.mark.parametrize("dataset", LOCAL_SLIDES)
+def test_every_local_slide_gets_a_few_neighbours_per_spot_from_its_shipped_config(shared_data_dir, dataset):
+    import anndata as ad
+    import numpy as np
+
+    from semst.cluster.runner import slide_spatial_graph
+
+    coords = np.asarray(ad.read_h5ad(shared_data_dir / f"{dataset}.h5ad", backed="r").obsm["spatial"], dtype=float)
+    g = slide_spatial_graph(load_cluster_config(dataset), coords)
+    assert 4 <= (g.num_edges() - len(coords)) / len(coords) <= 20
+
+
+def test_a_visium_config_holds_for_the_slide_in_any_unit(shared_data_dir):
+    """The DLPFC rule (1.9 spot spacings) on a DLPFC slide in array units and in full-resolution pixels:
+    the same ~12 neighbours, where the former radius = 275.0 gave 3451 in array units."""
+    import anndata as ad
+    import numpy as np
+
+    from semst.cluster.runner import slide_spatial_graph
+
+    coords = np.asarray(ad.read_h5ad(shared_data_dir / "dlpfc-151510.h5ad", backed="r").obsm["spatial"], dtype=float)
+    cfg = load_cluster_config("dlpfc-151507")
+    edges = [slide_spatial_graph(cfg, coords * scale).num_edges() for scale in (1.0, 137.0 / 6.21)]
+    assert edges[0] == edges[1] and 10 <= (edges[0] - len(coords)) / len(coords) <= 13

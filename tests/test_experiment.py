@@ -324,3 +324,17 @@ def test_a_grid_restricted_to_some_datasets_keeps_its_methods_and_refuses_others
     assert mob.datasets == ["mob"] and [v.name for v in mob.variants] == [v.name for v in grid.variants]
     with pytest.raises(ExperimentError, match="not in it: nowhere"):
         restrict_datasets(grid, ["mob", "nowhere"])
+
+
+def test_the_autok_grid_compares_the_annotated_with_the_chosen_number_of_domains():
+    grid = load_grid(REPO / "experiments" / "autok.toml")
+    assert [cell_config(grid, v, "mob").n_domains for v in grid.variants] == [None, "auto:3-15"]
+
+
+def test_a_variant_can_ask_for_auto_n_domains_and_a_malformed_range_is_refused_at_parse_time():
+    grid = parse_grid(grid_with(lambda d: d["variant"].append(
+        {"name": "auto", "cluster": {"fusion": "none", "n_domains": "auto:3-9"}})), "g.toml")
+    assert cell_config(grid, grid.variant("auto"), "mob").n_domains == "auto:3-9"
+    assert cell_config(grid, grid.variant("semst"), "mob").n_domains is None
+    message = error_of(lambda d: d["variant"].append({"name": "bad", "cluster": {"n_domains": "auto:9-3"}}))
+    assert "variant 'bad' on mob" in message and "the range is empty" in message

@@ -102,3 +102,36 @@ def test_the_approximate_expression_graph_is_the_same_for_the_same_seed():
     x = np.random.default_rng(0).normal(size=(300, 20)).astype(np.float32)
     a, b = (expression_graph(x, 5, method="approximate", seed=3) for _ in range(2))
     assert all(torch.equal(u, v) for u, v in zip(a.edges(), b.edges()))
+
+
+def test_radius_in_spacings_gives_the_same_graph_in_any_coordinate_unit(coords):
+    from semst.cluster.graphs import median_spacing
+
+    for scale in (1.0, 22.2, 0.045):  # e.g. array units, full-resolution pixels, millimetres
+        scaled = coords * scale
+        g = spatial_graph(scaled, radius=3.0 * median_spacing(scaled))
+        assert edge_set(g) == edge_set(spatial_graph(coords, radius=3.0 * median_spacing(coords)))
+
+
+def test_median_spacing_is_the_grid_step():
+    from semst.cluster.graphs import median_spacing
+
+    grid = np.stack(np.meshgrid(np.arange(6.0), np.arange(5.0)), -1).reshape(-1, 2) * 137.0
+    assert median_spacing(grid) == pytest.approx(137.0)
+
+
+def test_a_radius_meant_for_other_units_is_refused_before_any_edge_is_built():
+    # a Visium-like slide in array units (spacing ~6) with the full-resolution-pixel radius 275
+    grid = np.stack(np.meshgrid(np.arange(30.0), np.arange(30.0)), -1).reshape(-1, 2) * 6.2
+    with pytest.raises(GraphError) as err:
+        spatial_graph(grid, radius=275.0, max_mean_degree=100)
+    message = str(err.value)
+    assert "neighbours on average (more than 100)" in message and "median spot spacing is 6.2" in message
+    assert "radius_spacings" in message and "allow_dense_graph = true" in message
+    assert spatial_graph(grid, radius=275.0).num_nodes() == 900  # allowed when the caller asks for it
+
+
+def test_a_knn_graph_with_more_than_the_limit_is_refused_too():
+    pts = np.random.default_rng(0).uniform(size=(300, 2))
+    with pytest.raises(GraphError, match="120 nearest spots"):
+        spatial_graph(pts, k=120, max_mean_degree=100)

@@ -131,3 +131,20 @@ def test_figures_are_written_as_png(tmp_path):
                                                          (20, {"ARI": m(3, 1), "NMI": m(4, 1)})]})):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.png", "maps.png", "umap.png"]
+
+
+def test_the_report_shows_chosen_against_annotated_k_for_auto_cells():
+    auto = ok_cell("mob", "semst", 30.0)
+    auto.auto_k = {"range": "auto:3-15", "chosen": 4, "stability": {"4": 0.81234, "5": 0.7}, "seconds": 2.04}
+    auto.auto_comparison = {"annotated_k": 5, "chosen_k": 4,
+                            "ARI_chosen": {"mean": 30.0, "sd": 1.5, "n": 2, "consensus": 31.25},
+                            "ARI_annotated": {"mean": 35.0, "sd": 2.0, "n": 2, "consensus": None}}
+    text = render_report(report_data(cells=[auto, ok_cell("mob", "wo-llm", 40.5)]))
+    assert "## Number of domains chosen by stability (auto)" in text
+    assert ("| mob | SemST | auto:3-15 | 5 | 4 | 0.812 | 0.700 | 30.00 ± 1.50 (consensus 31.25) | "
+            "35.00 ± 2.00 | 2.0 |") in text
+    assert "| mob | w/o LLM |" not in text.split("(auto)")[1].split("##")[0]
+
+
+def test_without_auto_cells_there_is_no_auto_section():
+    assert "(auto)" not in render_report(report_data())
