@@ -186,15 +186,16 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
     inverse = np.empty(n, dtype=np.int64)
     inverse[order] = np.arange(n)
     identity = not minibatch
-    if getattr(cfg, "zinb_target", "counts") == "scaled":  # the authors' train.py line 53
+    if cfg.zinb_target == "scaled":  # the authors' train.py line 53
         counts, size_factors = features, np.ones(n, dtype=np.float32)
     x = torch.from_numpy(np.ascontiguousarray(features if identity else np.asarray(features)[order], dtype=np.float32))
     sparse_input = bool(x.numel()) and float((x != 0).sum()) / x.numel() <= SPARSE_INPUT_DENSITY
     sparse_counts = SparseCounts(counts if identity else _rows(counts, order))
     sf = torch.from_numpy(np.asarray(size_factors, dtype=np.float32)[order])
     sem = None if sem_np is None else torch.from_numpy(sem_np if identity else sem_np[order])
-    graph_s = spatial if identity else dgl.reorder_graph(spatial, "custom", permute_config={"nodes_perm": torch.from_numpy(order)})
-    graph_f = expression if identity else dgl.reorder_graph(expression, "custom", permute_config={"nodes_perm": torch.from_numpy(order)})
+    perm = {"nodes_perm": torch.from_numpy(order)}
+    graph_s, graph_f = (g_ if identity else dgl.reorder_graph(g_, "custom", permute_config=perm)
+                        for g_ in (spatial, expression))
     bounds = np.cumsum([0] + [len(p) for p in parts])
     batches = [_batch(graph_s, graph_f, int(bounds[i]), int(bounds[i + 1]), identity, x.numpy(), cfg)
                for i in range(len(parts))]
@@ -210,14 +211,13 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
     rng = np.random.default_rng(seed)
     emb_dim = None if sem is None else sem.shape[1]
     model = SemST(g, emb_dim, cfg.hidden1, cfg.hidden2, cfg.dropout, cfg.fusion, cfg.fsm_hidden_ratio,
-                  getattr(cfg, "fsm_mode", "paper"), getattr(cfg, "gcn_norm", "both"), getattr(cfg, "gcn_init", "xavier"))
+                  cfg.fsm_mode, cfg.gcn_norm, cfg.gcn_init)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rows = block_rows(g) if cfg.decoder_batch is None else cfg.decoder_batch
     history: dict[str, list[float]] = {"total": [], "zinb": [], "cr": [], "spatial": []}
-    fsm_mode = getattr(cfg, "fsm_mode", "paper")
-    if cfg.fusion == "film" and fsm_mode != "paper":  # per epoch: how far the FSM moved from the identity
+    if cfg.fusion == "film" and cfg.fsm_mode != "paper":  # per epoch: how far the FSM moved from the identity
         history["film_change"] = []
-        if fsm_mode == "gated":
+        if cfg.fsm_mode == "gated":
             history["film_gate"] = []
     mode = "full batch" if identity else f"mini-batch ({len(parts)} batches of <= {cfg.batch_spots} spots)"
     mode += ", sparse input" if sparse_input else ""
@@ -275,7 +275,7 @@ def _step(model, opt, b: _Batch, x, sem, counts: SparseCounts, sf, cfg, rows: in
         logits = torch.addmm(bias, hb, weight.T)
         clock.lap("decoder")
         nll, grad = zinb_nll_and_grad(logits, counts.block(b.start + s, b.start + e), sf[b.start + s:b.start + e],
-                                      getattr(cfg, "zinb_ridge", 0.0))
+                                      cfg.zinb_ridge)
         clock.lap("zinb")
         zinb += nll / (m * g)
         grad.mul_(scale)
@@ -287,9 +287,9 @@ def _step(model, opt, b: _Batch, x, sem, counts: SparseCounts, sf, cfg, rows: in
     for head, gw, gb in zip((dec.pi, dec.disp, dec.mean), grad_w.chunk(3), grad_b.chunk(3)):
         head.weight.grad, head.bias.grad = gw, gb
     film_stats = dict(model.fuse.stats) if model.fusion == "film" else {}
-    l_cr = correlation_reduction_loss(z_s, z_f, getattr(cfg, "cr_similarity", "pearson"))
+    l_cr = correlation_reduction_loss(z_s, z_f, cfg.cr_similarity)
     clock.lap("cr")
-    if getattr(cfg, "spatial_loss", "sampled") == "all-pairs":  # the authors' mean over N^2 pairs
+    if cfg.spatial_loss == "all-pairs":  # the authors' mean over N^2 pairs
         l_s = all_pairs_spatial_loss(z, torch.from_numpy(b.pos_src), torch.from_numpy(b.pos_dst),
                                      cfg.spatial_exact_below, cfg.spatial_samples_per_spot, rng)
     else:

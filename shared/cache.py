@@ -96,7 +96,7 @@ def embedding_tag(cfg) -> str:
     """
     prompt_settings = {"k": cfg.k_genes, "template": cfg.template, "genes_from": cfg.genes_from,
                        "preprocess": dataclasses.asdict(cfg.preprocess) if cfg.genes_from == "hvg" else None}
-    ranking = getattr(cfg, "gene_ranking", "counts")
+    ranking = cfg.gene_ranking
     if ranking != "counts":  # absent for counts, so the tags of existing spot tables stay valid
         prompt_settings["ranking"] = ranking
     if prompt_settings["preprocess"] is not None:  # whether the HVG count is enforced changes no prompt
