@@ -182,13 +182,17 @@ def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, 
               help="Where REPORT.md, figures/ and cells/ go (default: the grid's [grid] out).")
 @click.option("--rerun", is_flag=True, help="Run every cell again instead of reusing finished ones.")
 @click.option("--datasets", default=None, help="Comma-separated subset of the grid's datasets to run.")
-def experiment_cmd(grid, cache, out_dir, rerun, datasets):
+@click.option("--variants", default=None,
+              help="Comma-separated subset of the grid's variants to run (a later whole run reuses their cells).")
+def experiment_cmd(grid, cache, out_dir, rerun, datasets, variants):
     """Run a grid of datasets x methods x seeds (TOML) and write REPORT.md; exit 1 if a cell failed."""
-    from semst.experiments.grid import load_grid, restrict_datasets, run_experiment
+    from semst.experiments.grid import load_grid, restrict_datasets, restrict_variants, run_experiment
 
     grid = load_grid(grid)
     if datasets:
         grid = restrict_datasets(grid, [d.strip() for d in datasets.split(",") if d.strip()])
+    if variants:
+        grid = restrict_variants(grid, [v.strip() for v in variants.split(",") if v.strip()])
     outcome = run_experiment(grid, cache=cache, out_dir=out_dir, resume=not rerun)
     click.echo(f"{len(outcome.cells)} cells ({outcome.n_failed} failed), "
                f"{len(outcome.skipped)} datasets skipped; report: {outcome.report}")

@@ -380,6 +380,24 @@ def restrict_datasets(grid: Grid, datasets: list[str]) -> Grid:
     return dataclasses.replace(grid, datasets=[d for d in grid.datasets if d in datasets], figures=figures)
 
 
+def restrict_variants(grid: Grid, names: list[str]) -> Grid:
+    """The same grid with a subset of its variants, e.g. the cheap ones first on a busy machine.
+
+    Cells are kept per (dataset, variant), so a later run of the whole grid reuses what this one
+    finished. Tables and figures keep the variants that are left; one left with none is dropped.
+    """
+    known = [v.name for v in grid.variants]
+    outside = [n for n in names if n not in known]
+    if not names or outside:
+        raise ExperimentError(f"{_where(grid.path)}: --variants must name variants of the grid "
+                              f"({', '.join(known)}); not in it: {', '.join(outside) or '(none given)'}")
+    kept = [v for v in grid.variants if v.name in names]
+    tables = [dataclasses.replace(t, variants=[n for n in t.variants if n in names]) for t in grid.tables]
+    figures = [dataclasses.replace(f, variants=[n for n in f.variants if n in names]) for f in grid.figures]
+    return dataclasses.replace(grid, variants=kept, tables=[t for t in tables if t.variants],
+                               figures=[f for f in figures if f.variants])
+
+
 # -- configs of one cell --------------------------------------------------------------------------------
 
 def cell_config(grid: Grid, variant: Variant, dataset: str, cache: str | Path | None = None) -> ClusterConfig:

@@ -326,6 +326,19 @@ def test_a_grid_restricted_to_some_datasets_keeps_its_methods_and_refuses_others
         restrict_datasets(grid, ["mob", "nowhere"])
 
 
+def test_a_grid_restricted_to_some_variants_keeps_their_tables_and_refuses_others():
+    from semst.experiments.grid import restrict_variants
+
+    grid = load_grid(REPO / "experiments" / "recipe.toml")
+    cheap = restrict_variants(grid, ["semst-none", "paper-none"])
+    assert [v.name for v in cheap.variants] == ["paper-none", "semst-none"]  # the grid's order
+    assert [(t.name, t.variants) for t in cheap.tables] == [("recipes", ["paper-none", "semst-none"]),
+                                                            ("no-harm", ["semst-none", "paper-none"])]
+    assert cheap.datasets == grid.datasets and cheap.seeds == grid.seeds
+    with pytest.raises(ExperimentError, match="not in it: semst-nothing"):
+        restrict_variants(grid, ["semst-none", "semst-nothing"])
+
+
 def test_the_autok_grid_compares_the_annotated_with_the_chosen_number_of_domains():
     grid = load_grid(REPO / "experiments" / "autok.toml")
     assert [cell_config(grid, v, "mob").n_domains for v in grid.variants] == [None, "auto:3-15"]
