@@ -45,33 +45,52 @@ def semantic_embeddings(cfg: ClusterConfig, spot_ids, seed: int) -> tuple[np.nda
     """
     if cfg.fusion == "none":
         return None, {"embedding": "none (w/o LLM)"}
-    from semst.shared.cache import CacheError, EmbeddingCache, embedding_tag
-    
+    from semst.shared.cache import embedding_tag
+
     tag = embedding_tag(cfg.embed) if cfg.embedding in ("llm", "random") else cfg.embedding
-    try:
-        cache = EmbeddingCache(cfg.cache, create=False)
-        table, meta = cache.read_spot_table(cfg.dataset, tag)
-    except CacheError as exc:
-        raise ClusterError(f"no cached embeddings for {cfg.dataset} with tag {tag} in {cfg.cache}: {exc}. "
-                           f"Run {embed_command(cfg)} first.") from None
-    space = _space_from_meta(meta)
+    fix = f"Run {embed_command(cfg)}"
     if cfg.embedding == "random":
+        _, _, meta = _spot_table(cfg.cache, cfg.dataset, tag, fix)
+        dim = _space_from_meta(meta).dim
         rng = np.random.default_rng(seed)
-        vectors = rng.normal(0.0, cfg.random_embedding_std, size=(len(spot_ids), space.dim)).astype(np.float32)
-        return vectors, {"embedding": f"random N(0, {cfg.random_embedding_std}) x {space.dim}"}
+        vectors = rng.normal(0.0, cfg.random_embedding_std, size=(len(spot_ids), dim)).astype(np.float32)
+        return vectors, {"embedding": f"random N(0, {cfg.random_embedding_std}) x {dim}"}
+    vectors, meta = cached_vectors(cfg.cache, cfg.dataset, tag, spot_ids, fix)
+    space = _space_from_meta(meta)
+    return vectors, {"embedding": tag, "space_id": meta.get("space_id"), "model": space.model,
+                     "pooling": space.pooling, "dim": space.dim}
+
+
+def _spot_table(cache_path, dataset: str, tag: str, fix: str):
+    from semst.shared.cache import CacheError, EmbeddingCache
+
+    try:
+        cache = EmbeddingCache(cache_path, create=False)
+        table, meta = cache.read_spot_table(dataset, tag)
+    except CacheError as exc:
+        raise ClusterError(f"no cached embeddings for {dataset} with tag {tag} in {cache_path}: {exc}. "
+                           f"{fix} first.") from None
+    return cache, table, meta
+
+
+def cached_vectors(cache_path, dataset: str, tag: str, spot_ids, fix: str = "Run semst embed") -> tuple[np.ndarray, dict]:
+    """The cached vectors of ``dataset``'s spot table ``tag``, one row per spot of ``spot_ids`` in
+    that order, and the table's metadata; a ClusterError ending in ``fix`` if any is missing."""
+    from semst.shared.cache import CacheError
+
+    cache, table, meta = _spot_table(cache_path, dataset, tag, fix)
+    space = _space_from_meta(meta)
     by_spot = pd.Series(table["prompt_hash"].to_numpy(), index=table["spot_id"].astype(str).to_numpy())
     missing = pd.Index(spot_ids).difference(by_spot.index)
     if len(missing):
         raise ClusterError(f"the spot table {tag} covers {len(by_spot)} spots but {len(missing)} of "
-                           f"{cfg.dataset}'s {len(spot_ids)} spots are not in it (e.g. {list(missing[:3])}); "
-                           f"it was written for a subset. Run {embed_command(cfg)} again.")
+                           f"{dataset}'s {len(spot_ids)} spots are not in it (e.g. {list(missing[:3])}); "
+                           f"it was written for a subset. {fix} again.")
     hashes = by_spot.loc[list(spot_ids)].tolist()
     try:
-        vectors = cache.get(space, hashes)
+        return cache.get(space, hashes), meta
     except CacheError as exc:
-        raise ClusterError(f"{exc}. Run {embed_command(cfg)} to compute them.") from None
-    return vectors, {"embedding": tag, "space_id": meta.get("space_id"), "model": space.model,
-                     "pooling": space.pooling, "dim": space.dim}
+        raise ClusterError(f"{exc}. {fix} to compute them.") from None
 
 
 def _space_from_meta(meta: dict):

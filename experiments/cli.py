@@ -30,6 +30,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ("semst.cluster.graphs", ("GraphError",)),
         ("semst.cluster.runner", ("ClusterError",)),
         ("semst.experiments.grid", ("ExperimentError",)),
+        ("semst.experiments.prompt_information", ("PromptInformationError",)),
         ("semst.cluster.baselines", ("BaselineError",)),
         ("semst.cluster.stagate", ("StagateError",)),
         ("semst.embed.sentence_encoder", ("SentenceEncoderError",)),
@@ -198,6 +199,28 @@ def experiment_cmd(grid, cache, out_dir, rerun, datasets, variants):
                f"{len(outcome.skipped)} datasets skipped; report: {outcome.report}")
     if outcome.n_failed:
         raise SystemExit(1)
+
+
+def _csv(text: str, cast=str) -> list:
+    return [cast(x.strip()) for x in text.split(",") if x.strip()]
+
+
+@main.command("prompt-info")
+@click.argument("dataset")
+@cache_option
+@click.option("--recipe", "recipes", default="semst", show_default=True, help="Comma-separated recipes.")
+@click.option("--gene-ranking", "rankings", default="counts,scaled", show_default=True,
+              help="Comma-separated gene rankings.")
+@click.option("--k-genes", "k_values", default="10,20", show_default=True, help="Comma-separated k_g values.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="k-means seeds.")
+def prompt_info_cmd(dataset, cache, recipes, rankings, k_values, seeds):
+    """How much domain information DATASET's prompt gene lists hold and how much the cached LLM embeddings keep
+    (ARI of k-means on each; scoring only, nothing is chosen with the labels)."""
+    from semst.experiments.prompt_information import HEADER, prompt_information
+
+    click.echo(HEADER)
+    prompt_information(dataset, _csv(recipes), _csv(rankings), _csv(k_values, int), _csv(seeds, int),
+                       cache=cache, log=click.echo)
 
 
 @main.group("cache")
