@@ -217,10 +217,16 @@ def spatial_graph_rule(coords, radius: float | None = None, k: int | None = None
                        radius_spacings: float | None = None, adaptive_k: int | None = None,
                        adaptive_step_spacings: float = 5.0 / 137.0, self_loops: int = 1,
                        max_mean_degree: float | None = None):
-    """The spatial graph of a config's rule, first set of: ``adaptive_k`` (the authors' adaptive
-    threshold, its step in spacings), ``radius_spacings`` (radius = that many median nearest-neighbour
-    distances), ``k`` (k nearest spots), ``radius`` (coordinate units). ``self_loops``: a spot's own
-    weight. Returns (graph, description)."""
+    """The spatial graph of exactly one rule: ``adaptive_k`` (the authors' adaptive threshold, its
+    step in spacings), ``radius_spacings`` (radius = that many median nearest-neighbour distances),
+    ``k`` (k nearest spots) or ``radius`` (coordinate units). ``self_loops``: a spot's own weight.
+    Returns (graph, description). Which rule a config means is decided once, by the config's
+    precedence (cluster.runner.slide_spatial_graph), so this refuses two rules instead of keeping
+    a precedence of its own."""
+    given = [name for name, value in (("adaptive_k", adaptive_k), ("radius_spacings", radius_spacings),
+                                      ("k", k), ("radius", radius)) if value is not None]
+    if len(given) != 1:
+        raise GraphError(f"the spatial graph needs exactly one rule, got {', '.join(given) or 'none'}")
     if adaptive_k is not None:
         spacing = median_spacing(coords)
         r = adaptive_radius(coords, adaptive_k, adaptive_step_spacings * spacing)

@@ -195,6 +195,16 @@ def test_the_authors_knn_graph_is_the_symmetrised_k_nearest_other_spots():
     np.testing.assert_array_equal(_dense_adjacency(g, 30), A)
 
 
+def test_the_graph_builder_takes_exactly_one_spatial_rule():
+    from semst.cluster.graphs import GraphError
+
+    coords = np.stack(np.meshgrid(np.arange(4.0), np.arange(4.0)), -1).reshape(-1, 2)
+    with pytest.raises(GraphError, match="exactly one rule, got radius_spacings, k"):
+        spatial_graph_rule(coords, k=6, radius_spacings=1.5)
+    with pytest.raises(GraphError, match="exactly one rule, got none"):
+        spatial_graph_rule(coords)
+
+
 def test_a_radius_in_spacings_is_the_same_graph_in_any_coordinate_unit():
     rng = np.random.default_rng(2)
     coords = np.stack(np.meshgrid(np.arange(10.0), np.arange(10.0)), -1).reshape(-1, 2) + rng.normal(0, 0.02, (100, 2))
