@@ -115,7 +115,7 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     ``semantic`` (spots x d) gives the semantic vectors directly (e.g. from ``semst.encode``)
     instead of reading them from the cache; ``cfg.embedding`` then only names them.
     """
-    from semst.cluster.graphs import expression_graph
+    from semst.cluster.graphs import expression_graph, isolated_spots
     from semst.cluster.train import resolve_minibatch, train_semst
     from semst.shared.preprocess import check_gene_supply
 
@@ -137,8 +137,10 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     sgraph = slide.spatial_graph
     fgraph = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs, cfg.expr_knn, progress=progress)
     n = slide.adata.n_obs
+    alone = isolated_spots(sgraph)
     log(f"{cfg.dataset}: {n} spots, {prep.n_vars} genes, {slide.n_domains} domains; spatial graph "
-        f"({spatial_rule(cfg, slide.coords)[2]}) {(sgraph.num_edges() - n) / n:.1f} neighbours per spot, "
+        f"({spatial_rule(cfg, slide.coords)[2]}) {(sgraph.num_edges() - n) / n:.1f} neighbours per spot"
+        + (f" ({alone} spots have none and keep only their own edge)" if alone else "") + ", "
         f"expression graph {fgraph.num_edges()} edges; embedding {source['embedding']}; {slide.threads} thread(s)")
     source = {**source, "threads": slide.threads}
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from semst.cluster.graphs import GraphError, expression_graph, neighbour_pairs, spatial_graph
+from semst.cluster.graphs import GraphError, expression_graph, isolated_spots, neighbour_pairs, spatial_graph
 
 
 def edge_set(g):
@@ -68,10 +68,20 @@ def test_expression_graph_components_outside_1_to_genes_minus_1_is_a_clear_error
         expression_graph(X, 3, n_components=n_components)
 
 
-def test_a_radius_leaving_spots_isolated_says_how_many():
+def test_a_radius_leaving_more_than_1_percent_of_spots_isolated_says_how_many():
     coords = np.array([[0, 0], [1, 0], [0, 1], [50, 50], [80, 0]], dtype=float)
     with pytest.raises(GraphError, match="leaves 2 of 5 spots without any spatial neighbour"):
         spatial_graph(coords, radius=2.0)
+
+
+def test_a_stray_spot_beyond_the_radius_keeps_only_its_own_edge():
+    grid = np.stack(np.meshgrid(np.arange(10.0), np.arange(10.0)), -1).reshape(-1, 2)
+    coords = np.vstack([grid, [[100.0, 100.0]]])  # 1 of 101 spots (< 1%) far from the tissue
+    g = spatial_graph(coords, radius=1.5)
+    src, dst = g.edges()
+    assert isolated_spots(g) == 1
+    assert sorted(dst[src == 100].tolist()) == [100]  # its own edge, nothing else
+    assert isolated_spots(spatial_graph(grid, radius=1.5)) == 0
 
 
 def test_neighbour_pairs_drop_self_loops(coords):
