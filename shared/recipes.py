@@ -42,6 +42,8 @@ PAPER_CLUSTER = {
     "gcn_norm": "right",
     # models.py lines 39-43: GraphConvolution weight and bias ~ U(-1/sqrt(out), 1/sqrt(out)).
     "gcn_init": "uniform",
+    # models.py: the FSM as published (its last layer initialised like every other Linear).
+    "fsm_mode": "paper",
 }
 
 # -- per-dataset settings of the authors' config/*.ini (line numbers of those files) -----------------

@@ -54,8 +54,8 @@ def test_the_paper_recipe_takes_each_datasets_settings_from_the_authors_ini(data
     cfg = load_cluster_config(dataset, {"recipe": "paper"})
     assert {k: getattr(cfg, k) for k in expected} == expected
     # the choices every paper dataset shares (train.py, utils.py, models.py, llm_generate_embedding.py)
-    assert (cfg.zinb_target, cfg.zinb_ridge, cfg.spatial_loss, cfg.cr_similarity, cfg.gcn_norm, cfg.gcn_init) == (
-        "scaled", 0.05, "all-pairs", "cosine", "right", "uniform")
+    assert (cfg.zinb_target, cfg.zinb_ridge, cfg.spatial_loss, cfg.cr_similarity, cfg.gcn_norm, cfg.gcn_init,
+            cfg.fsm_mode) == ("scaled", 0.05, "all-pairs", "cosine", "right", "uniform", "paper")
     assert (cfg.embed.recipe, cfg.embed.k_genes, cfg.embed.gene_ranking, cfg.embed.genes_from) == (
         "paper", 10, "scaled", "hvg")
     assert cfg.preprocess.min_cells == 100 and cfg.preprocess.require_top_genes
@@ -67,7 +67,7 @@ def test_the_semst_recipe_is_todays_behaviour():
     assert cfg.recipe == "semst" and cfg.embed.recipe == "semst"
     assert (cfg.spatial_k, cfg.radius_spacings, cfg.embed.k_genes, cfg.embed.gene_ranking) == (6, None, 20, "counts")
     assert (cfg.zinb_target, cfg.zinb_ridge, cfg.spatial_loss, cfg.cr_similarity, cfg.gcn_norm, cfg.gcn_init,
-            cfg.fsm_mode) == ("counts", 0.0, "sampled", "pearson", "both", "xavier", "paper")
+            cfg.fsm_mode) == ("counts", 0.0, "sampled", "pearson", "both", "xavier", "zero-init")
     assert load_cluster_config("dlpfc-151673", {"recipe": "semst"}) == cfg
 
 
