@@ -118,13 +118,19 @@ def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, tem
     embed_dataset(cfg, max_spots=max_spots)
 
 
+def _csv(text: str, cast=str, what: str = "values") -> list:
+    """A comma-separated option as a list (empty items dropped); a clear error if an item is not a ``cast``."""
+    try:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        kind = "integers" if cast is int else "values"
+        raise click.BadParameter(f"{what} must be comma-separated {kind}, got {text!r}") from None
+
+
 def _parse_seeds(value: str | None) -> list[int] | None:
     if value is None:
         return None
-    try:
-        seeds = [int(s) for s in value.split(",") if s.strip()]
-    except ValueError:
-        raise click.BadParameter(f"seeds must be comma-separated integers, got {value!r}")
+    seeds = _csv(value, int, "seeds")
     if not seeds:
         raise click.BadParameter("seeds must list at least one integer")
     return seeds
@@ -191,18 +197,14 @@ def experiment_cmd(grid, cache, out_dir, rerun, datasets, variants):
 
     grid = load_grid(grid)
     if datasets:
-        grid = restrict_datasets(grid, [d.strip() for d in datasets.split(",") if d.strip()])
+        grid = restrict_datasets(grid, _csv(datasets))
     if variants:
-        grid = restrict_variants(grid, [v.strip() for v in variants.split(",") if v.strip()])
+        grid = restrict_variants(grid, _csv(variants))
     outcome = run_experiment(grid, cache=cache, out_dir=out_dir, resume=not rerun)
     click.echo(f"{len(outcome.cells)} cells ({outcome.n_failed} failed), "
                f"{len(outcome.skipped)} datasets skipped; report: {outcome.report}")
     if outcome.n_failed:
         raise SystemExit(1)
-
-
-def _csv(text: str, cast=str) -> list:
-    return [cast(x.strip()) for x in text.split(",") if x.strip()]
 
 
 @main.command("prompt-info")
@@ -218,9 +220,9 @@ def prompt_info_cmd(dataset, cache, recipes, rankings, k_values, seeds):
     (ARI of k-means on each; scoring only, nothing is chosen with the labels)."""
     from semst.experiments.prompt_information import HEADER, prompt_information
 
+    settings = (_csv(recipes), _csv(rankings), _csv(k_values, int, "k_genes"), _parse_seeds(seeds))
     click.echo(HEADER)
-    prompt_information(dataset, _csv(recipes), _csv(rankings), _csv(k_values, int), _csv(seeds, int),
-                       cache=cache, log=click.echo)
+    prompt_information(dataset, *settings, cache=cache, log=click.echo)
 
 
 @main.group("cache")
