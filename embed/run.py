@@ -35,12 +35,16 @@ class EmbedReport:
     spot_table: Path
 
 
-def spot_gene_lists(cfg: EmbedConfig, adata) -> list[list[str]]:
+def spot_gene_lists(cfg: EmbedConfig, adata, preprocessed=None) -> list[list[str]]:
     """Top-k_g genes of each spot, in descending raw count or preprocessed value (``gene_ranking``;
-    see shared.preprocess.top_k_genes)."""
+    see shared.preprocess.top_k_genes). ``preprocessed``: ``preprocess(adata, cfg.preprocess)`` if
+    the caller has it already (several k_g or rankings on one slide), else it is computed here."""
     from semst.shared.preprocess import preprocess, top_k_genes
 
-    source = preprocess(adata, cfg.preprocess) if cfg.genes_from == "hvg" else adata
+    if cfg.genes_from != "hvg":
+        source = adata
+    else:
+        source = preprocessed if preprocessed is not None else preprocess(adata, cfg.preprocess)
     return top_k_genes(source, cfg.k_genes, cfg.gene_ranking)
 
 

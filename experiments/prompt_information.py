@@ -98,21 +98,24 @@ def prompt_information(dataset: str, recipes=("semst",), rankings=("counts",), k
         adata = load_dataset(dataset)
     labels = annotation(adata).to_numpy()
     spot_ids = adata.obs_names.astype(str)
-    expression_by_recipe: dict[str, tuple[float, float]] = {}
+    # The preprocessing depends on the recipe only: done once per recipe, for the expression
+    # reference and for every ranking and k_g.
+    prepared: dict[str, tuple] = {}  # recipe -> (preprocessed AnnData, expression ARI)
     rows = []
     for recipe, ranking, k in itertools.product(recipes, rankings, k_values):
         cfg = load_embed_config(dataset, {"recipe": recipe, "gene_ranking": ranking, "k_genes": k,
                                           "cache": str(cache) if cache else None})
-        if recipe not in expression_by_recipe:
-            expr = preprocess(adata, cfg.preprocess).X
-            expression_by_recipe[recipe] = kmeans_ari(pca_features(expr, n_components), labels, seeds)
-        lists = spot_gene_lists(cfg, adata)
+        if recipe not in prepared:
+            prep = preprocess(adata, cfg.preprocess)
+            prepared[recipe] = prep, kmeans_ari(pca_features(prep.X, n_components), labels, seeds)
+        prep, expression_ari = prepared[recipe]
+        lists = spot_gene_lists(cfg, adata, prep)
         list_ari = kmeans_ari(gene_list_features(lists, n_components), labels, seeds)
         vectors = _cached_embeddings(cfg, spot_ids)
         emb_ari = ((np.nan, np.nan) if vectors is None
                    else kmeans_ari(pca_features(vectors, n_components, standardise=True), labels, seeds))
         row = InformationRow(recipe, ranking, k, len({tuple(g) for g in lists}), list_ari, emb_ari,
-                             expression_by_recipe[recipe], embedding_tag(cfg))
+                             expression_ari, embedding_tag(cfg))
         log(format_row(dataset, row))
         rows.append(row)
     return rows
