@@ -176,6 +176,8 @@ class EmbeddingCache:
         if group is None:
             return out
         for name in sorted(group.group_keys()):
+            if name.startswith(".tmp-") or "vectors" not in group[name]:
+                continue  # being created, or half-made by a killed writer: holds no committed row
             out.append(self._space_from_attrs(group[name].attrs.asdict(), name))
         return out
 
@@ -190,6 +192,13 @@ class EmbeddingCache:
         key = f"spaces/{space.space_id}"
         if key in self._root:
             group = self._root[key]
+            if "vectors" not in group:
+                # Half-made by a writer killed while creating it (before creation was atomic): no
+                # row can have been committed to it, so it is the same as no space.
+                if not create:
+                    return None
+                shutil.rmtree(self.path / "spaces" / space.space_id)
+                return self._create_space(space)["vectors"]
             stored = self._space_from_attrs(group.attrs.asdict(), space.space_id)
             if stored != space:
                 raise SpaceMismatchError(
@@ -198,10 +207,28 @@ class EmbeddingCache:
             return group["vectors"]
         if not create:
             return None
-        group = self._root.require_group(key)
-        group.attrs["identity"] = dataclasses.asdict(space)
-        return group.create_array("vectors", shape=(0, space.dim), chunks=(CHUNK_ROWS, space.dim),
-                                  dtype=space.dtype, fill_value=0)
+        return self._create_space(space)["vectors"]
+
+    def _create_space(self, space: EmbeddingSpace):
+        """Build the space (identity + empty vectors array) in a temporary sibling folder and rename it
+        into place, so a writer killed while creating it leaves either no space or a complete one: a
+        half-made space (a group without its identity or its vectors) would make every later open
+        fail. The caller holds the lock; ``gc`` removes the temporary folder of a killed creation."""
+        self._root.require_group("spaces")
+        spaces_dir = self.path / "spaces"
+        tmp = spaces_dir / f".tmp-{uuid.uuid4().hex}-{space.space_id}"
+        try:
+            group = self._zarr.open_group(str(tmp), mode="w")
+            group.attrs["identity"] = dataclasses.asdict(space)
+            group.create_array("vectors", shape=(0, space.dim), chunks=(CHUNK_ROWS, space.dim),
+                               dtype=space.dtype, fill_value=0)
+            self._fsync_tree(tmp)
+            os.rename(tmp, spaces_dir / space.space_id)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        fsync_dir(spaces_dir)
+        return self._root[f"spaces/{space.space_id}"]
 
     # -- index ------------------------------------------------------------------------------------
     def _parts(self, space: EmbeddingSpace) -> tuple[str, ...]:

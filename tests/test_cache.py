@@ -160,6 +160,36 @@ def test_gc_compacts_parts_trims_garbage_and_keeps_every_committed_row(cache):
     assert fresh.verify() == []
 
 
+def test_a_writer_killed_while_creating_a_space_leaves_no_space_and_the_next_one_creates_it(cache, monkeypatch):
+    import semst.shared.cache as cache_module
+
+    def killed(src, dst):  # the writer dies after building the space, before it is renamed into place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_module.os, "rename", killed)
+    monkeypatch.setattr(cache_module.shutil, "rmtree", lambda *a, **k: None)  # a dead writer cleans nothing
+    with pytest.raises(KeyboardInterrupt):
+        add(cache, range(3))
+    monkeypatch.undo()
+    assert list((cache.path / "spaces").glob(".tmp-*"))  # what the dead writer left
+    reopened = EmbeddingCache(cache.path, create=False)
+    assert reopened.spaces() == [] and reopened.verify() == []
+    assert reopened.contains(SPACE, [h(0)]).tolist() == [False]
+    assert add(reopened, range(3)) == 3
+    assert reopened.gc()["temp_files_removed"] == 1
+    np.testing.assert_array_equal(EmbeddingCache(cache.path).get(SPACE, [h(2)]), vec(2)[None])
+
+
+def test_a_space_half_made_by_an_older_writer_counts_as_absent_and_is_rebuilt_on_write(cache):
+    cache._root.require_group(f"spaces/{SPACE.space_id}")  # killed before its identity and vectors
+    reopened = EmbeddingCache(cache.path, create=False)
+    assert reopened.spaces() == [] and reopened.verify() == []
+    assert reopened.contains(SPACE, [h(0)]).tolist() == [False]
+    assert add(reopened, range(3)) == 3
+    assert reopened.spaces() == [SPACE]
+    np.testing.assert_array_equal(EmbeddingCache(cache.path).get(SPACE, [h(1)]), vec(1)[None])
+
+
 WRITER = textwrap.dedent("""
     import hashlib, sys, numpy as np
     sys.path.insert(0, {repo!r})
