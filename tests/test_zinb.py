@@ -77,3 +77,43 @@ def test_sparse_counts_keep_every_non_zero_and_its_log_factorial():
 
 def test_a_block_holds_about_half_a_million_entries_and_at_least_two_spots():
     assert block_rows(3000) == 174 and block_rows(500) == 1048 and block_rows(10**7) == 2
+
+
+def _heads_and_zinb_under(threads: int):
+    """The decoder heads + ZINB over 7 blocks of 6 spots, with torch's budget at ``threads``."""
+    from types import SimpleNamespace
+
+    from semst.cluster.train import _Clock, _heads_and_zinb
+
+    rng = np.random.default_rng(1)
+    m, g, hidden = 40, 25, 8
+    counts = (rng.negative_binomial(1, 0.5, size=(m, g)) * (rng.random((m, g)) < 0.3)).astype(np.float32)
+    h = torch.from_numpy(rng.normal(size=(m, hidden)).astype(np.float32))
+    weight = torch.from_numpy(rng.normal(0, 0.3, size=(3 * g, hidden)).astype(np.float32))
+    bias = torch.from_numpy(rng.normal(0, 0.1, size=3 * g).astype(np.float32))
+    sf = torch.from_numpy(rng.uniform(0.5, 2, m).astype(np.float32))
+    cfg = SimpleNamespace(zinb_weight=1.0, zinb_ridge=0.0)
+    grad_h = torch.empty(m, hidden)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loss, grad_w, grad_b = _heads_and_zinb(h, weight, bias, SparseCounts(counts), sf, 0, g, 6, cfg, grad_h, _Clock())
+        assert torch.get_num_threads() == threads  # the budget is given back
+    finally:
+        torch.set_num_threads(before)
+    return loss, grad_w, grad_b, grad_h
+
+
+def test_blocks_shared_among_threads_give_the_one_thread_loss_and_gradients():
+    one = _heads_and_zinb_under(1)
+    three = _heads_and_zinb_under(3)
+    assert three[0] == pytest.approx(one[0], rel=1e-6)
+    for a, b in zip(one[1:], three[1:]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert torch.equal(three[3], one[3])  # dL/dH: each block's rows by the same single-threaded ops
+
+
+def test_blocks_shared_among_threads_give_the_same_bits_every_time():
+    first, again = _heads_and_zinb_under(3), _heads_and_zinb_under(3)
+    assert first[0] == again[0]
+    assert all(torch.equal(a, b) for a, b in zip(first[1:], again[1:]))
