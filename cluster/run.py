@@ -8,6 +8,7 @@ k-means and metrics are :mod:`semst.cluster.runner`'s, shared with STAGATE and t
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,13 +136,15 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
         semantic, source = semantic_embeddings(cfg, slide.spot_ids, cfg.seeds[0])
     prep = slide.prep
     sgraph = slide.spatial_graph
+    started = time.perf_counter()
     fgraph = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs, cfg.expr_knn, progress=progress)
+    graph_seconds = time.perf_counter() - started
     n = slide.adata.n_obs
     alone = isolated_spots(sgraph)
     log(f"{cfg.dataset}: {n} spots, {prep.n_vars} genes, {slide.n_domains} domains; spatial graph "
         f"({spatial_rule(cfg, slide.coords)[2]}) {(sgraph.num_edges() - n) / n:.1f} neighbours per spot"
         + (f" ({alone} spots have none and keep only their own edge)" if alone else "") + ", "
-        f"expression graph {fgraph.num_edges()} edges; embedding {source['embedding']}; {slide.threads} thread(s)")
+        f"expression graph {fgraph.num_edges()} edges ({graph_seconds:.1f} s); embedding {source['embedding']}; {slide.threads} thread(s)")
     source = {**source, "threads": slide.threads}
 
     def fit(seed: int):
@@ -151,6 +154,9 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
         result = train_semst(prep.X, prep.layers["counts"], prep.obs["size_factor"].to_numpy(),
                              sgraph, fgraph, vectors, cfg, seed, progress=progress, coords=slide.coords)
         source["training"] = result.mode
+        trained = sum(v for k, v in result.seconds.items() if k != "graphs")
+        log(f"seed {seed}: {result.mode}, {cfg.epochs} epochs in {trained:.1f} s "
+            f"({trained / max(cfg.epochs, 1):.2f} s/epoch) after {result.seconds.get('graphs', 0.0):.1f} s of set-up")
         return result
 
     run_dir = Path(out_dir) / cfg.dataset / (run_name or default_run_name(cfg))

@@ -89,6 +89,15 @@ def test_the_same_seed_gives_the_same_domains(slide, tmp_path):
     np.testing.assert_array_equal(a.labels[0], b.labels[0])
 
 
+def test_the_run_log_says_how_each_seed_trained_and_how_long_an_epoch_took(slide, tmp_path):
+    cfg = grid_cfg(slide, fusion="none", seeds=[0, 1], epochs=3)
+    lines = []
+    cluster_dataset(cfg, out_dir=tmp_path / "r", progress=False, log=lines.append, write=False)
+    trained = [line for line in lines if " epochs in " in line]
+    assert [line.split(":")[0] for line in trained] == ["seed 0", "seed 1"]
+    assert all("full batch, 3 epochs in " in line and " s/epoch) after " in line for line in trained)
+
+
 def test_without_annotation_it_finds_domains_and_reports_no_metrics(slide, tmp_path):
     a = slide["adata"].copy()
     a.obs["ground_truth"] = np.nan
