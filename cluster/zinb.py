@@ -63,8 +63,8 @@ def zinb_nll_and_grad(logits: torch.Tensor, block, size_factors: torch.Tensor,
 
     Measured on dlpfc-151673 (idle machine): this block computation takes 0.51 s per epoch on one
     thread and 1.9 s on two (its many small elementwise, gather and scatter passes pay more in
-    thread synchronisation than they gain), so it always runs on one thread; the GEMMs around it
-    keep the run's thread budget.
+    thread synchronisation than they gain), so it always runs on one thread; training uses a larger
+    budget by giving each thread its own blocks (:func:`semst.cluster.train._heads_and_zinb`).
     """
     threads = torch.get_num_threads()
     if threads == 1:
