@@ -35,10 +35,11 @@ import torch
 
 from semst.cluster.dgl_compat import dgl
 from semst.cluster.graphs import neighbour_pairs
-from semst.cluster.losses import (all_pairs_spatial_loss, correlation_reduction_loss, sample_negatives,
+from semst.cluster.losses import (all_pairs_spatial_loss, correlation_reduction_loss, pair_keys, sample_negatives,
                                   spatial_regularisation_loss)
 from semst.cluster.model import SPARSE_INPUT_DENSITY, SemST, SparseFeatures
 from semst.cluster.zinb import SparseCounts, block_rows, zinb_nll_and_grad
+from semst.shared.threads import resolve_threads
 
 PARTS = ("graphs", "encoder", "decoder", "zinb", "cr", "spatial", "backward", "optimiser")
 
@@ -102,6 +103,7 @@ class _Batch:
     expression: object
     pos_src: np.ndarray  # spatial neighbour pairs, local indices
     pos_dst: np.ndarray
+    neighbour_keys: np.ndarray  # pair_keys of the neighbour pairs, for negative sampling
     features: object = None  # SparseFeatures of these rows when the input is kept sparse
 
 
@@ -134,7 +136,7 @@ def _batch(graph_s, graph_f, start: int, stop: int, whole: bool, features=None, 
         sg = dgl.node_subgraph(graph_s, torch.arange(start, stop))
         fg = expression_graph(features[start:stop], min(cfg.expr_k, stop - start - 1), cfg.expr_pcs, cfg.expr_knn)
     ps, pd = neighbour_pairs(sg)
-    return _Batch(start, stop, sg, fg, ps, pd)
+    return _Batch(start, stop, sg, fg, ps, pd, pair_keys(stop - start, ps, pd))
 
 
 def resolve_minibatch(cfg, n_spots: int) -> bool:
@@ -215,6 +217,9 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
                   cfg.fsm_mode, cfg.gcn_norm, cfg.gcn_init)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rows = block_rows(g) if cfg.decoder_batch is None else cfg.decoder_batch
+    # The run's budget, not torch.get_num_threads(): after vLLM ran in the same process (a grid
+    # embeds, then trains) torch reported 2 threads whatever it had been set to (measured in the suite).
+    threads = resolve_threads(cfg.threads)
     history: dict[str, list[float]] = {"total": [], "zinb": [], "cr": [], "spatial": []}
     if cfg.fusion == "film" and cfg.fsm_mode != "paper":  # per epoch: how far the FSM moved from the identity
         history["film_change"] = []
@@ -228,7 +233,7 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
         sums = dict.fromkeys(history, 0.0)
         for i in (rng.permutation(len(batches)) if len(batches) > 1 else [0]):
             b = batches[i]
-            step = _step(model, opt, b, x, sem, sparse_counts, sf, cfg, rows, rng, clock)
+            step = _step(model, opt, b, x, sem, sparse_counts, sf, cfg, rows, rng, clock, threads)
             weight = (b.stop - b.start) / n  # epoch loss: the spot-weighted mean over batches
             for key in sums:
                 sums[key] += weight * step[key]
@@ -253,12 +258,12 @@ def _rows(matrix, order):
 
 
 def _heads_and_zinb(h_data, weight, bias, counts: SparseCounts, sf, offset: int, g: int, rows: int, cfg,
-                    grad_h, clock) -> tuple[float, torch.Tensor, torch.Tensor]:
+                    grad_h, clock, threads: int = 1) -> tuple[float, torch.Tensor, torch.Tensor]:
     """The three decoder heads and the fused ZINB loss/gradient over blocks of ``rows`` spots:
     returns the ZINB loss (mean over spots x genes), the heads' weight and bias gradients, and
     writes dL/dH into ``grad_h``.
 
-    Under a budget of several threads the blocks are shared among that many Python threads, each
+    Under a budget of ``threads`` > 1 the blocks are shared among that many Python threads, each
     running torch on one thread (torch releases the GIL inside every op; a block's ops take ~0.5 ms).
     Why not torch's own threads: the block's many elementwise, gather and scatter passes pay more in
     synchronisation than they gain (dlpfc-151673, idle: 0.51 s per epoch on one thread, 1.9 s on
@@ -289,8 +294,7 @@ def _heads_and_zinb(h_data, weight, bias, counts: SparseCounts, sf, offset: int,
         return nll_sum, gw, gb
 
     starts = list(range(0, m, rows))
-    budget = torch.get_num_threads()
-    threads = min(budget, len(starts))
+    budget, threads = threads, min(threads, len(starts))
     if threads == 1:
         return blocks(starts, clock.lap)
     from concurrent.futures import ThreadPoolExecutor
@@ -312,7 +316,7 @@ def _heads_and_zinb(h_data, weight, bias, counts: SparseCounts, sf, offset: int,
             functools.reduce(torch.add, (p[2] for p in parts)))
 
 
-def _step(model, opt, b: _Batch, x, sem, counts: SparseCounts, sf, cfg, rows: int, rng, clock) -> dict:
+def _step(model, opt, b: _Batch, x, sem, counts: SparseCounts, sf, cfg, rows: int, rng, clock, threads: int) -> dict:
     """One optimiser step on the spots of ``b``; the losses it took."""
     model.train()
     opt.zero_grad(set_to_none=True)
@@ -327,7 +331,8 @@ def _step(model, opt, b: _Batch, x, sem, counts: SparseCounts, sf, cfg, rows: in
     h_data = h.detach()
     weight, bias = (t.detach() for t in model.decoder.heads())
     grad_h = torch.empty_like(h_data)
-    zinb, grad_w, grad_b = _heads_and_zinb(h_data, weight, bias, counts, sf, b.start, g, rows, cfg, grad_h, clock)
+    zinb, grad_w, grad_b = _heads_and_zinb(h_data, weight, bias, counts, sf, b.start, g, rows, cfg, grad_h, clock,
+                                            threads)
     dec = model.decoder
     for head, gw, gb in zip((dec.pi, dec.disp, dec.mean), grad_w.chunk(3), grad_b.chunk(3)):
         head.weight.grad, head.bias.grad = gw, gb
@@ -338,7 +343,7 @@ def _step(model, opt, b: _Batch, x, sem, counts: SparseCounts, sf, cfg, rows: in
         l_s = all_pairs_spatial_loss(z, torch.from_numpy(b.pos_src), torch.from_numpy(b.pos_dst),
                                      cfg.spatial_exact_below, cfg.spatial_samples_per_spot, rng)
     else:
-        neg_src, neg_dst = sample_negatives(m, b.pos_src, b.pos_dst, cfg.n_negatives, rng)
+        neg_src, neg_dst = sample_negatives(m, b.pos_src, b.pos_dst, cfg.n_negatives, rng, b.neighbour_keys)
         l_s = (spatial_regularisation_loss(z, torch.from_numpy(b.pos_src), torch.from_numpy(b.pos_dst),
                                            torch.from_numpy(neg_src), torch.from_numpy(neg_dst))
                if len(b.pos_src) else z.sum() * 0.0)

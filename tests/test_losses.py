@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from scipy.special import gammaln
 
-from semst.cluster.losses import (correlation_reduction_loss, sample_negatives, spatial_regularisation_loss,
+from semst.cluster.losses import (correlation_reduction_loss, pair_keys, sample_negatives, spatial_regularisation_loss,
                             zinb_loss)
 
 
@@ -72,3 +72,26 @@ def test_sampled_negatives_are_never_self_or_a_neighbour():
     assert len(s) == 5 * n
     neighbours = set(zip(src.tolist(), dst.tolist()))
     assert not any(a == b or (a, b) in neighbours for a, b in zip(s.tolist(), d.tolist()))
+
+
+def test_spatial_regularisation_gradient_is_that_of_the_formula_under_autograd():
+    rng = np.random.default_rng(5)
+    z = torch.tensor(rng.normal(size=(30, 4)), requires_grad=True)
+    pos = torch.tensor(rng.integers(0, 30, size=(2, 60)))
+    neg = torch.tensor(rng.integers(0, 30, size=(2, 90)))
+    spatial_regularisation_loss(z, pos[0], pos[1], neg[0], neg[1]).backward()
+    reference = z.detach().clone().requires_grad_(True)
+    zn = reference / reference.norm(dim=1, keepdim=True)
+    sig = lambda a, b: torch.sigmoid((zn[a] * zn[b]).sum(1))  # noqa: E731
+    loss = -(torch.log(sig(*pos) + 1e-10).mean() + torch.log(1 - sig(*neg) + 1e-10).mean()) / 2
+    loss.backward()
+    torch.testing.assert_close(z.grad, reference.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_negatives_drawn_with_kept_neighbour_keys_are_the_same_draws():
+    n = 40
+    src = np.repeat(np.arange(n), 3)
+    dst = np.concatenate([[(i + 1) % n, (i - 1) % n, (i + 7) % n] for i in range(n)])
+    fresh = sample_negatives(n, src, dst, 6, np.random.default_rng(3))
+    kept = sample_negatives(n, src, dst, 6, np.random.default_rng(3), pair_keys(n, src, dst))
+    assert all(np.array_equal(a, b) for a, b in zip(fresh, kept))
