@@ -163,6 +163,20 @@ def _guard_llvmlite_against_vllm_scan() -> None:
 
 
 @contextlib.contextmanager
+def _thread_control_kept():
+    """vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op for the whole process once it
+    has bound its threads (vllm/v1/worker/cpu_worker.py). In-process (``semst experiment`` embeds,
+    then trains) that silently disabled stage 2's thread budget; the real function is put back."""
+    import torch
+
+    original = torch.set_num_threads
+    try:
+        yield
+    finally:
+        torch.set_num_threads = original
+
+
+@contextlib.contextmanager
 def _global_random_state_kept():
     import random
 
@@ -194,7 +208,7 @@ class VLLMBackend(_TokenizingBackend):
         try:
             # In-process, vLLM seeds the global random, numpy and torch generators; the caller's
             # random state (e.g. a training run in the same process) is put back afterwards.
-            with _global_random_state_kept():
+            with _global_random_state_kept(), _thread_control_kept():
                 self.llm = LLM(
                     model=str(self.model_dir),
                     runner="pooling", convert="embed",  # hidden states out, no sampling

@@ -179,6 +179,18 @@ def test_loading_vllm_leaves_the_global_random_state_alone(qwen3_vllm):
     assert after_loading == expected
 
 
+def test_loading_vllm_leaves_torchs_thread_control_working(backends):
+    import torch
+
+    backends("vllm", "mean")  # vLLM's CPU worker disables torch.set_num_threads process-wide
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_vllm_loads_after_numba_is_imported(tiny_model_dir):
     """scanpy imports numba for preprocessing before stage 1 loads vLLM; that order must work."""
     import subprocess

@@ -94,8 +94,13 @@ def _heads_and_zinb_under(threads: int):
     sf = torch.from_numpy(rng.uniform(0.5, 2, m).astype(np.float32))
     cfg = SimpleNamespace(zinb_weight=1.0, zinb_ridge=0.0)
     grad_h = torch.empty(m, hidden)
-    loss, grad_w, grad_b = _heads_and_zinb(h, weight, bias, SparseCounts(counts), sf, 0, g, 6, cfg, grad_h, _Clock(),
-                                           threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # as a run's thread budget does before training
+    try:
+        loss, grad_w, grad_b = _heads_and_zinb(h, weight, bias, SparseCounts(counts), sf, 0, g, 6, cfg, grad_h,
+                                               _Clock(), threads)
+    finally:
+        torch.set_num_threads(before)
     return loss, grad_w, grad_b, grad_h
 
 
