@@ -217,8 +217,8 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
                   cfg.fsm_mode, cfg.gcn_norm, cfg.gcn_init)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rows = block_rows(g) if cfg.decoder_batch is None else cfg.decoder_batch
-    # The run's budget, not torch.get_num_threads(): after vLLM ran in the same process (a grid
-    # embeds, then trains) torch reported 2 threads whatever it had been set to (measured in the suite).
+    # The run's budget itself rather than torch's current count, which is only as good as the last
+    # set_num_threads (in-process vLLM had made that a no-op until embed.backends put it back).
     threads = resolve_threads(cfg.threads)
     history: dict[str, list[float]] = {"total": [], "zinb": [], "cr": [], "spatial": []}
     if cfg.fusion == "film" and cfg.fsm_mode != "paper":  # per epoch: how far the FSM moved from the identity
@@ -305,11 +305,12 @@ def _heads_and_zinb(h_data, weight, bias, counts: SparseCounts, sf, offset: int,
         torch.set_num_threads(1)
         return blocks(chunk, lambda _: None)
 
-    torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(threads) as pool:
             parts = list(pool.map(worker, [list(c) for c in np.array_split(starts, threads)]))
     finally:
+        # A worker's set_num_threads(1) also becomes torch's count for threads started later
+        # (its inter-op pool, the next step's workers): put the run's budget back.
         torch.set_num_threads(budget)
     clock.lap("zinb")
     return (sum(p[0] for p in parts), functools.reduce(torch.add, (p[1] for p in parts)),

@@ -176,9 +176,12 @@ class EmbeddingCache:
         if group is None:
             return out
         for name in sorted(group.group_keys()):
-            if name.startswith(".tmp-") or "vectors" not in group[name]:
-                continue  # being created, or half-made by a killed writer: holds no committed row
-            out.append(self._space_from_attrs(group[name].attrs.asdict(), name))
+            if name.startswith(".tmp-"):
+                continue  # being created, or a killed creation's leftover
+            member = group[name]
+            if "vectors" not in member:
+                continue  # half-made by an older writer killed while creating it: holds no committed row
+            out.append(self._space_from_attrs(member.attrs.asdict(), name))
         return out
 
     def _space_from_attrs(self, attrs: dict, name: str) -> EmbeddingSpace:
