@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from semst.cluster.losses import zinb_loss
-from semst.cluster.zinb import SparseCounts, block_rows, zinb_nll_and_grad
+from semst.cluster import zinb
+from semst.cluster.zinb import SMALL_COUNT, SparseCounts, block_rows, zinb_nll_and_grad
 
 
 def reference(logits: torch.Tensor, counts: np.ndarray, sf: torch.Tensor, ridge: float = 0.0):
@@ -60,23 +61,73 @@ def test_the_papers_target_scaled_matrix_scale_factor_1_and_ridge_equals_autogra
 
 
 def test_blocks_of_rows_add_up_to_the_whole(block):
+    """Equal up to float rounding: a compiled loop's vector body and its tail may round one entry
+    differently (measured: 1 entry in 3000 by one ulp)."""
     logits, counts, sf = block
     sc = SparseCounts(counts)
     whole, grad = zinb_nll_and_grad(logits, sc.block(0, 40), sf)
     parts = [zinb_nll_and_grad(logits[s:s + 7], sc.block(s, min(40, s + 7)), sf[s:s + 7]) for s in range(0, 40, 7)]
     assert sum(p[0] for p in parts) == pytest.approx(whole, rel=1e-9)
-    np.testing.assert_array_equal(torch.cat([p[1] for p in parts]).numpy(), grad.numpy())
+    np.testing.assert_allclose(torch.cat([p[1] for p in parts]).numpy(), grad.numpy(), rtol=1e-6, atol=1e-12)
 
 
-def test_sparse_counts_keep_every_non_zero_and_its_log_factorial():
-    counts = sp.csr_matrix(np.array([[0, 3, 0], [1, 0, 0], [0, 0, 0], [2, 5, 7]], dtype=np.float32))
-    flat, x, lgx1 = SparseCounts(counts).block(1, 4)
-    assert flat.tolist() == [0, 6, 7, 8] and x.tolist() == [1, 2, 5, 7]
-    np.testing.assert_allclose(lgx1.numpy(), np.log([1, 2, 120, 5040]))
+def test_sparse_counts_split_small_integer_counts_from_the_rest_with_their_log_factorial():
+    counts = sp.csr_matrix(np.array([[0, 3, 0], [1, 0, 0], [0, 0, 0], [2, 5, 2.5]], dtype=np.float32))
+    block = SparseCounts(counts).block(1, 4)  # rows 1..3; logits are 3 x 3 = 9 wide
+    assert block.small.logit_index.tolist() == [0, 18] and block.small.row.tolist() == [0, 2]
+    assert block.small.x.tolist() == [1, 2]
+    assert block.large.logit_index.tolist() == [19, 20] and block.large.row.tolist() == [2, 2]
+    assert block.large.x.tolist() == [5, 2.5]  # above SMALL_COUNT, or not an integer
+    np.testing.assert_allclose(block.small.lgamma_x1.numpy(), np.log([1, 2]))
+    np.testing.assert_allclose(block.large.lgamma_x1.numpy(), [np.log(120), 1.2009736023470743])
+
+
+def test_counts_above_the_small_count_limit_take_the_lgamma_path_with_the_same_result():
+    """Every count is large (>= 5) here, so the sums of logs are never used; and the same counts
+    shifted into 1..4 take only the sums: both equal autograd."""
+    rng = np.random.default_rng(3)
+    m, g = 12, 9
+    logits = torch.from_numpy(rng.normal(0, 2, size=(m, 3 * g)).astype(np.float32))
+    sf = torch.ones(m)
+    for counts in (rng.integers(5, 40, size=(m, g)), rng.integers(1, SMALL_COUNT + 1, size=(m, g))):
+        counts = counts.astype(np.float32)
+        loss, grad = zinb_nll_and_grad(logits, SparseCounts(counts).block(0, m), sf)
+        want_loss, want_grad = reference(logits, counts, sf)
+        assert loss == pytest.approx(want_loss, rel=1e-7)
+        np.testing.assert_allclose(grad.numpy(), want_grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_a_block_holds_about_half_a_million_entries_and_at_least_two_spots():
     assert block_rows(3000) == 174 and block_rows(500) == 1048 and block_rows(10**7) == 2
+
+
+def test_uncompiled_kernels_give_the_compiled_numbers(block, monkeypatch):
+    logits, counts, sf = block
+    compiled = zinb_nll_and_grad(logits, SparseCounts(counts).block(0, 40), sf, ridge=0.05)
+    monkeypatch.setattr(zinb, "_kernels", {})
+    monkeypatch.setenv("SEMST_COMPILE", "0")
+    eager = zinb_nll_and_grad(logits, SparseCounts(counts).block(0, 40), sf, ridge=0.05)
+    assert all(fn is getattr(zinb, name) for (name, _), fn in zinb._kernels.items())  # nothing compiled
+    assert eager[0] == pytest.approx(compiled[0], rel=1e-9)
+    # float32 rounding differs between fused and separate ops (measured: <= 9e-8 absolute)
+    np.testing.assert_allclose(eager[1].numpy(), compiled[1].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_kernel_that_cannot_compile_warns_and_runs_uncompiled(block, monkeypatch):
+    logits, counts, sf = block
+
+    def no_compiler(fn, **_):
+        def fails(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return fails
+
+    monkeypatch.setattr(zinb, "_kernels", {})
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with pytest.warns(RuntimeWarning, match="running it uncompiled"):
+        loss, grad = zinb_nll_and_grad(logits, SparseCounts(counts).block(0, 40), sf)
+    want_loss, want_grad = reference(logits, counts, sf)
+    assert loss == pytest.approx(want_loss, rel=1e-7)
+    np.testing.assert_allclose(grad.numpy(), want_grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def _heads_and_zinb_under(threads: int):
@@ -104,16 +155,15 @@ def _heads_and_zinb_under(threads: int):
     return loss, grad_w, grad_b, grad_h
 
 
-def test_blocks_shared_among_threads_give_the_one_thread_loss_and_gradients():
+def test_two_threads_give_the_one_thread_loss_and_gradients():
     one = _heads_and_zinb_under(1)
-    three = _heads_and_zinb_under(3)
-    assert three[0] == pytest.approx(one[0], rel=1e-6)
-    for a, b in zip(one[1:], three[1:]):
+    two = _heads_and_zinb_under(2)
+    assert two[0] == pytest.approx(one[0], rel=1e-6)
+    for a, b in zip(one[1:], two[1:]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
-    assert torch.equal(three[3], one[3])  # dL/dH: each block's rows by the same single-threaded ops
 
 
-def test_blocks_shared_among_threads_give_the_same_bits_every_time():
-    first, again = _heads_and_zinb_under(3), _heads_and_zinb_under(3)
+def test_two_threads_give_the_same_bits_every_time():
+    first, again = _heads_and_zinb_under(2), _heads_and_zinb_under(2)
     assert first[0] == again[0]
     assert all(torch.equal(a, b) for a, b in zip(first[1:], again[1:]))

@@ -21,6 +21,7 @@ Timings taken while other jobs run are not comparable: run on an idle machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -164,27 +165,56 @@ r = train_semst(features, counts, lib / np.median(lib), sg, fg, sem, cfg, 0, pro
 train_s = time.perf_counter() - t0
 print(json.dumps({{"spots": {n}, "graph_s": round(graph_s, 1), "s_per_epoch": round(train_s / {epochs}, 2),
                   "setup_s": r.seconds["graphs"], "mode": r.mode,
+                  "parts": {{k: round(v / {epochs}, 2) for k, v in r.seconds.items() if k != "graphs"}},
                   "peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}}))
 """
 
 
 def bench_sizes(sizes: list[int], genes: int, epochs: int, cores: str, irregular: bool = False,
-                fusion: str = "film", spatial_k: int = 6, minibatch: str = "auto", expr_pcs: int | None = None) -> None:
+                fusion: str = "film", spatial_k: int = 6, minibatch: str = "auto", expr_pcs: int | None = None,
+                baseline: str | None = None) -> None:
+    """One subprocess per size; with ``baseline`` (a git revision) also that revision's code, from a
+    temporary git worktree, right before this checkout's, so the two rows compare like with like."""
+    if baseline:
+        with _worktree(baseline) as pythonpath:
+            _bench_sizes(sizes, genes, epochs, cores, irregular, fusion, spatial_k, minibatch, expr_pcs,
+                         [(baseline, pythonpath), ("this", None)])
+    else:
+        _bench_sizes(sizes, genes, epochs, cores, irregular, fusion, spatial_k, minibatch, expr_pcs, [("this", None)])
+
+
+@contextlib.contextmanager
+def _worktree(revision: str):
+    """``revision`` checked out in a temporary git worktree; yields a PYTHONPATH that imports it as semst."""
+    tmp = Path(tempfile.mkdtemp(prefix="semst-bench-"))
+    try:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(tmp / "semst"), revision],
+                       check=True)
+        yield str(tmp)
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "semst")], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench_sizes(sizes, genes, epochs, cores, irregular, fusion, spatial_k, minibatch, expr_pcs, codes) -> None:
     print(f"synthetic NB counts x {genes} genes ({'irregular' if irregular else 'grid'} positions, "
           f"{spatial_k}-nearest spatial graph, expression kNN on "
           f"{f'{expr_pcs} SVD components' if expr_pcs else 'all genes'}), fusion {fusion}, {epochs} epoch(s), "
           f"cores {cores}", flush=True)
-    print(f"{'spots':>9}{'graphs s':>10}{'s/epoch':>9}{'peak GiB':>10}  mode")
+    print(f"{'code':>10}{'spots':>9}{'graphs s':>10}{'s/epoch':>9}{'peak GiB':>10}  mode; seconds per epoch by part")
     for n in sizes:
         code = _SIZE.format(n=n, genes=genes, epochs=epochs, threads=len(cores.split(",")), irregular=irregular,
                             fusion=fusion, spatial_k=spatial_k, minibatch=minibatch, expr_pcs=expr_pcs,
                             bench_dir=str(Path(__file__).parent))
-        try:
-            r = _run_python(code, cores)
-        except RuntimeError as exc:
-            print(f"{n:>9}  failed: {exc}", flush=True)
-            continue
-        print(f"{r['spots']:>9}{r['graph_s']:>10}{r['s_per_epoch']:>9}{r['peak_gib']:>10}  {r['mode']}", flush=True)
+        for name, pythonpath in codes:
+            try:
+                r = _run_python(code, cores, pythonpath)
+            except RuntimeError as exc:
+                print(f"{name:>10}{n:>9}  failed: {exc}", flush=True)
+                continue
+            parts = ", ".join(f"{k} {v}" for k, v in r.get("parts", {}).items())
+            print(f"{name:>10}{r['spots']:>9}{r['graph_s']:>10}{r['s_per_epoch']:>9}{r['peak_gib']:>10}  {r['mode']}; "
+                  f"{parts}", flush=True)
 
 
 def bench_million_end_to_end(epochs: int, cores: str, n: int = 1_000_000, genes: int = 500) -> None:
@@ -230,12 +260,15 @@ def main(argv=None) -> None:
     ap.add_argument("--genes", type=int, default=3000)
     ap.add_argument("--cores", default="0,1", help="cores for the synthetic sizes and the million (taskset)")
     ap.add_argument("--million-epochs", type=int, default=3)
+    ap.add_argument("--sizes-baseline", default=None, help="git revision to run beside this checkout on --sizes")
+    ap.add_argument("--expr-pcs", type=int, default=None, help="expression kNN on this many SVD components (sizes)")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     if "dlpfc" in parts:
         bench_dlpfc(args.baseline, args.epochs, tuple(args.dlpfc_cores.split(";")))
     if "sizes" in parts:
-        bench_sizes([int(s) for s in args.sizes.split(",")], args.genes, 1, args.cores)
+        bench_sizes([int(s) for s in args.sizes.split(",")], args.genes, 1, args.cores, expr_pcs=args.expr_pcs,
+                    baseline=args.sizes_baseline)
     if "million" in parts:
         # expression kNN on 50 SVD components: NN-descent over 500 dimensions at 1M cells is the slow part
         bench_sizes([1_000_000], 500, 1, args.cores, irregular=True, fusion="none", spatial_k=8, expr_pcs=50)
