@@ -278,10 +278,9 @@ def _heads_and_zinb(h_data, weight, bias, counts: SparseCounts, sf, offset: int,
                                       cfg.zinb_ridge, threads)
         clock.lap("zinb")
         nll_sum += nll / (m * g)
-        grad.mul_(scale)
-        torch.mm(grad, weight, out=grad_h[s:e])
-        grad_w.addmm_(grad.T, hb)
-        grad_b.add_(grad.sum(0))
+        torch.mm(grad, weight, out=grad_h[s:e]).mul_(scale)  # scaling the (rows x 256) products, not grad
+        grad_w.addmm_(grad.T, hb, alpha=scale)
+        grad_b.add_(grad.sum(0), alpha=scale)
         clock.lap("decoder")
     return nll_sum, grad_w, grad_b
 
