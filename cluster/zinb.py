@@ -90,7 +90,6 @@ class SparseCounts:
         csr.sum_duplicates()
         csr.eliminate_zeros()
         csr.sort_indices()
-        self.csr = csr
         self.shape = csr.shape
         small = (csr.data <= SMALL_COUNT) & (csr.data == np.rint(csr.data))
         self._small, self._large = _EntrySet(csr, small), _EntrySet(csr, ~small)
@@ -219,12 +218,10 @@ def zinb_nll_and_grad(logits: torch.Tensor, block: CountsBlock, size_factors: to
         if not len(entries.x):
             continue
         # index_select and scatter_: 3-4x faster than x[i] and x[i] = v here (measured, deterministic mode)
-        i = entries.logit_index
-        correction, d_a, d_b, d_c = _call(_non_zero_entries, threads, flat_logits.index_select(0, i),
-                                          flat_logits.index_select(0, i + g), flat_logits.index_select(0, i + 2 * g),
-                                          s.index_select(0, entries.row), entries.x, entries.lgamma_x1, float(ridge),
-                                          small)
+        heads = (entries.logit_index, entries.logit_index + g, entries.logit_index + 2 * g)  # dropout, dispersion, mean
+        correction, *grads = _call(_non_zero_entries, threads, *(flat_logits.index_select(0, i) for i in heads),
+                                   s.index_select(0, entries.row), entries.x, entries.lgamma_x1, float(ridge), small)
         total = total + correction
-        for offset, d in ((0, d_a), (g, d_b), (2 * g, d_c)):
-            flat_grad.scatter_(0, i + offset, d)
+        for i, d in zip(heads, grads):
+            flat_grad.scatter_(0, i, d)
     return float(total), grad
