@@ -81,34 +81,43 @@ def _run_python(code: str, cores: str, pythonpath: str | None = None, cwd: Path 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@contextlib.contextmanager
+def _worktree(revision: str):
+    """``revision`` checked out in a temporary git worktree; yields a PYTHONPATH that imports it as semst."""
+    tmp = Path(tempfile.mkdtemp(prefix="semst-bench-"))
+    try:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(tmp / "semst"), revision],
+                       check=True)
+        yield str(tmp)
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "semst")], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def bench_dlpfc(baseline: str, epochs: int, core_sets: tuple[str, ...] = ("0", "0,1")) -> None:
     """This checkout vs ``baseline`` on dlpfc-151673, one pinned core and two, in one run."""
-    tmp = Path(tempfile.mkdtemp(prefix="semst-bench-"))
-    old = tmp / "semst"
-    this = tmp / "this"  # `import semst` -> this checkout, whatever is installed
-    this.mkdir()
+    this = Path(tempfile.mkdtemp(prefix="semst-bench-this-"))  # `import semst` -> this checkout, whatever is installed
     (this / "semst").symlink_to(REPO)
     try:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(old), baseline], check=True)
-        print(f"dlpfc-151673, {epochs} epochs after a 1-epoch warm-up, FSM on random 576-d vectors; "
-              f"baseline {baseline} from a git worktree", flush=True)
-        print(f"{'code':>10}{'cores':>7}{'s/epoch':>9}{'user s':>8}{'sys s':>7}{'sys %':>7}{'GiB':>6}")
-        rows = {}
-        for cores in core_sets:
-            for name, pythonpath, cwd in (("baseline", str(tmp), REPO), ("this", str(this), REPO)):
-                code = _EPOCH_TIMER.format(threads=len(cores.split(",")), epochs=epochs)
-                r = _run_python(code, cores, pythonpath, cwd)
-                rows[name, cores] = r
-                print(f"{name:>10}{cores:>7}{r['s_per_epoch']:>9.3f}{r['user']:>8.3f}{r['sys']:>7.3f}"
-                      f"{100 * r['sys'] / r['s_per_epoch']:>6.1f}%{r['peak_gib']:>6.2f}", flush=True)
+        with _worktree(baseline) as old:
+            print(f"dlpfc-151673, {epochs} epochs after a 1-epoch warm-up, FSM on random 576-d vectors; "
+                  f"baseline {baseline} from a git worktree", flush=True)
+            print(f"{'code':>10}{'cores':>7}{'s/epoch':>9}{'user s':>8}{'sys s':>7}{'sys %':>7}{'GiB':>6}")
+            rows = {}
+            for cores in core_sets:
+                for name, pythonpath in (("baseline", old), ("this", str(this))):
+                    code = _EPOCH_TIMER.format(threads=len(cores.split(",")), epochs=epochs)
+                    r = _run_python(code, cores, pythonpath)
+                    rows[name, cores] = r
+                    print(f"{name:>10}{cores:>7}{r['s_per_epoch']:>9.3f}{r['user']:>8.3f}{r['sys']:>7.3f}"
+                          f"{100 * r['sys'] / r['s_per_epoch']:>6.1f}%{r['peak_gib']:>6.2f}", flush=True)
         for cores in core_sets:
             print(f"speed-up on {len(cores.split(','))} core(s): "
                   f"{rows['baseline', cores]['s_per_epoch'] / rows['this', cores]['s_per_epoch']:.2f}x")
         print(f"per-part seconds per epoch (this checkout, cores {core_sets[0]}): " + ", ".join(
             f"{k} {v:.3f}" for k, v in rows["this", core_sets[0]]["parts"].items()))
     finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(this, ignore_errors=True)
 
 
 def synthetic_slide(n_spots: int, n_genes: int, seed: int = 0, irregular: bool = False, n_domains: int = 10):
@@ -187,19 +196,6 @@ def bench_sizes(sizes: list[int], genes: int, epochs: int, cores: str, irregular
                          [(baseline, pythonpath), ("this", None)])
     else:
         _bench_sizes(sizes, genes, epochs, cores, irregular, fusion, spatial_k, minibatch, expr_pcs, [("this", None)])
-
-
-@contextlib.contextmanager
-def _worktree(revision: str):
-    """``revision`` checked out in a temporary git worktree; yields a PYTHONPATH that imports it as semst."""
-    tmp = Path(tempfile.mkdtemp(prefix="semst-bench-"))
-    try:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(tmp / "semst"), revision],
-                       check=True)
-        yield str(tmp)
-    finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "semst")], check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _bench_sizes(sizes, genes, epochs, cores, irregular, fusion, spatial_k, minibatch, expr_pcs, codes) -> None:
