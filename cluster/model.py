@@ -192,6 +192,15 @@ class ZINBDecoder(nn.Module):
         self.disp = nn.Linear(hidden1, n_genes)
         self.mean = nn.Linear(hidden1, n_genes)
 
+    def body_with_statistics(self, z, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """The body with its BatchNorm normalising by given statistics of the linear layer's output
+        (mini-batch training: the whole slide's, :func:`semst.cluster.train.decoder_statistics`)
+        instead of those of ``z``'s rows; on the whole slide's own statistics it is the body in
+        training mode, row for row. No gradient flows into ``mean`` and ``var`` here: mini-batch
+        training adds that part afterwards (:func:`semst.cluster.train.batchnorm_correction`)."""
+        bn = self.body[1]
+        return F.relu(F.batch_norm(self.body[0](z), mean, var, bn.weight, bn.bias, training=False, eps=bn.eps))
+
     def heads(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The three heads as one (3 * genes, hidden1) weight and bias: dropout, dispersion, mean."""
         weight = torch.cat([self.pi.weight, self.disp.weight, self.mean.weight])

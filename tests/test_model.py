@@ -7,7 +7,7 @@ import torch
 
 from semst.cluster.dgl_compat import dgl
 from semst.cluster.graphs import expression_graph, spatial_graph
-from semst.cluster.model import FSM, SemST, fsm_modulate
+from semst.cluster.model import FSM, SemST, ZINBDecoder, fsm_modulate
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,19 @@ def test_every_fusion_gives_one_hidden2_vector_per_spot(tiny, fusion):
 def test_a_semantic_fusion_without_an_embedding_is_refused():
     with pytest.raises(ValueError, match="needs a semantic embedding"):
         SemST(12, None, fusion="film")
+
+
+def test_the_decoder_body_on_the_slides_own_statistics_is_the_body_in_training_mode_row_for_row():
+    """Mini-batch training normalises each batch by the whole slide's statistics: a slice of rows
+    then gets exactly the rows that the whole slide gets from BatchNorm in training mode."""
+    torch.manual_seed(0)
+    decoder = ZINBDecoder(8, 16, 5).train()
+    z = torch.randn(50, 8)
+    with torch.no_grad():
+        linear = decoder.body[0](z)
+        mean, var = linear.mean(0), linear.var(0, unbiased=False)
+    whole = decoder.body(z)
+    torch.testing.assert_close(decoder.body_with_statistics(z[10:30], mean, var), whole[10:30])
+    own = decoder.body(z[10:30])  # a slice's own statistics: not the same rows
+    assert not torch.allclose(own, whole[10:30], atol=1e-3)
+

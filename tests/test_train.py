@@ -129,6 +129,35 @@ def test_mini_batch_returns_the_latent_of_each_spot_in_the_slide_order(slide):
     np.testing.assert_allclose(batched.latent, full.latent, rtol=1e-5, atol=1e-6)
 
 
+def test_a_mini_batch_epoch_is_the_full_batch_epoch_where_no_edge_joins_two_batches(slide):
+    """Graphs without edges between the four batches (each batch's spatial edges, and its own
+    expression kNN, as mini-batch training builds them) and only the ZINB loss: every batch is
+    normalised by the whole slide's BatchNorm statistics, the batches' losses and gradients add up to
+    the slide's (with the part of BatchNorm's gradient that flows through its statistics added after
+    the batches), and the epoch is one Adam step: mini-batch training follows full batch, epoch by
+    epoch."""
+    from semst.cluster.dgl_compat import dgl
+    import torch
+
+    coords = np.stack(np.meshgrid(np.arange(12.0), np.arange(10.0)), -1).reshape(-1, 2)
+    parts = bisect_spots(coords, 40)
+    part_of = np.empty(120, dtype=np.int64)
+    for i, p in enumerate(parts):
+        part_of[p] = i
+    src, dst = (t.numpy() for t in slide["spatial"].edges())
+    spatial = dgl.remove_edges(slide["spatial"], torch.from_numpy(np.nonzero(part_of[src] != part_of[dst])[0]))
+    edges = [(p[u.numpy()], p[v.numpy()]) for p in parts
+             for u, v in [expression_graph(slide["features"][p], 5).edges()]]
+    expression = dgl.graph((torch.from_numpy(np.concatenate([u for u, _ in edges])),
+                            torch.from_numpy(np.concatenate([v for _, v in edges]))), num_nodes=120)
+    args = (slide["features"], slide["counts"], slide["size_factors"], spatial, expression, slide["semantic"])
+    only_zinb = dict(epochs=3, gamma=0.0, lambda_s=0.0, expr_k=5)
+    full = train_semst(*args, cfg(**only_zinb), 5, progress=False)
+    batched = train_semst(*args, cfg(**only_zinb, minibatch="on", batch_spots=40), 5, progress=False, coords=coords)
+    assert batched.mode.startswith("mini-batch (4 batches")
+    np.testing.assert_allclose(batched.history["zinb"], full.history["zinb"], rtol=1e-6)
+
+
 def test_mini_batch_training_learns_with_finite_losses(slide):
     coords = np.stack(np.meshgrid(np.arange(12.0), np.arange(10.0)), -1).reshape(-1, 2)
     r = train_semst(slide["features"], slide["counts"], slide["size_factors"], slide["spatial"],

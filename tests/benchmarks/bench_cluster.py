@@ -265,13 +265,15 @@ def main(argv=None) -> None:
     ap.add_argument("--size-epochs", type=int, default=1, help="epochs timed per synthetic size (after a warm-up)")
     ap.add_argument("--sizes-baseline", default=None, help="git revision to run beside this checkout on --sizes")
     ap.add_argument("--expr-pcs", type=int, default=None, help="expression kNN on this many SVD components (sizes)")
+    ap.add_argument("--minibatch", default="auto", choices=("auto", "on", "off"),
+                    help="training mode on --sizes (on: batches of the default batch_spots)")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     if "dlpfc" in parts:
         bench_dlpfc(args.baseline, args.epochs, tuple(args.dlpfc_cores.split(";")))
     if "sizes" in parts:
         bench_sizes([int(s) for s in args.sizes.split(",")], args.genes, args.size_epochs, args.cores, expr_pcs=args.expr_pcs,
-                    baseline=args.sizes_baseline)
+                    minibatch=args.minibatch, baseline=args.sizes_baseline)
     if "million" in parts:
         # expression kNN on 50 SVD components: NN-descent over 500 dimensions at 1M cells is the slow part
         bench_sizes([1_000_000], 500, 1, args.cores, irregular=True, fusion="none", spatial_k=8, expr_pcs=50)
