@@ -277,6 +277,12 @@ def _rows(matrix, order):
     return sp.csr_matrix(matrix)[order] if sp.issparse(matrix) else np.asarray(matrix)[order]
 
 
+def _encode(model, b: _Batch, x, sem):
+    """(Z_s, Z_f, Z_final) of the spots of ``b``, on its graphs."""
+    xb = x[b.start:b.stop] if b.features is None else b.features
+    return model.encode(b.spatial, b.expression, xb, None if sem is None else sem[b.start:b.stop])
+
+
 def decoder_statistics(model, batches, x, sem) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance (biased, as BatchNorm's) over the whole slide of the decoder body's linear
     output, the encoder run batch by batch without gradients (float64 sums): what the decoder's
@@ -287,9 +293,7 @@ def decoder_statistics(model, batches, x, sem) -> tuple[torch.Tensor, torch.Tens
     total = squares = 0.0
     with torch.no_grad():
         for b in batches:
-            xb = x[b.start:b.stop] if b.features is None else b.features
-            semb = None if sem is None else sem[b.start:b.stop]
-            linear = model.decoder.body[0](model.encode(b.spatial, b.expression, xb, semb)[2]).double()
+            linear = model.decoder.body[0](_encode(model, b, x, sem)[2]).double()
             total = total + linear.sum(0)
             squares = squares + (linear * linear).sum(0)
     mean = total / n
@@ -305,18 +309,17 @@ def batchnorm_correction(model, batches, x, sem, mean, var) -> None:
     are exactly the gradients of BatchNorm's bias and weight, known once every batch has run. So:
     one more forward and backward of the encoder per batch, backpropagating the rest from the
     body's linear output. With this, a mini-batch epoch whose graphs have no edge between batches
-    and that has only the ZINB loss is the full-batch epoch (tested). Without it (measured on
-    dlpfc-151673, 4 batches, seed 0: ARI 23-31, against ~50), the encoder is pushed along directions
-    that BatchNorm normalises away (a shift of every spot's linear output), and Z drifts along them.
+    and that has only the ZINB loss is the full-batch epoch (tested; with ``dropout`` > 0 the masks
+    are drawn again here, so only nearly). Without it (measured on dlpfc-151673, 4 batches, seed 0:
+    ARI 23-31 against ~50) the encoder follows gradient components that BatchNorm's normalisation
+    cancels (a common shift or scaling of the linear output), and Z presumably drifts along them.
     """
     bn = model.decoder.body[1]
     n = sum(b.stop - b.start for b in batches)
     sums, weighted = bn.bias.grad.detach() / n, bn.weight.grad.detach() / n
     sigma = torch.sqrt(var + bn.eps)
     for b in batches:
-        xb = x[b.start:b.stop] if b.features is None else b.features
-        semb = None if sem is None else sem[b.start:b.stop]
-        linear = model.decoder.body[0](model.encode(b.spatial, b.expression, xb, semb)[2])
+        linear = model.decoder.body[0](_encode(model, b, x, sem)[2])
         xhat = (linear.detach() - mean) / sigma
         linear.backward(-(bn.weight.detach() / sigma) * (sums + xhat * weighted))
 
@@ -325,9 +328,9 @@ def _heads_and_zinb(h_data, weight, bias, counts: SparseCounts, sf, offset: int,
                     grad_h, clock, threads: int = 1, share: float = 1.0) -> tuple[float, torch.Tensor, torch.Tensor]:
     """The three decoder heads and the fused ZINB loss/gradient over blocks of ``rows`` spots:
     returns the ZINB loss (mean over spots x genes), the heads' weight and bias gradients, and
-    writes dL/dH into ``grad_h``, both gradients times ``share`` (the batch's share of the slide). Every op runs on the run's ``threads`` (GEMMs in MKL, the ZINB
-    kernels in their compiled OpenMP loops); ``decoder`` = the heads' GEMMs, ``zinb`` = the loss
-    and its gradient. Blocks are no longer shared among Python threads: torch.compile'd kernels
+    writes dL/dH into ``grad_h``, both gradients times ``share`` (the batch's share of the slide).
+    Every op runs on the run's ``threads`` (GEMMs in MKL, the ZINB kernels in their compiled OpenMP
+    loops); ``decoder`` = the heads' GEMMs, ``zinb`` = the loss and its gradient. Blocks are no longer shared among Python threads: torch.compile'd kernels
     must not be called from several threads, and splitting only the GEMMs' rows between two
     one-thread GEMMs was slower than MKL's two threads (30k spots x 3000 genes: 4.6 vs 3.1-3.5 s).
     """
@@ -356,9 +359,7 @@ def _forward_backward(model, b: _Batch, x, sem, counts: SparseCounts, sf, cfg, r
     gradients; ``statistics``: the slide's (mean, var) for the decoder's BatchNorm (mini-batch), or
     None to use the batch's own (full batch, where the batch is the slide). Returns the losses."""
     m, g = b.stop - b.start, x.shape[1]
-    xb = x[b.start:b.stop] if b.features is None else b.features
-    semb = None if sem is None else sem[b.start:b.stop]
-    z_s, z_f, z = model.encode(b.spatial, b.expression, xb, semb)
+    z_s, z_f, z = _encode(model, b, x, sem)
     clock.lap("encoder")
     z_leaf = z.detach().requires_grad_(True)
     h = model.decoder.body(z_leaf) if statistics is None else model.decoder.body_with_statistics(z_leaf, *statistics)
