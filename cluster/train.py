@@ -330,9 +330,10 @@ def _heads_and_zinb(h_data, weight, bias, counts: SparseCounts, sf, offset: int,
     returns the ZINB loss (mean over spots x genes), the heads' weight and bias gradients, and
     writes dL/dH into ``grad_h``, both gradients times ``share`` (the batch's share of the slide).
     Every op runs on the run's ``threads`` (GEMMs in MKL, the ZINB kernels in their compiled OpenMP
-    loops); ``decoder`` = the heads' GEMMs, ``zinb`` = the loss and its gradient. Blocks are no longer shared among Python threads: torch.compile'd kernels
-    must not be called from several threads, and splitting only the GEMMs' rows between two
-    one-thread GEMMs was slower than MKL's two threads (30k spots x 3000 genes: 4.6 vs 3.1-3.5 s).
+    loops); ``decoder`` = the heads' GEMMs, ``zinb`` = the loss and its gradient. Blocks are no
+    longer shared among Python threads: torch.compile'd kernels must not be called from several
+    threads, and splitting only the GEMMs' rows between two one-thread GEMMs was slower than MKL's
+    two threads (30k spots x 3000 genes: 4.6 vs 3.1-3.5 s).
     """
     m = h_data.shape[0]
     scale = cfg.zinb_weight * share / (m * g)  # the loss is the mean over spots x genes
@@ -390,7 +391,7 @@ def _forward_backward(model, b: _Batch, x, sem, counts: SparseCounts, sf, cfg, r
     clock.lap("spatial")
     torch.autograd.backward(h, grad_h)  # decoder body -> dL/dZ_final in z_leaf.grad
     rest = cfg.gamma * l_cr + cfg.lambda_s * l_s
-    torch.autograd.backward([z, rest if share == 1.0 else rest * share], [z_leaf.grad, None])
+    torch.autograd.backward([z, rest * share], [z_leaf.grad, None])  # x 1.0 in full batch: the same bits
     clock.lap("backward")
     total = cfg.zinb_weight * zinb + rest.item()
     return {"total": total, "zinb": zinb, "cr": l_cr.item(), "spatial": l_s.item(), **film_stats}

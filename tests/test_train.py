@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
+from semst.cluster.dgl_compat import dgl
 from semst.cluster.domains import kmeans_domains
 from semst.cluster.graphs import expression_graph, spatial_graph
 from semst.cluster.train import bisect_spots, resolve_minibatch, train_semst
@@ -136,9 +138,6 @@ def test_a_mini_batch_epoch_is_the_full_batch_epoch_where_no_edge_joins_two_batc
     the slide's (with the part of BatchNorm's gradient that flows through its statistics added after
     the batches), and the epoch is one Adam step: mini-batch training follows full batch, epoch by
     epoch."""
-    from semst.cluster.dgl_compat import dgl
-    import torch
-
     coords = np.stack(np.meshgrid(np.arange(12.0), np.arange(10.0)), -1).reshape(-1, 2)
     parts = bisect_spots(coords, 40)
     part_of = np.empty(120, dtype=np.int64)
