@@ -128,7 +128,8 @@ class FSM(nn.Module):
     its last layer zero-initialised, so the network starts as fusion "none" and the modulation only
     grows where the gradient finds use for it; "gated" = ``z + g (alpha z + beta)`` with one learned
     scalar gate g starting at 0 (weight decay pulls it back to 0), reported per run. After every
-    forward pass ``stats`` holds the gate and the relative change ||FSM(z) - z|| / ||z||.
+    forward pass ``stats`` holds the gate and the relative change ||FSM(z) - z|| / ||z||, and
+    ``squares`` the two squared norms.
     """
 
     def __init__(self, sem_dim: int, width: int, hidden_ratio: float, dropout: float, mode: str = "paper"):
@@ -152,9 +153,16 @@ class FSM(nn.Module):
         else:
             out = z + self.gate * (alpha * z + beta)
         with torch.no_grad():
-            change = float(torch.linalg.vector_norm(out - z) / torch.linalg.vector_norm(z).clamp_min(1e-12))
-            self.stats = {"film_change": change, **({"film_gate": float(self.gate)} if self.gate is not None else {})}
+            # squared norms kept so that a slide modulated block by block sums them (mini-batch)
+            self.squares = (float(torch.sum((out - z) ** 2)), float(torch.sum(z * z)))
+            self.stats = film_stats(*self.squares, self.gate)
         return out
+
+
+def film_stats(change_squares: float, input_squares: float, gate=None) -> dict[str, float]:
+    """The FSM's relative change ||FSM(z) - z|| / ||z|| (and its gate), from the two squared norms."""
+    change = (change_squares / max(input_squares, 1e-24)) ** 0.5
+    return {"film_change": change, **({"film_gate": float(gate)} if gate is not None else {})}
 
 
 class CrossAttentionFusion(nn.Module):
@@ -194,10 +202,10 @@ class ZINBDecoder(nn.Module):
 
     def body_with_statistics(self, z, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """The body with its BatchNorm normalising by given statistics of the linear layer's output
-        (mini-batch training: the whole slide's, :func:`semst.cluster.train.decoder_statistics`)
-        instead of those of ``z``'s rows; on the whole slide's own statistics it is the body in
-        training mode, row for row. No gradient flows into ``mean`` and ``var`` here: mini-batch
-        training adds that part afterwards (:func:`semst.cluster.train.batchnorm_correction`)."""
+        (mini-batch training: the whole slide's, :mod:`semst.cluster.blockwise`) instead of those of
+        ``z``'s rows; on the whole slide's own statistics it is the body in training mode, row for
+        row. No gradient flows into ``mean`` and ``var`` here: mini-batch training adds that part
+        afterwards."""
         bn = self.body[1]
         return F.relu(F.batch_norm(self.body[0](z), mean, var, bn.weight, bn.bias, training=False, eps=bn.eps))
 
@@ -264,5 +272,8 @@ class SemST(nn.Module):
         xw_s, xw_f = torch.split(xw, [self.spatial.weight1.shape[1], self.expression.weight1.shape[1]], dim=1)
         z_s = self.spatial(spatial_graph, x, xw_s)
         z_f = self.expression(expression_graph, x, xw_f)
-        z = self.fuse_views(torch.cat([z_s, z_f], dim=1), semantic)
-        return z_s, z_f, self.W(z)
+        return z_s, z_f, self.combine(z_s, z_f, semantic)
+
+    def combine(self, z_s, z_f, semantic=None):
+        """Z_final from both views' outputs (and the semantic vectors): fusion, then W. Per spot."""
+        return self.W(self.fuse_views(torch.cat([z_s, z_f], dim=1), semantic))

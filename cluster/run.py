@@ -152,7 +152,7 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
         if cfg.embedding == "random" and cfg.fusion != "none" and seed != cfg.seeds[0]:
             vectors, _ = semantic_embeddings(cfg, slide.spot_ids, seed)  # the control is drawn per seed
         result = train_semst(prep.X, prep.layers["counts"], prep.obs["size_factor"].to_numpy(),
-                             sgraph, fgraph, vectors, cfg, seed, progress=progress, coords=slide.coords)
+                             sgraph, fgraph, vectors, cfg, seed, progress=progress)
         source["training"] = result.mode
         trained = sum(v for k, v in result.seconds.items() if k != "graphs")
         log(f"seed {seed}: {result.mode}, {cfg.epochs} epochs in {trained:.1f} s "

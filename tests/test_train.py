@@ -7,7 +7,7 @@ import torch
 from semst.cluster.dgl_compat import dgl
 from semst.cluster.domains import kmeans_domains
 from semst.cluster.graphs import expression_graph, spatial_graph
-from semst.cluster.train import bisect_spots, resolve_minibatch, train_semst
+from semst.cluster.train import resolve_minibatch, train_semst
 from semst.shared.config import ClusterConfig
 
 
@@ -109,61 +109,53 @@ def test_sparse_input_trains_the_same_model_as_dense_input(slide, monkeypatch):
     np.testing.assert_allclose(sparse.latent, dense.latent, rtol=1e-3, atol=2e-4)  # summation order only
 
 
-def test_bisection_cuts_the_slide_into_compact_parts_of_at_most_the_batch_size():
-    coords = np.stack(np.meshgrid(np.arange(12.0), np.arange(10.0)), -1).reshape(-1, 2)
-    parts = bisect_spots(coords, 40)
-    assert sorted(np.concatenate(parts).tolist()) == list(range(120))
-    assert [len(p) for p in parts] == [30, 30, 30, 30]
-    for p in parts:  # each part is a rectangle of the grid: 6 x 5 spots
-        assert np.ptp(coords[p, 0]) == 5 and np.ptp(coords[p, 1]) == 4
+@pytest.mark.parametrize("settings", [dict(), dict(fusion="none", gcn_norm="right", batch_spots=50),
+                                      dict(spatial_loss="all-pairs", cr_similarity="cosine", fsm_mode="paper")])
+def test_a_mini_batch_epoch_is_the_full_batch_epoch(slide, settings):
+    """Mini-batch mode computes full batch's epoch in blocks (here 3 of 40 spots, or 50 + 50 + 20):
+    the graph convolutions on the whole slide, differentiated by hand, the per-spot layers block by
+    block, BatchNorm on the slide's statistics with its gradient through them, L_cr and L_s on the
+    whole slide with the same negatives. Five epochs follow full batch's losses and end at its
+    latent, up to floating-point summation order."""
+    settings = {"batch_spots": 40, **settings}
+    full = run(slide, cfg(epochs=5, **{k: v for k, v in settings.items() if k != "batch_spots"}), 5)
+    blocks = run(slide, cfg(epochs=5, minibatch="on", **settings), 5)
+    assert blocks.mode == f"mini-batch ({-(-120 // settings['batch_spots'])} blocks of <= {settings['batch_spots']} spots)"
+    for key in full.history:
+        np.testing.assert_allclose(blocks.history[key], full.history[key], rtol=2e-5, err_msg=key)
+    np.testing.assert_allclose(blocks.latent, full.latent, rtol=1e-4, atol=1e-5)
 
 
-def test_mini_batch_returns_the_latent_of_each_spot_in_the_slide_order(slide):
-    """With nothing learned (lr 0), mini-batch and full-batch training give the same latent: the
-    batch order of the spots is undone."""
-    coords = np.stack(np.meshgrid(np.arange(12.0), np.arange(10.0)), -1).reshape(-1, 2)
-    frozen = dict(epochs=1, lr=0.0, weight_decay=0.0)
-    full = run(slide, cfg(**frozen), 5)
-    batched = train_semst(slide["features"], slide["counts"], slide["size_factors"], slide["spatial"],
-                          slide["expression"], slide["semantic"], cfg(**frozen, minibatch="on", batch_spots=40), 5,
-                          progress=False, coords=coords)
-    assert batched.mode.startswith("mini-batch (4 batches of <= 40 spots)") and full.mode == "full batch"
-    np.testing.assert_allclose(batched.latent, full.latent, rtol=1e-5, atol=1e-6)
+def test_a_mini_batch_epoch_with_sparse_input_is_the_full_batch_epoch(slide, monkeypatch):
+    """The first layers' weight gradient from the CSR input (input^T times dL/d(input W))."""
+    monkeypatch.setattr("semst.cluster.train.SPARSE_INPUT_DENSITY", 1.0)
+    full = run(slide, cfg(epochs=3), 2)
+    blocks = run(slide, cfg(epochs=3, minibatch="on", batch_spots=40), 2)
+    assert "sparse input" in blocks.mode
+    np.testing.assert_allclose(blocks.history["total"], full.history["total"], rtol=2e-5)
+    np.testing.assert_allclose(blocks.latent, full.latent, rtol=1e-4, atol=1e-5)
 
 
-def test_a_mini_batch_epoch_is_the_full_batch_epoch_where_no_edge_joins_two_batches(slide):
-    """Graphs without edges between the four batches (each batch's spatial edges, and its own
-    expression kNN, as mini-batch training builds them) and only the ZINB loss: every batch is
-    normalised by the whole slide's BatchNorm statistics, the batches' losses and gradients add up to
-    the slide's (with the part of BatchNorm's gradient that flows through its statistics added after
-    the batches), and the epoch is one Adam step: mini-batch training follows full batch, epoch by
-    epoch."""
-    coords = np.stack(np.meshgrid(np.arange(12.0), np.arange(10.0)), -1).reshape(-1, 2)
-    parts = bisect_spots(coords, 40)
-    part_of = np.empty(120, dtype=np.int64)
-    for i, p in enumerate(parts):
-        part_of[p] = i
-    src, dst = (t.numpy() for t in slide["spatial"].edges())
-    spatial = dgl.remove_edges(slide["spatial"], torch.from_numpy(np.nonzero(part_of[src] != part_of[dst])[0]))
-    edges = [(p[u.numpy()], p[v.numpy()]) for p in parts
-             for u, v in [expression_graph(slide["features"][p], 5).edges()]]
-    expression = dgl.graph((torch.from_numpy(np.concatenate([u for u, _ in edges])),
-                            torch.from_numpy(np.concatenate([v for _, v in edges]))), num_nodes=120)
-    args = (slide["features"], slide["counts"], slide["size_factors"], spatial, expression, slide["semantic"])
-    only_zinb = dict(epochs=3, gamma=0.0, lambda_s=0.0, expr_k=5)
-    full = train_semst(*args, cfg(**only_zinb), 5, progress=False)
-    batched = train_semst(*args, cfg(**only_zinb, minibatch="on", batch_spots=40), 5, progress=False, coords=coords)
-    assert batched.mode.startswith("mini-batch (4 batches")
-    np.testing.assert_allclose(batched.history["zinb"], full.history["zinb"], rtol=1e-6)
+@pytest.mark.parametrize("norm", ["both", "right"])
+def test_the_normalised_adjacency_is_graphconvs_and_its_transpose_is_the_adjoint(slide, norm):
+    from semst.cluster.blockwise import NormalisedAdjacency
+    from semst.cluster.dgl_compat import dglnn
+
+    graph = slide["expression"]  # a kNN graph: directed, so the transpose is not the matrix itself
+    adjacency = NormalisedAdjacency(graph, norm)
+    h, g = torch.randn(120, 6, dtype=torch.float32), torch.randn(120, 6, dtype=torch.float32)
+    conv = dglnn.GraphConv(6, 6, norm=norm, weight=False, bias=False)
+    torch.testing.assert_close(adjacency.apply(h), conv(graph, h))
+    torch.testing.assert_close((adjacency.apply(h) * g).sum(), (h * adjacency.apply_transposed(g)).sum())
 
 
-def test_mini_batch_training_learns_with_finite_losses(slide):
-    coords = np.stack(np.meshgrid(np.arange(12.0), np.arange(10.0)), -1).reshape(-1, 2)
-    r = train_semst(slide["features"], slide["counts"], slide["size_factors"], slide["spatial"],
-                    slide["expression"], slide["semantic"], cfg(epochs=5, minibatch="on", batch_spots=60), 0,
-                    progress=False, coords=coords)
-    assert r.latent.shape == (120, 8) and all(np.isfinite(v).all() and len(v) == 5 for v in r.history.values())
-    assert r.history["total"][-1] < r.history["total"][0]
+def test_mini_batch_with_dropout_trains_and_repeats_per_seed(slide):
+    """With dropout each block's per-spot masks come from one seed per block and epoch, so its passes
+    agree; the same seed gives the same run."""
+    c = cfg(epochs=4, dropout=0.2, minibatch="on", batch_spots=40)
+    a, b = run(slide, c, 3), run(slide, c, 3)
+    np.testing.assert_array_equal(a.latent, b.latent)
+    assert np.isfinite(a.history["total"]).all() and a.history["total"][-1] < a.history["total"][0]
 
 
 @pytest.mark.parametrize("settings, mini", [({"minibatch": "auto", "minibatch_above": 119}, True),

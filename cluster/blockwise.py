@@ -1,0 +1,225 @@
+"""Mini-batch mode: the full-batch epoch computed in blocks of spots, in bounded memory.
+
+Everything in SemST but the two graph convolutions is per spot, and every loss is either a sum over
+spots (ZINB), a function of sums over spots (the decoder's BatchNorm, L_cr) or of pairs of spots
+(L_s). So the exact full-batch gradient does not need the whole slide's autograd graph, which at
+1M spots does not fit in memory; it is computed as:
+
+1. both GCN views forward on the whole slide without autograd: the input times the first layers'
+   weights, then the normalised adjacency (:class:`NormalisedAdjacency`, DGL's aggregation) times
+   (spots x hidden) matrices;
+2. Z_final block by block without autograd, and the mean and variance over the slide of the
+   decoder body's linear output (the statistics its BatchNorm sees in full batch);
+3. L_cr and L_s on the whole slide's (detached) Z_s, Z_f, Z_final, with negatives drawn exactly as
+   full batch draws them; autograd gives their gradients for every spot ((spots x hidden2) each);
+4. per block, with autograd from the block's rows of Z_s and Z_f: fusion, W, the decoder body with
+   BatchNorm on the slide's statistics, heads and ZINB (in blocks of ``rows``, as in full batch),
+   backward into the per-spot parameters and into dL/dZ_s, dL/dZ_f;
+5. per block, the part of BatchNorm's gradient that flows through its statistics (it needs two
+   sums over the slide, known after 4: the gradients of BatchNorm's bias and weight);
+6. both GCN views backward on the whole slide, written out (the transposed aggregation is DGL's
+   on the reversed graph), and the first layers' weights' gradient as input^T times dL/d(input W).
+
+Memory: the data, about a dozen (spots x hidden1) matrices, and one block's autograd graph
+(``batch_spots`` spots). Cost per epoch: one whole-slide encoder forward and backward, as full
+batch, plus recomputing the per-spot layers (fusion, W, decoder body: cheap next to the heads) twice.
+The result is full batch's epoch up to floating-point summation order (tested), so the mode changes
+memory and speed, not the model. With ``dropout`` > 0 the masks are drawn differently from full
+batch (each block's per-spot masks are drawn from one seed per block and epoch, so that its three
+passes see the same masks).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from semst.cluster.dgl_compat import dgl
+from semst.cluster.losses import correlation_reduction_loss
+from semst.cluster.model import film_stats
+
+
+class NormalisedAdjacency:
+    """The GCN's normalised adjacency of a DGL graph, as its GraphConv applies it: ``apply(h)`` is
+    what GraphConv(norm) aggregates (out-degree^-1/2 scaling, sum over in-edges, in-degree^-1/2 or
+    in-degree^-1 scaling), ``apply_transposed(g)`` the same matrix transposed (the sum over the
+    reversed graph's in-edges), for the backward. Unweighted ``copy_u`` sums with the scalings
+    outside: measured at 100k nodes x 256 features, one core, 0.17 s against 1.1 s for DGL's
+    ``u_mul_e`` with per-edge weights and 0.31 s for torch's CSR product."""
+
+    def __init__(self, graph, norm: str):
+        if norm not in ("both", "right"):
+            raise ValueError(f"GCN norm must be 'both' or 'right', got {norm!r}")
+        self.graph, self.reversed = graph, dgl.reverse(graph)
+        in_deg = graph.in_degrees().float().clamp(min=1).unsqueeze(1)
+        out_deg = graph.out_degrees().float().clamp(min=1).unsqueeze(1)
+        self.source_scale = out_deg.pow(-0.5) if norm == "both" else None
+        self.target_scale = in_deg.pow(-0.5) if norm == "both" else 1.0 / in_deg
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.contiguous() if self.source_scale is None else h * self.source_scale
+        return dgl.ops.copy_u_sum(self.graph, h) * self.target_scale
+
+    def apply_transposed(self, g: torch.Tensor) -> torch.Tensor:
+        out = dgl.ops.copy_u_sum(self.reversed, g * self.target_scale)
+        return out if self.source_scale is None else out * self.source_scale
+
+
+@contextlib.contextmanager
+def _masks_from(seed: int | None):
+    """Dropout masks drawn from ``seed`` (the same masks every time a block is recomputed), the
+    global generator restored afterwards; no-op for ``None`` (no dropout: nothing random)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _accumulate(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
+def _views_forward(model, adjacency, x, dropout_masks):
+    """Both GCN views on the whole slide without autograd: per view its first layer's activation
+    h1 (after ReLU and dropout: what the second layer reads) and its output Z_v."""
+    weight = torch.cat([model.spatial.weight1, model.expression.weight1], dim=1).detach()
+    xw = x.matmul(weight) if hasattr(x, "csr") else x @ weight
+    outs = []
+    for branch, adj, xw_v, mask in zip((model.spatial, model.expression), adjacency,
+                                       torch.split(xw, branch_widths(model), dim=1), dropout_masks):
+        h1 = adj.apply(xw_v).add_(branch.conv1.bias.detach()).relu_()
+        if mask is not None:
+            h1.mul_(mask)
+        z_v = adj.apply(h1 @ branch.conv2.weight.detach()).add_(branch.conv2.bias.detach())
+        outs.append((h1, z_v))
+    return outs
+
+
+def branch_widths(model) -> list[int]:
+    return [model.spatial.weight1.shape[1], model.expression.weight1.shape[1]]
+
+
+def _views_backward(model, adjacency, x, views, grads, dropout_masks) -> None:
+    """Adds both GCN views' parameter gradients, given dL/dZ_v for every spot (``grads``):
+    z = A (h1 W2) + b2 and h1 = mask * relu(A (x W1) + b1) differentiated by hand."""
+    grad_xw = []
+    for branch, adj, (h1, _), g_z, mask in zip((model.spatial, model.expression), adjacency, views, grads,
+                                               dropout_masks):
+        g_p = adj.apply_transposed(g_z)  # dL/d(h1 W2)
+        _accumulate(branch.conv2.weight, h1.T @ g_p)
+        _accumulate(branch.conv2.bias, g_z.sum(0))
+        g_h1 = g_p @ branch.conv2.weight.detach().T
+        g_h1.mul_(h1 > 0)  # ReLU's derivative (and the dropped units, which are 0 in h1)
+        if mask is not None:
+            g_h1.mul_(mask)
+        _accumulate(branch.conv1.bias, g_h1.sum(0))
+        grad_xw.append(adj.apply_transposed(g_h1))
+    grad_xw = torch.cat(grad_xw, dim=1)
+    grad_w = torch.sparse.mm(x.csr_t, grad_xw) if hasattr(x, "csr") else x.T @ grad_xw
+    g_s, g_f = torch.split(grad_w, branch_widths(model), dim=1)
+    _accumulate(model.spatial.weight1, g_s.contiguous())
+    _accumulate(model.expression.weight1, g_f.contiguous())
+
+
+def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, decode, spatial_loss) -> dict:
+    """One full-batch epoch's losses and gradients (added to the parameters' ``.grad``), computed in
+    blocks of ``block_spots`` spots (steps 1-6 of the module docstring).
+
+    ``adjacency``: the two views' :class:`NormalisedAdjacency`; ``x``: the whole slide's input
+    (dense tensor or SparseFeatures); ``decode(z, statistics, start, share) -> (zinb, dL/dz)``: the
+    decoder and ZINB of the spots from ``start`` whose Z_final is ``z`` (train's ``_decode``); ``spatial_loss(z)``:
+    L_s of the whole slide, as full batch computes it. Returns the losses, as full batch reports them.
+    """
+    n = x.shape[0]
+    bounds = list(range(0, n, block_spots)) + [n]
+    blocks = list(zip(bounds[:-1], bounds[1:]))
+    masks, block_seeds = [None, None], [None] * len(blocks)
+    if cfg.dropout > 0:
+        keep = 1.0 - cfg.dropout
+        masks = [torch.empty(n, w).bernoulli_(keep).div_(keep) for w in branch_widths(model)]
+        block_seeds = torch.randint(0, 2 ** 62, (len(blocks),)).tolist()
+    dec = model.decoder
+
+    def combine(z_s, z_f, start, stop):
+        with _masks_from(block_seeds[start // block_spots]):
+            return model.combine(z_s, z_f, None if sem is None else sem[start:stop])
+
+    # 1-2: the encoder forward and the decoder BatchNorm's statistics, without autograd
+    with torch.no_grad():
+        views = _views_forward(model, adjacency, x, masks)
+        (_, z_s), (_, z_f) = views
+        z = torch.empty(n, z_s.shape[1])
+        total = squares = 0.0
+        film = [0.0, 0.0]
+        for s, e in blocks:
+            z[s:e] = combine(z_s[s:e], z_f[s:e], s, e)
+            if model.fusion == "film":
+                film = [a + b for a, b in zip(film, model.fuse.squares)]
+            linear = dec.body[0](z[s:e]).double()
+            total = total + linear.sum(0)
+            squares = squares + (linear * linear).sum(0)
+        mean = total / n
+        var = (squares / n - mean * mean).clamp_min(0.0).float()
+        mean = mean.float()
+    clock.lap("statistics")
+
+    # 3: L_cr and L_s on the whole slide, and their gradients for every spot
+    for t in (z_s, z_f, z):
+        t.requires_grad_(True)
+    l_cr = correlation_reduction_loss(z_s, z_f, cfg.cr_similarity)
+    clock.lap("cr")
+    l_s = spatial_loss(z)
+    clock.lap("spatial")
+    (cfg.gamma * l_cr + cfg.lambda_s * l_s).backward()
+    grad_s, grad_f, grad_z = z_s.grad, z_f.grad, z.grad
+    z_s, z_f = z_s.detach(), z_f.detach()
+    clock.lap("backward")
+
+    def backward_block(s, e, forward):
+        """``forward(z_final) -> (output, its gradient)`` on the block's rows, backpropagated into the
+        per-spot parameters and into the block's rows of dL/dZ_s, dL/dZ_f."""
+        rows_s, rows_f = (t[s:e].detach().requires_grad_(True) for t in (z_s, z_f))
+        out, grad = forward(combine(rows_s, rows_f, s, e))
+        out.backward(grad)
+        grad_s[s:e] += rows_s.grad
+        grad_f[s:e] += rows_f.grad
+
+    # 4: per block, the decoder and ZINB
+    zinb = 0.0
+    for s, e in blocks:
+        def decoder_part(zb):
+            nonlocal zinb
+            clock.lap("encoder")
+            loss, grad = decode(zb, (mean, var), s, (e - s) / n)
+            zinb += loss * (e - s) / n
+            return zb, grad + grad_z[s:e]
+        backward_block(s, e, decoder_part)
+        clock.lap("backward")
+
+    # 5: BatchNorm's gradient through its statistics: dL/dlinear_i gets
+    # -(gamma / sigma) (sum_j g_j / n + xhat_i sum_j g_j xhat_j / n), g = dL/d(BatchNorm output);
+    # the two sums are BatchNorm's bias and weight gradients, complete after step 4
+    bn = dec.body[1]
+    sums, weighted = bn.bias.grad.detach() / n, bn.weight.grad.detach() / n
+    sigma = torch.sqrt(var + bn.eps)
+    scale = -(bn.weight.detach() / sigma)
+
+    def correction(zb):
+        linear = dec.body[0](zb)
+        return linear, scale * (sums + (linear.detach() - mean) / sigma * weighted)
+
+    for s, e in blocks:
+        backward_block(s, e, correction)
+    clock.lap("statistics")
+
+    # 6: both views backward on the whole slide
+    _views_backward(model, adjacency, x, views, (grad_s, grad_f), masks)
+    clock.lap("backward")
+    rest = cfg.gamma * l_cr.item() + cfg.lambda_s * l_s.item()
+    film = film_stats(*film, model.fuse.gate) if model.fusion == "film" else {}
+    return {"total": cfg.zinb_weight * zinb + rest, "zinb": zinb, "cr": l_cr.item(), "spatial": l_s.item(), **film}
