@@ -36,7 +36,7 @@ import torch
 
 from semst.cluster.dgl_compat import dgl
 from semst.cluster.losses import correlation_reduction_loss
-from semst.cluster.model import film_stats
+from semst.cluster.model import SparseFeatures, film_stats
 
 
 class NormalisedAdjacency:
@@ -58,11 +58,11 @@ class NormalisedAdjacency:
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         h = h.contiguous() if self.source_scale is None else h * self.source_scale
-        return dgl.ops.copy_u_sum(self.graph, h) * self.target_scale
+        return dgl.ops.copy_u_sum(self.graph, h).mul_(self.target_scale)
 
     def apply_transposed(self, g: torch.Tensor) -> torch.Tensor:
         out = dgl.ops.copy_u_sum(self.reversed, g * self.target_scale)
-        return out if self.source_scale is None else out * self.source_scale
+        return out if self.source_scale is None else out.mul_(self.source_scale)
 
 
 @contextlib.contextmanager
@@ -88,10 +88,10 @@ def _views_forward(model, adjacency, x, dropout_masks):
     """Both GCN views on the whole slide without autograd: per view its first layer's activation
     h1 (after ReLU and dropout: what the second layer reads) and its output Z_v."""
     weight = torch.cat([model.spatial.weight1, model.expression.weight1], dim=1).detach()
-    xw = x.matmul(weight) if hasattr(x, "csr") else x @ weight
+    xw = x.matmul(weight) if isinstance(x, SparseFeatures) else x @ weight
     outs = []
     for branch, adj, xw_v, mask in zip((model.spatial, model.expression), adjacency,
-                                       torch.split(xw, branch_widths(model), dim=1), dropout_masks):
+                                       torch.split(xw, _branch_widths(model), dim=1), dropout_masks):
         h1 = adj.apply(xw_v).add_(branch.conv1.bias.detach()).relu_()
         if mask is not None:
             h1.mul_(mask)
@@ -100,7 +100,7 @@ def _views_forward(model, adjacency, x, dropout_masks):
     return outs
 
 
-def branch_widths(model) -> list[int]:
+def _branch_widths(model) -> list[int]:
     return [model.spatial.weight1.shape[1], model.expression.weight1.shape[1]]
 
 
@@ -120,8 +120,8 @@ def _views_backward(model, adjacency, x, views, grads, dropout_masks) -> None:
         _accumulate(branch.conv1.bias, g_h1.sum(0))
         grad_xw.append(adj.apply_transposed(g_h1))
     grad_xw = torch.cat(grad_xw, dim=1)
-    grad_w = torch.sparse.mm(x.csr_t, grad_xw) if hasattr(x, "csr") else x.T @ grad_xw
-    g_s, g_f = torch.split(grad_w, branch_widths(model), dim=1)
+    grad_w = torch.sparse.mm(x.csr_t, grad_xw) if isinstance(x, SparseFeatures) else x.T @ grad_xw
+    g_s, g_f = torch.split(grad_w, _branch_widths(model), dim=1)
     _accumulate(model.spatial.weight1, g_s.contiguous())
     _accumulate(model.expression.weight1, g_f.contiguous())
 
@@ -132,8 +132,8 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
 
     ``adjacency``: the two views' :class:`NormalisedAdjacency`; ``x``: the whole slide's input
     (dense tensor or SparseFeatures); ``decode(z, statistics, start, share) -> (zinb, dL/dz)``: the
-    decoder and ZINB of the spots from ``start`` whose Z_final is ``z`` (train's ``_decode``); ``spatial_loss(z)``:
-    L_s of the whole slide, as full batch computes it. Returns the losses, as full batch reports them.
+    decoder and ZINB of the spots from ``start`` whose Z_final is ``z`` (train's ``_decode``);
+    ``spatial_loss(z)``: L_s of the whole slide, as full batch computes it. Returns the losses, as full batch reports them.
     """
     n = x.shape[0]
     bounds = list(range(0, n, block_spots)) + [n]
@@ -141,7 +141,7 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
     masks, block_seeds = [None, None], [None] * len(blocks)
     if cfg.dropout > 0:
         keep = 1.0 - cfg.dropout
-        masks = [torch.empty(n, w).bernoulli_(keep).div_(keep) for w in branch_widths(model)]
+        masks = [torch.empty(n, w).bernoulli_(keep).div_(keep) for w in _branch_widths(model)]
         block_seeds = torch.randint(0, 2 ** 62, (len(blocks),)).tolist()
     dec = model.decoder
 

@@ -134,9 +134,10 @@ class ClusterConfig:
     # Spots per block of the ZINB decoder's heads and loss (memory for spots x genes outputs is one
     # block; the loss and gradient do not depend on it). None: ~2^19 / genes (cache-sized blocks).
     decoder_batch: int | None = None
-    # Mini-batch training (see semst.cluster.train): "auto" = above minibatch_above spots, "on", "off".
+    # Mini-batch training: full batch's epoch in blocks, bounded memory (see semst.cluster.blockwise):
+    # "auto" = above minibatch_above spots, "on", "off".
     minibatch: str = "auto"
-    batch_spots: int = 50_000  # spots per spatial batch in mini-batch mode
+    batch_spots: int = 50_000  # spots per block in mini-batch mode
     minibatch_above: int = 200_000  # "auto" trains in mini-batches above this many spots
     # Threads for every pool (torch, BLAS, OpenMP, numba, DGL); None = OMP_NUM_THREADS, else all
     # usable cores. Results are identical for a fixed thread count, not across counts.
