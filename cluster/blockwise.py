@@ -8,25 +8,26 @@ spots (ZINB), a function of sums over spots (the decoder's BatchNorm, L_cr) or o
 1. both GCN views forward on the whole slide without autograd: the input times the first layers'
    weights, then the normalised adjacency (:class:`NormalisedAdjacency`, DGL's aggregation) times
    (spots x hidden) matrices;
-2. Z_final block by block without autograd, and the mean and variance over the slide of the
-   decoder body's linear output (the statistics its BatchNorm sees in full batch);
+2. block by block without autograd: Z_final and the decoder body's linear output, kept for the
+   slide, and its mean and variance over the slide (the statistics BatchNorm sees in full batch);
 3. L_cr and L_s on the whole slide's (detached) Z_s, Z_f, Z_final, with negatives drawn exactly as
    full batch draws them; autograd gives their gradients for every spot ((spots x hidden2) each);
-4. per block, with autograd from the block's rows of Z_s and Z_f: fusion, W, the decoder body with
-   BatchNorm on the slide's statistics, heads and ZINB (in blocks of ``rows``, as in full batch),
-   backward into the per-spot parameters and into dL/dZ_s, dL/dZ_f;
-5. per block, the part of BatchNorm's gradient that flows through its statistics (it needs two
-   sums over the slide, known after 4: the gradients of BatchNorm's bias and weight);
+4. per block, from the kept linear output: BatchNorm on the slide's statistics, ReLU, heads and ZINB
+   (in blocks of ``rows``, as in full batch), backward into the heads' and BatchNorm's parameters
+   and dL/d(linear output);
+5. the part of BatchNorm's gradient that flows through its statistics, added to dL/d(linear output)
+   (it needs two sums over the slide, known after 4: the gradients of BatchNorm's bias and weight);
+   then per block one forward of fusion, W and the body's Linear with autograd, and one backward
+   into their parameters and dL/dZ_s, dL/dZ_f;
 6. both GCN views backward on the whole slide, written out (the transposed aggregation is DGL's
    on the reversed graph), and the first layers' weights' gradient as input^T times dL/d(input W).
 
 Memory: the data, about a dozen (spots x hidden1) matrices, and one block's autograd graph
-(``batch_spots`` spots). Cost per epoch: one whole-slide encoder forward and backward, as full
-batch, plus recomputing the per-spot layers (fusion, W, decoder body: cheap next to the heads) twice.
-The result is full batch's epoch up to floating-point summation order (tested), so the mode changes
-memory and speed, not the model. With ``dropout`` > 0 the masks are drawn differently from full
-batch (each block's per-spot masks are drawn from one seed per block and epoch, so that its three
-passes see the same masks).
+(``batch_spots`` spots). Cost per epoch: what full batch computes, plus one more forward of the
+per-spot layers (fusion, W, the body's Linear: step 2 and again in step 5). The result is full
+batch's epoch up to floating-point summation order (tested), so the mode changes memory and speed,
+not the model. With ``dropout`` > 0 the masks are drawn differently from full batch (each block's
+per-spot masks come from one seed per block and epoch, so that steps 2 and 5 see the same masks).
 """
 from __future__ import annotations
 
@@ -131,8 +132,9 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
     blocks of ``block_spots`` spots (steps 1-6 of the module docstring).
 
     ``adjacency``: the two views' :class:`NormalisedAdjacency`; ``x``: the whole slide's input
-    (dense tensor or SparseFeatures); ``decode(z, statistics, start, share) -> (zinb, dL/dz)``: the
-    decoder and ZINB of the spots from ``start`` whose Z_final is ``z`` (train's ``_decode``);
+    (dense tensor or SparseFeatures); ``decode(inputs, body, start, share) -> (zinb, dL/dinputs)``:
+    the decoder and ZINB of the spots from ``start`` on, ``body(inputs)`` being the heads' input
+    (train's ``_decode``);
     ``spatial_loss(z)``: L_s of the whole slide, as full batch computes it. Returns the losses, as full batch reports them.
     """
     n = x.shape[0]
@@ -149,20 +151,22 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
         with _masks_from(block_seeds[start // block_spots]):
             return model.combine(z_s, z_f, None if sem is None else sem[start:stop])
 
-    # 1-2: the encoder forward and the decoder BatchNorm's statistics, without autograd
+    # 1-2: the encoder forward, the decoder body's linear output and its statistics, without autograd
     with torch.no_grad():
         views = _views_forward(model, adjacency, x, masks)
         (_, z_s), (_, z_f) = views
         z = torch.empty(n, z_s.shape[1])
+        linear = torch.empty(n, dec.body[0].out_features)
         total = squares = 0.0
         film = [0.0, 0.0]
         for s, e in blocks:
             z[s:e] = combine(z_s[s:e], z_f[s:e], s, e)
             if model.fusion == "film":
                 film = [a + b for a, b in zip(film, model.fuse.squares)]
-            linear = dec.body[0](z[s:e]).double()
-            total = total + linear.sum(0)
-            squares = squares + (linear * linear).sum(0)
+            linear[s:e] = dec.body[0](z[s:e])
+            rows = linear[s:e].double()
+            total = total + rows.sum(0)
+            squares = squares + (rows * rows).sum(0)
         mean = total / n
         var = (squares / n - mean * mean).clamp_min(0.0).float()
         mean = mean.float()
@@ -180,42 +184,32 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
     z_s, z_f = z_s.detach(), z_f.detach()
     clock.lap("backward")
 
-    def backward_block(s, e, forward):
-        """``forward(z_final) -> (output, its gradient)`` on the block's rows, backpropagated into the
-        per-spot parameters and into the block's rows of dL/dZ_s, dL/dZ_f."""
-        rows_s, rows_f = (t[s:e].detach().requires_grad_(True) for t in (z_s, z_f))
-        out, grad = forward(combine(rows_s, rows_f, s, e))
-        out.backward(grad)
-        grad_s[s:e] += rows_s.grad
-        grad_f[s:e] += rows_f.grad
-
-    # 4: per block, the decoder and ZINB
+    # 4: per block, the rest of the decoder body (BatchNorm on the slide's statistics, ReLU), the heads
+    # and ZINB, from the stored linear output: dL/d(linear output) with the statistics held fixed
     zinb = 0.0
+    grad_linear = torch.empty_like(linear)
     for s, e in blocks:
-        def decoder_part(zb):
-            nonlocal zinb
-            clock.lap("encoder")
-            loss, grad = decode(zb, (mean, var), s, (e - s) / n)
-            zinb += loss * (e - s) / n
-            return zb, grad + grad_z[s:e]
-        backward_block(s, e, decoder_part)
-        clock.lap("backward")
+        loss, grad_linear[s:e] = decode(linear[s:e], lambda rows: dec.normalise(rows, mean, var), s, (e - s) / n)
+        zinb += loss * (e - s) / n
 
-    # 5: BatchNorm's gradient through its statistics: dL/dlinear_i gets
-    # -(gamma / sigma) (sum_j g_j / n + xhat_i sum_j g_j xhat_j / n), g = dL/d(BatchNorm output);
-    # the two sums are BatchNorm's bias and weight gradients, complete after step 4
+    # 5: the part of BatchNorm's gradient that flows through its statistics, -(gamma / sigma) (sum_j g_j / n
+    # + xhat_i sum_j g_j xhat_j / n), g = dL/d(BatchNorm output): the two sums are BatchNorm's bias and
+    # weight gradients, complete after step 4. Then per block one forward of the per-spot layers
+    # (fusion, W, the body's Linear) with autograd and one backward, into their parameters and dL/dZ_s,
+    # dL/dZ_f.
     bn = dec.body[1]
     sums, weighted = bn.bias.grad.detach() / n, bn.weight.grad.detach() / n
     sigma = torch.sqrt(var + bn.eps)
     scale = -(bn.weight.detach() / sigma)
-
-    def correction(zb):
-        linear = dec.body[0](zb)
-        return linear, scale * (sums + (linear.detach() - mean) / sigma * weighted)
-
     for s, e in blocks:
-        backward_block(s, e, correction)
-    clock.lap("statistics")
+        grad_linear[s:e] += scale * (sums + (linear[s:e] - mean) / sigma * weighted)
+        rows_s, rows_f = (t[s:e].detach().requires_grad_(True) for t in (z_s, z_f))
+        zb = combine(rows_s, rows_f, s, e)
+        clock.lap("encoder")
+        torch.autograd.backward([zb, dec.body[0](zb)], [grad_z[s:e], grad_linear[s:e]])
+        grad_s[s:e] += rows_s.grad
+        grad_f[s:e] += rows_f.grad
+        clock.lap("backward")
 
     # 6: both views backward on the whole slide
     _views_backward(model, adjacency, x, views, (grad_s, grad_f), masks)

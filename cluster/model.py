@@ -200,14 +200,14 @@ class ZINBDecoder(nn.Module):
         self.disp = nn.Linear(hidden1, n_genes)
         self.mean = nn.Linear(hidden1, n_genes)
 
-    def body_with_statistics(self, z, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        """The body with its BatchNorm normalising by given statistics of the linear layer's output
+    def normalise(self, linear, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """The body after its Linear, with BatchNorm normalising by given statistics of ``linear``
         (mini-batch training: the whole slide's, :mod:`semst.cluster.blockwise`) instead of those of
-        ``z``'s rows; on the whole slide's own statistics it is the body in training mode, row for
-        row. No gradient flows into ``mean`` and ``var`` here: mini-batch training adds that part
+        its rows; on the whole slide's own statistics it is the body in training mode, row for row.
+        No gradient flows into ``mean`` and ``var`` here: mini-batch training adds that part
         afterwards."""
         bn = self.body[1]
-        return F.relu(F.batch_norm(self.body[0](z), mean, var, bn.weight, bn.bias, training=False, eps=bn.eps))
+        return F.relu(F.batch_norm(linear, mean, var, bn.weight, bn.bias, training=False, eps=bn.eps))
 
     def heads(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The three heads as one (3 * genes, hidden1) weight and bias: dropout, dispersion, mean."""

@@ -183,8 +183,8 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
     mode += ", sparse input" if sparse_input else ""
     bar = tqdm(range(cfg.epochs), desc=f"training ({mode})", unit="epoch", disable=not progress)
 
-    def decode(z, statistics, start, share):
-        return _decode(model, z, statistics, sparse_counts, sf, start, cfg, rows, clock, threads, share)
+    def decode(inputs, body, start, share):
+        return _decode(model, inputs, body, sparse_counts, sf, start, cfg, rows, clock, threads, share)
 
     clock.restart()
     for _ in bar:
@@ -242,15 +242,15 @@ def _heads_and_zinb(h_data, weight, bias, counts: SparseCounts, sf, offset: int,
     return nll_sum, grad_w, grad_b
 
 
-def _decode(model, z, statistics, counts: SparseCounts, sf, start: int, cfg, rows: int, clock, threads: int,
+def _decode(model, inputs, body, counts: SparseCounts, sf, start: int, cfg, rows: int, clock, threads: int,
             share: float = 1.0) -> tuple[float, torch.Tensor]:
-    """The decoder and the ZINB loss of the spots ``start``.. whose Z_final is ``z``: adds the
-    decoder's parameter gradients (times ``share``) and returns the loss and dL/dZ_final (not yet
-    backpropagated into ``z``). ``statistics``: the slide's (mean, var) for the decoder's BatchNorm
-    (mini-batch), or None to use ``z``'s own (full batch, where ``z`` is the slide)."""
+    """The decoder and the ZINB loss of the spots from ``start`` on: ``body(inputs)`` gives the heads'
+    input (full batch: the decoder body on Z_final; mini-batch: the body after its Linear, on the
+    slide's statistics). Adds the heads' and the body's parameter gradients (times ``share``) and
+    returns the loss and dL/d``inputs`` (not yet backpropagated any further)."""
     g = counts.shape[1]
-    z_leaf = z.detach().requires_grad_(True)
-    h = model.decoder.body(z_leaf) if statistics is None else model.decoder.body_with_statistics(z_leaf, *statistics)
+    leaf = inputs.detach().requires_grad_(True)
+    h = body(leaf)
     clock.lap("decoder")
     h_data = h.detach()
     weight, bias = (t.detach() for t in model.decoder.heads())
@@ -264,9 +264,9 @@ def _decode(model, z, statistics, counts: SparseCounts, sf, start: int, cfg, row
         else:
             head.weight.grad.add_(gw)
             head.bias.grad.add_(gb)
-    torch.autograd.backward(h, grad_h)  # decoder body -> dL/dZ_final in z_leaf.grad
+    torch.autograd.backward(h, grad_h)  # the body -> dL/dinputs in leaf.grad
     clock.lap("backward")
-    return zinb, z_leaf.grad
+    return zinb, leaf.grad
 
 
 def spatial_loss(z, pairs: _SpatialPairs, cfg, rng):
@@ -285,7 +285,7 @@ def _forward_backward(model, spatial, expression, x, sem, pairs: _SpatialPairs, 
     """A full-batch epoch's losses, their gradients added to the parameters' gradients."""
     z_s, z_f, z = model.encode(spatial, expression, x, sem)
     clock.lap("encoder")
-    zinb, grad_z = decode(z, None, 0, 1.0)
+    zinb, grad_z = decode(z, model.decoder.body, 0, 1.0)
     film_stats = dict(model.fuse.stats) if model.fusion == "film" else {}
     l_cr = correlation_reduction_loss(z_s, z_f, cfg.cr_similarity)
     clock.lap("cr")
