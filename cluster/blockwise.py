@@ -108,9 +108,10 @@ def _branch_widths(model) -> list[int]:
 def _views_backward(model, adjacency, x, views, grads, dropout_masks) -> None:
     """Adds both GCN views' parameter gradients, given dL/dZ_v for every spot (``grads``):
     z = A (h1 W2) + b2 and h1 = mask * relu(A (x W1) + b1) differentiated by hand."""
-    grad_xw = []
-    for branch, adj, (h1, _), g_z, mask in zip((model.spatial, model.expression), adjacency, views, grads,
-                                               dropout_masks):
+    widths = _branch_widths(model)
+    grad_xw = torch.empty(x.shape[0], sum(widths))  # dL/d(x W1) of both views, side by side
+    for branch, adj, (h1, _), g_z, mask, cols in zip((model.spatial, model.expression), adjacency, views, grads,
+                                                     dropout_masks, torch.split(grad_xw, widths, dim=1)):
         g_p = adj.apply_transposed(g_z)  # dL/d(h1 W2)
         _accumulate(branch.conv2.weight, h1.T @ g_p)
         _accumulate(branch.conv2.bias, g_z.sum(0))
@@ -119,10 +120,10 @@ def _views_backward(model, adjacency, x, views, grads, dropout_masks) -> None:
         if mask is not None:
             g_h1.mul_(mask)
         _accumulate(branch.conv1.bias, g_h1.sum(0))
-        grad_xw.append(adj.apply_transposed(g_h1))
-    grad_xw = torch.cat(grad_xw, dim=1)
+        cols.copy_(adj.apply_transposed(g_h1))
+        del g_p, g_h1
     grad_w = torch.sparse.mm(x.csr_t, grad_xw) if isinstance(x, SparseFeatures) else x.T @ grad_xw
-    g_s, g_f = torch.split(grad_w, _branch_widths(model), dim=1)
+    g_s, g_f = torch.split(grad_w, widths, dim=1)
     _accumulate(model.spatial.weight1, g_s.contiguous())
     _accumulate(model.expression.weight1, g_f.contiguous())
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from semst.cluster.blockwise import NormalisedAdjacency, blockwise_epoch
 from semst.cluster.graphs import neighbour_pairs
 from semst.cluster.losses import (all_pairs_spatial_loss, correlation_reduction_loss, pair_keys, sample_negatives,
                                   spatial_regularisation_loss)
@@ -156,8 +157,6 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
     x_in = SparseFeatures(x.numpy()) if sparse_input else x
     adjacency = None
     if minibatch:
-        from semst.cluster.blockwise import NormalisedAdjacency
-
         adjacency = [NormalisedAdjacency(graph, cfg.gcn_norm) for graph in (spatial, expression)]
     clock.lap("graphs")
 
@@ -191,8 +190,6 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
         model.train()
         opt.zero_grad(set_to_none=True)
         if minibatch:
-            from semst.cluster.blockwise import blockwise_epoch
-
             step = blockwise_epoch(model, adjacency, x_in, sem, cfg, cfg.batch_spots, clock, decode,
                                    lambda z: spatial_loss(z, pairs, cfg, rng))
         else:
