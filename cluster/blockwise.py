@@ -135,8 +135,8 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
     ``adjacency``: the two views' :class:`NormalisedAdjacency`; ``x``: the whole slide's input
     (dense tensor or SparseFeatures); ``decode(inputs, body, start, share) -> (zinb, dL/dinputs)``:
     the decoder and ZINB of the spots from ``start`` on, ``body(inputs)`` being the heads' input
-    (train's ``_decode``);
-    ``spatial_loss(z)``: L_s of the whole slide, as full batch computes it. Returns the losses, as full batch reports them.
+    (train's ``_decode``); ``spatial_loss(z)``: L_s of the whole slide, as full batch computes it.
+    Returns the losses, as full batch reports them.
     """
     n = x.shape[0]
     bounds = list(range(0, n, block_spots)) + [n]
@@ -159,15 +159,15 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
         z = torch.empty(n, z_s.shape[1])
         linear = torch.empty(n, dec.body[0].out_features)
         total = squares = 0.0
-        film = [0.0, 0.0]
+        film_squares = [0.0, 0.0]  # the FSM's ||FSM(z) - z||^2 and ||z||^2 over the slide
         for s, e in blocks:
             z[s:e] = combine(z_s[s:e], z_f[s:e], s, e)
             if model.fusion == "film":
-                film = [a + b for a, b in zip(film, model.fuse.squares)]
+                film_squares = [a + b for a, b in zip(film_squares, model.fuse.squares)]
             linear[s:e] = dec.body[0](z[s:e])
-            rows = linear[s:e].double()
-            total = total + rows.sum(0)
-            squares = squares + (rows * rows).sum(0)
+            block = linear[s:e].double()
+            total = total + block.sum(0)
+            squares = squares + (block * block).sum(0)
         mean = total / n
         var = (squares / n - mean * mean).clamp_min(0.0).float()
         mean = mean.float()
@@ -216,5 +216,5 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
     _views_backward(model, adjacency, x, views, (grad_s, grad_f), masks)
     clock.lap("backward")
     rest = cfg.gamma * l_cr.item() + cfg.lambda_s * l_s.item()
-    film = film_stats(*film, model.fuse.gate) if model.fusion == "film" else {}
+    film = film_stats(*film_squares, model.fuse.gate) if model.fusion == "film" else {}
     return {"total": cfg.zinb_weight * zinb + rest, "zinb": zinb, "cr": l_cr.item(), "spatial": l_s.item(), **film}
