@@ -169,6 +169,7 @@ cfg = load_cluster_config("dlpfc-151673", {{"epochs": {epochs}, "fusion": "{fusi
 t0 = time.perf_counter()
 sg = spatial_graph(coords, k={spatial_k}); fg = expression_graph(features, cfg.expr_k, {expr_pcs}, progress=True)
 graph_s = time.perf_counter() - t0
+graphs_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # data + graphs (incl. the kNN search)
 sem = None if "{fusion}" == "none" else np.random.default_rng(0).normal(size=({n}, 576)).astype(np.float32)
 import dataclasses, inspect
 # revisions before the blockwise mini-batch (the baseline of a comparison) cut batches by coordinates
@@ -183,7 +184,8 @@ train_s = time.perf_counter() - t0
 print(json.dumps({{"spots": {n}, "graph_s": round(graph_s, 1), "s_per_epoch": round(train_s / {epochs}, 2),
                   "setup_s": r.seconds["graphs"], "mode": r.mode,
                   "parts": {{k: round(v / {epochs}, 2) for k, v in r.seconds.items() if k != "graphs"}},
-                  "peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}}))
+                  "peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                  "graphs_peak_gib": round(graphs_peak, 2)}}))
 """
 
 
@@ -205,7 +207,8 @@ def _bench_sizes(sizes, genes, epochs, cores, irregular, fusion, spatial_k, mini
           f"{spatial_k}-nearest spatial graph, expression kNN on "
           f"{f'{expr_pcs} SVD components' if expr_pcs else 'all genes'}), fusion {fusion}, {epochs} epoch(s), "
           f"cores {cores}", flush=True)
-    print(f"{'code':>10}{'spots':>9}{'graphs s':>10}{'s/epoch':>9}{'peak GiB':>10}  mode; seconds per epoch by part")
+    print(f"{'code':>10}{'spots':>9}{'graphs s':>10}{'s/epoch':>9}{'peak GiB':>10}  mode; seconds per epoch by part; "
+          "peak GiB before training")
     for n in sizes:
         code = _SIZE.format(n=n, genes=genes, epochs=epochs, threads=len(cores.split(",")), irregular=irregular,
                             fusion=fusion, spatial_k=spatial_k, minibatch=minibatch, expr_pcs=expr_pcs,
@@ -218,7 +221,7 @@ def _bench_sizes(sizes, genes, epochs, cores, irregular, fusion, spatial_k, mini
                 continue
             parts = ", ".join(f"{k} {v}" for k, v in r.get("parts", {}).items())
             print(f"{name:>10}{r['spots']:>9}{r['graph_s']:>10}{r['s_per_epoch']:>9}{r['peak_gib']:>10}  {r['mode']}; "
-                  f"{parts}", flush=True)
+                  f"{parts}; {r.get('graphs_peak_gib', '?')}", flush=True)
 
 
 def bench_million_end_to_end(epochs: int, cores: str, n: int = 1_000_000, genes: int = 500) -> None:
