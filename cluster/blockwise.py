@@ -78,7 +78,8 @@ def _masks_from(seed: int | None):
         yield
 
 
-def _accumulate(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+def add_to_grad(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+    """``param.grad += grad`` (``grad`` itself where there is none yet)."""
     if param.grad is None:
         param.grad = grad
     else:
@@ -86,13 +87,11 @@ def _accumulate(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
 
 
 def _views_forward(model, adjacency, x, dropout_masks):
-    """Both GCN views on the whole slide without autograd: per view its first layer's activation
-    h1 (after ReLU and dropout: what the second layer reads) and its output Z_v."""
-    weight = torch.cat([model.spatial.weight1, model.expression.weight1], dim=1).detach()
-    xw = x.matmul(weight) if isinstance(x, SparseFeatures) else x @ weight
+    """Both GCN views on the whole slide (called without autograd): per view its first layer's
+    activation h1 (after ReLU and dropout: what the second layer reads) and its output Z_v."""
     outs = []
-    for branch, adj, xw_v, mask in zip((model.spatial, model.expression), adjacency,
-                                       torch.split(xw, _branch_widths(model), dim=1), dropout_masks):
+    for branch, adj, xw_v, mask in zip((model.spatial, model.expression), adjacency, model.input_products(x),
+                                       dropout_masks):
         h1 = adj.apply(xw_v).add_(branch.conv1.bias.detach()).relu_()
         if mask is not None:
             h1.mul_(mask)
@@ -101,31 +100,27 @@ def _views_forward(model, adjacency, x, dropout_masks):
     return outs
 
 
-def _branch_widths(model) -> list[int]:
-    return [model.spatial.weight1.shape[1], model.expression.weight1.shape[1]]
-
-
 def _views_backward(model, adjacency, x, views, grads, dropout_masks) -> None:
     """Adds both GCN views' parameter gradients, given dL/dZ_v for every spot (``grads``):
     z = A (h1 W2) + b2 and h1 = mask * relu(A (x W1) + b1) differentiated by hand."""
-    widths = _branch_widths(model)
+    widths = model.branch_widths()
     grad_xw = torch.empty(x.shape[0], sum(widths))  # dL/d(x W1) of both views, side by side
     for branch, adj, (h1, _), g_z, mask, cols in zip((model.spatial, model.expression), adjacency, views, grads,
                                                      dropout_masks, torch.split(grad_xw, widths, dim=1)):
         g_p = adj.apply_transposed(g_z)  # dL/d(h1 W2)
-        _accumulate(branch.conv2.weight, h1.T @ g_p)
-        _accumulate(branch.conv2.bias, g_z.sum(0))
+        add_to_grad(branch.conv2.weight, h1.T @ g_p)
+        add_to_grad(branch.conv2.bias, g_z.sum(0))
         g_h1 = g_p @ branch.conv2.weight.detach().T
         g_h1.mul_(h1 > 0)  # ReLU's derivative (and the dropped units, which are 0 in h1)
         if mask is not None:
             g_h1.mul_(mask)
-        _accumulate(branch.conv1.bias, g_h1.sum(0))
+        add_to_grad(branch.conv1.bias, g_h1.sum(0))
         cols.copy_(adj.apply_transposed(g_h1))
         del g_p, g_h1
     grad_w = torch.sparse.mm(x.csr_t, grad_xw) if isinstance(x, SparseFeatures) else x.T @ grad_xw
     g_s, g_f = torch.split(grad_w, widths, dim=1)
-    _accumulate(model.spatial.weight1, g_s.contiguous())
-    _accumulate(model.expression.weight1, g_f.contiguous())
+    add_to_grad(model.spatial.weight1, g_s.contiguous())
+    add_to_grad(model.expression.weight1, g_f.contiguous())
 
 
 def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, decode, spatial_loss) -> dict:
@@ -144,7 +139,7 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
     masks, block_seeds = [None, None], [None] * len(blocks)
     if cfg.dropout > 0:
         keep = 1.0 - cfg.dropout
-        masks = [torch.empty(n, w).bernoulli_(keep).div_(keep) for w in _branch_widths(model)]
+        masks = [torch.empty(n, w).bernoulli_(keep).div_(keep) for w in model.branch_widths()]
         block_seeds = torch.randint(0, 2 ** 62, (len(blocks),)).tolist()
     dec = model.decoder
 

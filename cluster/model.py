@@ -265,11 +265,19 @@ class SemST(nn.Module):
             return self.fuse(z_gcn, s)
         return torch.cat([z_gcn, s], dim=1)  # concat
 
-    def encode(self, spatial_graph, expression_graph, x, semantic=None):
-        """(Z_s, Z_f, Z_final). Both branches' first layers multiply ``x`` in one GEMM."""
+    def branch_widths(self) -> list[int]:
+        """The two branches' first-layer widths, spatial then expression."""
+        return [self.spatial.weight1.shape[1], self.expression.weight1.shape[1]]
+
+    def input_products(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x @ weight1`` of both branches (spatial, expression), multiplied in one GEMM."""
         weight = torch.cat([self.spatial.weight1, self.expression.weight1], dim=1)
         xw = x.matmul(weight) if isinstance(x, SparseFeatures) else x @ weight
-        xw_s, xw_f = torch.split(xw, [self.spatial.weight1.shape[1], self.expression.weight1.shape[1]], dim=1)
+        return torch.split(xw, self.branch_widths(), dim=1)
+
+    def encode(self, spatial_graph, expression_graph, x, semantic=None):
+        """(Z_s, Z_f, Z_final). Both branches' first layers multiply ``x`` in one GEMM."""
+        xw_s, xw_f = self.input_products(x)
         z_s = self.spatial(spatial_graph, x, xw_s)
         z_f = self.expression(expression_graph, x, xw_f)
         return z_s, z_f, self.combine(z_s, z_f, semantic)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from semst.cluster.blockwise import NormalisedAdjacency, blockwise_epoch
+from semst.cluster.blockwise import NormalisedAdjacency, add_to_grad, blockwise_epoch
 from semst.cluster.graphs import neighbour_pairs
 from semst.cluster.losses import (all_pairs_spatial_loss, correlation_reduction_loss, pair_keys, sample_negatives,
                                   spatial_regularisation_loss)
@@ -256,11 +256,8 @@ def _decode(model, inputs, body, counts: SparseCounts, sf, start: int, cfg, rows
                                             threads, share)
     dec = model.decoder
     for head, gw, gb in zip((dec.pi, dec.disp, dec.mean), grad_w.chunk(3), grad_b.chunk(3)):
-        if head.weight.grad is None:
-            head.weight.grad, head.bias.grad = gw, gb
-        else:
-            head.weight.grad.add_(gw)
-            head.bias.grad.add_(gb)
+        add_to_grad(head.weight, gw)
+        add_to_grad(head.bias, gb)
     torch.autograd.backward(h, grad_h)  # the body -> dL/dinputs in leaf.grad
     clock.lap("backward")
     return zinb, leaf.grad
