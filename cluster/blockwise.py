@@ -117,7 +117,7 @@ def _views_backward(model, adjacency, x, views, grads, dropout_masks) -> None:
         add_to_grad(branch.conv1.bias, g_h1.sum(0))
         cols.copy_(adj.apply_transposed(g_h1))
         del g_p, g_h1
-    grad_w = torch.sparse.mm(x.csr_t, grad_xw) if isinstance(x, SparseFeatures) else x.T @ grad_xw
+    grad_w = x.transposed_matmul(grad_xw) if isinstance(x, SparseFeatures) else x.T @ grad_xw
     g_s, g_f = torch.split(grad_w, widths, dim=1)
     add_to_grad(model.spatial.weight1, g_s.contiguous())
     add_to_grad(model.expression.weight1, g_f.contiguous())

@@ -20,27 +20,35 @@ from torch import nn
 from semst.cluster.dgl_compat import dglnn
 
 
-SPARSE_INPUT_DENSITY = 0.05  # measured: CSR beats dense GEMM for the first layer below ~5% non-zeros
+# Measured (one and two threads, 3639 and 100k spots x 3000 genes, random sparsity, first layer forward
+# + weight gradient): CSR is 2-3x faster than the dense GEMM at 5% non-zeros and still faster at 10%,
+# even at ~15% and slower above (the real dlpfc-151673 input, 15%: no consistent winner, so dense).
+SPARSE_INPUT_DENSITY = 0.10
+# Spots per block of the transposed CSR in the weight gradient: the dense (spots x 512) gradient
+# block a block's product reads stays in cache (4096 x 512 floats = 8 MB). At 100k spots x 3000
+# genes, 7% non-zeros, two threads: one transposed matrix 8.2 s, blocks of 4096 spots 0.73 s,
+# 16384 spots 1.7 s (the dense GEMM: 1.7 s).
+TRANSPOSE_BLOCK_SPOTS = 4096
 
 
 class _CSRMatmul(torch.autograd.Function):
     """``csr @ weight`` with the gradient for ``weight`` only (the data is constant)."""
 
     @staticmethod
-    def forward(ctx, weight, csr, csr_t):
-        ctx.csr_t = csr_t
-        return torch.sparse.mm(csr, weight)
+    def forward(ctx, weight, features):
+        ctx.features = features
+        return torch.sparse.mm(features.csr, weight)
 
     @staticmethod
     def backward(ctx, grad):
-        return torch.sparse.mm(ctx.csr_t, grad), None, None
+        return ctx.features.transposed_matmul(grad), None
 
 
 class SparseFeatures:
     """The preprocessed expression kept CSR (and its transpose, for the backward) when it is mostly
-    zeros (the network's input is scaled without centring, so zeros stay zeros). Measured on one
-    core, (spots x genes) @ (genes x 512): 3639 x 3000 at 3% non-zeros 0.15 s dense, 0.023 s CSR; at
-    15% (dlpfc-151673) 0.125 vs 0.104 s, so dense is kept above ``SPARSE_INPUT_DENSITY``."""
+    zeros (the network's input is scaled without centring, so zeros stay zeros); see
+    ``SPARSE_INPUT_DENSITY``. The transpose is kept in blocks of ``TRANSPOSE_BLOCK_SPOTS`` spots (one
+    block, the whole transpose, on slides up to that size)."""
 
     def __init__(self, matrix):
         import numpy as np
@@ -49,10 +57,21 @@ class SparseFeatures:
         csr = sp.csr_matrix(matrix, dtype=np.float32)
         self.shape = csr.shape
         self.csr = _torch_csr(csr)
-        self.csr_t = _torch_csr(csr.T.tocsr())
+        step = TRANSPOSE_BLOCK_SPOTS
+        self.transposed_blocks = [(start, _torch_csr(csr[start:start + step].T.tocsr()))
+                                  for start in range(0, csr.shape[0], step)]
 
     def matmul(self, weight: torch.Tensor) -> torch.Tensor:
-        return _CSRMatmul.apply(weight, self.csr, self.csr_t)
+        return _CSRMatmul.apply(weight, self)
+
+    def transposed_matmul(self, grad: torch.Tensor) -> torch.Tensor:
+        """``csr.T @ grad`` (dL/dweight from dL/d(csr @ weight)), block by block of spots."""
+        step = TRANSPOSE_BLOCK_SPOTS
+        (_, first), *rest = self.transposed_blocks
+        out = torch.sparse.mm(first, grad[:step])
+        for start, block in rest:
+            torch.addmm(out, block, grad[start:start + step], out=out)
+        return out
 
 
 def _torch_csr(csr):

@@ -7,7 +7,7 @@ import torch
 
 from semst.cluster.dgl_compat import dgl
 from semst.cluster.graphs import expression_graph, spatial_graph
-from semst.cluster.model import FSM, SemST, ZINBDecoder, fsm_modulate
+from semst.cluster.model import FSM, SemST, SparseFeatures, ZINBDecoder, fsm_modulate
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,20 @@ def test_the_decoder_body_on_the_slides_own_statistics_is_the_body_in_training_m
     own = decoder.body(z[10:30])  # a slice's own statistics: not the same rows
     assert not torch.allclose(own, whole[10:30], atol=1e-3)
 
+
+
+@pytest.mark.parametrize("block_spots", [7, 30, 64])
+def test_the_sparse_inputs_product_and_weight_gradient_are_the_dense_ones(monkeypatch, block_spots):
+    """CSR input: ``X @ W`` and dL/dW = X^T dL/d(XW), the transpose kept in blocks of spots (7: five
+    blocks, the last of 2; 30 and 64: one block)."""
+    monkeypatch.setattr("semst.cluster.model.TRANSPOSE_BLOCK_SPOTS", block_spots)
+    rng = np.random.default_rng(0)
+    x = np.where(rng.random((30, 20)) < 0.8, 0.0, rng.normal(size=(30, 20))).astype(np.float32)
+    features = SparseFeatures(x)
+    assert len(features.transposed_blocks) == -(-30 // block_spots)
+    weight = torch.randn(20, 6, requires_grad=True)
+    upstream = torch.randn(30, 6)
+    product = features.matmul(weight)
+    product.backward(upstream)
+    np.testing.assert_allclose(product.detach().numpy(), x @ weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(weight.grad.numpy(), x.T @ upstream.numpy(), rtol=1e-5, atol=1e-5)

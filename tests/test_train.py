@@ -98,12 +98,14 @@ def test_the_same_seed_gives_the_same_embedding_in_another_process(slide):
 
 
 def test_sparse_input_trains_the_same_model_as_dense_input(slide, monkeypatch):
-    """Below SPARSE_INPUT_DENSITY the first layer multiplies a CSR matrix: the same numbers."""
+    """Below SPARSE_INPUT_DENSITY the first layer multiplies a CSR matrix: the same numbers (its
+    transpose, for the weight gradient, in three blocks of spots here)."""
     sparse_features = np.where(np.random.default_rng(1).random(slide["features"].shape) < 0.9, 0.0,
                                slide["features"]).astype(np.float32)
     s = {**slide, "features": sparse_features}
     dense = run(s, cfg(epochs=3), 4)
     monkeypatch.setattr("semst.cluster.train.SPARSE_INPUT_DENSITY", 0.5)
+    monkeypatch.setattr("semst.cluster.model.TRANSPOSE_BLOCK_SPOTS", 50)
     sparse = run(s, cfg(epochs=3), 4)
     assert "sparse input" in sparse.mode and "sparse" not in dense.mode
     np.testing.assert_allclose(sparse.latent, dense.latent, rtol=1e-3, atol=2e-4)  # summation order only

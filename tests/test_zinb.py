@@ -97,8 +97,8 @@ def test_counts_above_the_small_count_limit_take_the_lgamma_path_with_the_same_r
         np.testing.assert_allclose(grad.numpy(), want_grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
-def test_a_block_holds_about_half_a_million_entries_and_at_least_two_spots():
-    assert block_rows(3000) == 174 and block_rows(500) == 1048 and block_rows(10**7) == 2
+def test_a_block_holds_about_a_million_entries_and_at_least_two_spots():
+    assert block_rows(3000) == 349 and block_rows(500) == 2097 and block_rows(10**7) == 2
 
 
 def test_uncompiled_kernels_give_the_compiled_numbers(block, monkeypatch):
