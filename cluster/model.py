@@ -20,9 +20,9 @@ from torch import nn
 from semst.cluster.dgl_compat import dglnn
 
 
-# Measured (one and two threads, 3639 and 100k spots x 3000 genes, random sparsity, first layer forward
-# + weight gradient): CSR is 2-3x faster than the dense GEMM at 5% non-zeros and still faster at 10%,
-# even at ~15% and slower above (the real dlpfc-151673 input, 15%: no consistent winner, so dense).
+# Measured (one and two threads, 3639 and 100k spots x 3000 genes, random sparsity, the first layer's
+# product + weight gradient): CSR is ~3x faster than the dense GEMM at 5% non-zeros, 1.3-2x at 10%,
+# level at 15% and slower above; on the real dlpfc-151673 input (15%) neither wins consistently.
 SPARSE_INPUT_DENSITY = 0.10
 # Spots per block of the transposed CSR in the weight gradient: the dense (spots x 512) gradient
 # block a block's product reads stays in cache (4096 x 512 floats = 8 MB). At 100k spots x 3000

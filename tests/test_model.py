@@ -75,7 +75,6 @@ def test_the_decoder_body_on_the_slides_own_statistics_is_the_body_in_training_m
     assert not torch.allclose(own, whole[10:30], atol=1e-3)
 
 
-
 @pytest.mark.parametrize("block_spots", [7, 30, 64])
 def test_the_sparse_inputs_product_and_weight_gradient_are_the_dense_ones(monkeypatch, block_spots):
     """CSR input: ``X @ W`` and dL/dW = X^T dL/d(XW), the transpose kept in blocks of spots (7: five
