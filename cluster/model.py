@@ -66,11 +66,10 @@ class SparseFeatures:
 
     def transposed_matmul(self, grad: torch.Tensor) -> torch.Tensor:
         """``csr.T @ grad`` (dL/dweight from dL/d(csr @ weight)), block by block of spots."""
-        step = TRANSPOSE_BLOCK_SPOTS
         (_, first), *rest = self.transposed_blocks
-        out = torch.sparse.mm(first, grad[:step])
-        for start, block in rest:
-            torch.addmm(out, block, grad[start:start + step], out=out)
+        out = torch.sparse.mm(first, grad[:first.shape[1]])
+        for start, block in rest:  # each block covers the spots start .. start + its width
+            torch.addmm(out, block, grad[start:start + block.shape[1]], out=out)
         return out
 
 
