@@ -25,7 +25,7 @@ SEEDS_OPT := $(if $(SEEDS),--seeds $(SEEDS),)
 N_DOMAINS_OPT := $(if $(N_DOMAINS),--n-domains $(N_DOMAINS),)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup model embed cluster data reproduce test bench bench-embed bench-cluster clean-venv help
+.PHONY: setup model embed cluster data reproduce test bench bench-embed bench-cluster reliability clean-venv help
 
 help:
 	@echo "make cluster [DATASET=dlpfc-151673]  embed (cached) + train + cluster the default dataset"
@@ -33,6 +33,7 @@ help:
 	@echo "make test                                          the test-suite"
 	@echo "make reproduce [GRID=...] [DATASETS=a,b]          the paper's tables and figures -> results/report/REPORT.md"
 	@echo "make bench                                         bench-embed + bench-cluster"
+	@echo "make reliability                                   every known bad input and fault, as a table (minutes)"
 
 # Idempotent: reinstalls only when the pins or the package metadata change.
 setup: $(STAMP)
@@ -73,6 +74,10 @@ bench-embed: setup model
 	$(BIN)/python tests/benchmarks/bench_embed.py
 bench-cluster: setup
 	$(BIN)/python tests/benchmarks/bench_cluster.py
+
+# Every bad input and fault we know of, run through the CLI: exit code, message, cache and outputs intact.
+reliability: setup model
+	$(BIN)/python tests/reliability/run_cases.py
 
 clean-venv:
 	rm -rf $(VENV)
