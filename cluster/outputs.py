@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -125,6 +126,35 @@ def prepare_run_folder(out_dir: str | Path, dataset: str, run_name: str, log=pri
     return run_dir
 
 
+def check_free_space(run_dir: Path, adata, n_seeds: int, latent_dim: int) -> None:
+    """A ClusterError if the file system of ``run_dir`` clearly cannot hold the run folder.
+
+    A rough upper estimate (the slide's arrays, the latents twice, the figures): HDF5 can crash the
+    process when the disk fills while ``semst.h5ad`` is written, instead of raising an error.
+    """
+    arrays = [adata.X, *adata.layers.values(), *adata.obsm.values(), *adata.obsp.values()]
+    if adata.raw is not None:
+        arrays.append(adata.raw.X)
+    latents = 2 * adata.n_obs * latent_dim * 4 * n_seeds
+    names = 64 * (adata.n_obs + adata.n_vars) * 2
+    needed = int(1.1 * (sum(map(_nbytes, arrays)) + latents + names)) + 4 * 2**20
+    where = _nearest_existing(run_dir.parent)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return  # cannot tell: the write itself will say
+    if free < needed:
+        raise ClusterError(f"not enough space for the run folder {run_dir}: it needs about "
+                           f"{needed / 2**20:.0f} MB and {where} has {free / 2**20:.0f} MB free; free some "
+                           f"space or give another --out")
+
+
+def _nbytes(array) -> int:
+    if hasattr(array, "indptr"):  # scipy sparse
+        return array.data.nbytes + array.indices.nbytes + array.indptr.nbytes
+    return int(getattr(array, "nbytes", 0))
+
+
 def _nearest_existing(path: Path) -> Path:
     """``path`` if it exists, else its closest existing parent (where ``mkdir -p`` starts)."""
     for part in [path, *path.parents]:
@@ -170,6 +200,8 @@ def write_outputs(report, cfg, adata, ground_truth: pd.Series, source: dict):
     """Write a finished :class:`semst.cluster.runner.ClusterReport` into ``report.run_dir``, which
     :func:`prepare_run_folder` checked; an I/O failure is one ClusterError and changes nothing there."""
     run_dir = Path(report.run_dir)
+    latent_dim = next(iter(report.latents.values())).shape[1] if report.latents else 0
+    check_free_space(run_dir, adata, len(report.latents), latent_dim)
     try:
         with atomic_directory(run_dir, check_replace=lambda p: check_replaceable(p, run_dir.parent)) as tmp:
             _fill_run_folder(tmp, report, cfg, adata, ground_truth, source)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from semst.cluster.outputs import check_free_space, prepare_run_folder, write_outputs
 from semst.cluster.runner import ClusterError, ClusterReport, load_slide, run_seeds, spatial_rule
 from semst.shared.config import ClusterConfig
 from semst.shared.hashing import json_hash
@@ -125,12 +126,14 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     from semst.cluster.train import resolve_minibatch, train_semst
     from semst.shared.preprocess import check_gene_supply
 
+    name = default_run_name(cfg) if run_name is None else run_name
     if write:
-        from semst.cluster.outputs import prepare_run_folder
-        run_dir = prepare_run_folder(out_dir, cfg.dataset, default_run_name(cfg) if run_name is None else run_name, log)
+        run_dir = prepare_run_folder(out_dir, cfg.dataset, name, log)
     else:  # nothing is written: the name only labels the report
-        run_dir = Path(out_dir) / cfg.dataset / (run_name or default_run_name(cfg))
+        run_dir = Path(out_dir) / cfg.dataset / (name or default_run_name(cfg))
     slide = load_slide(cfg, adata)
+    if write:  # a disk too full for the outputs stops here, not after training
+        check_free_space(run_dir, slide.adata, len(cfg.seeds), cfg.hidden2)
     check_gene_supply(slide.adata, cfg.preprocess)  # a recipe the slide cannot support stops here
     try:  # a forced mini-batch larger than the slide stops here, before any work
         resolve_minibatch(cfg, slide.adata.n_obs)
@@ -171,7 +174,6 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
 
     report = run_seeds(slide, fit, run_dir, log)
     if write:
-        from semst.cluster.outputs import write_outputs
         write_outputs(report, cfg, slide.adata, slide.truth, source)
         log(f"results: {report.run_dir}")
     return report

@@ -173,6 +173,26 @@ def test_a_folder_turned_into_a_non_run_during_training_is_not_replaced(toy, mon
     assert (dest / "thesis.tex").exists() and sorted(p.name for p in dest.parent.iterdir()) == ["race"]
 
 
+def test_the_api_checks_the_run_name_and_the_destination_as_the_cli_does(tmp_path, no_work):
+    import semst
+
+    with pytest.raises(ClusterError, match="'..' names the current or the parent folder"):
+        semst.domains(two_domain_slide(), fusion="none", out_dir=tmp_path, run_name="..", progress=False, log=quiet)
+    mine = precious(tmp_path / "toy" / "mine")
+    with pytest.raises(ClusterError, match="mine exists and is not a run folder semst wrote"):
+        semst.domains(two_domain_slide(), dataset="toy", fusion="none", out_dir=tmp_path, run_name="mine",
+                      progress=False, log=quiet)
+    assert (mine / "thesis.tex").exists()
+
+
+def test_the_api_refuses_a_run_name_without_out_dir():
+    import semst
+    from semst.shared.config import ConfigError
+
+    with pytest.raises(ConfigError, match="only written with out_dir="):
+        semst.domains(two_domain_slide(), fusion="none", run_name="mine", progress=False, log=quiet)
+
+
 # --- --out -----------------------------------------------------------------------------------------
 
 def test_out_pointing_at_a_file_is_refused_before_any_work(toy, no_work, tmp_path):
@@ -230,13 +250,15 @@ def temporary(parent: Path, name: str, owner: dict | None) -> Path:
     return work
 
 
-def test_a_killed_writer_leaves_a_temporary_that_the_next_run_removes(toy):
+def test_a_killed_cluster_leaves_no_run_folder_and_the_next_run_removes_its_temporary(toy, tmp_path):
     folder = toy["out"] / "toy"
-    script = ("import os, sys\nfrom semst.shared.io import atomic_directory\n"
-              "with atomic_directory(sys.argv[1]) as tmp:\n"
-              "    (tmp / 'metrics.json').write_text('{}')\n    os._exit(9)  # as if killed\n")
-    subprocess.run([sys.executable, "-c", script, str(folder / "killed")], check=False)
-    assert [p.name.startswith(".tmp-killed-") for p in folder.iterdir()] == [True]
+    script = ("import os, sys\nfrom semst.cluster import outputs\nfill = outputs._fill_run_folder\n"
+              "def killed(*a):\n    fill(*a)\n    os._exit(9)  # as if killed while the outputs are written\n"
+              "outputs._fill_run_folder = killed\nfrom semst.experiments.cli import main\nmain(sys.argv[1:])\n")
+    done = subprocess.run([sys.executable, "-c", script, "cluster", "toy", "--config", str(toy["toml"]), "--fusion",
+                           "none", "--out", str(toy["out"]), "--run-name", "killed"], cwd=tmp_path, capture_output=True)
+    assert done.returncode == 9, done.stderr[-2000:]
+    assert [p.name.startswith(".tmp-killed-") for p in folder.iterdir()] == [True]  # never a run folder
     report = run(toy, run_name="next")
     assert [p.name for p in folder.iterdir()] == ["next"] and report.run_dir == folder / "next"
 
@@ -303,3 +325,21 @@ def test_a_written_folder_and_its_files_follow_the_umask(tmp_path, umask):
         (tmp / "metrics.json").write_text("{}")
     assert (tmp_path / "run").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (tmp_path / "run" / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- space -----------------------------------------------------------------------------------------
+
+def test_a_disk_too_full_for_the_outputs_is_refused_before_training(toy, monkeypatch):
+    """HDF5 can crash the process when the disk fills while semst.h5ad is written: check first."""
+    import shutil
+
+    old = earlier_run(toy["out"] / "toy" / "kept")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**5, 10**5))
+
+    def training(*a, **k):
+        raise AssertionError("training started")
+    monkeypatch.setattr("semst.cluster.train.train_semst", training)
+    with pytest.raises(ClusterError, match=r"not enough space for the run folder .*kept: it needs about \d+ MB "
+                                           r"and .*toy has 0 MB free"):
+        run(toy, run_name="kept")
+    assert is_semst_run(old) and sorted(p.name for p in old.parent.iterdir()) == ["kept"]
