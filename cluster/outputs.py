@@ -80,7 +80,7 @@ def is_semst_run(path: Path) -> bool:
 
 def check_replaceable(run_dir: Path, dataset_dir: Path) -> None:
     """Nothing at ``run_dir``, or a run folder semst wrote, inside ``dataset_dir``; else a ClusterError."""
-    advice = "pick another --run-name or --out (semst replaces only run folders it wrote)"
+    advice = "pick another run name (--run-name) or output folder (--out); semst replaces only run folders it wrote"
     if not os.path.lexists(run_dir):
         return
     if run_dir.is_symlink():
@@ -109,9 +109,9 @@ def prepare_run_folder(out_dir: str | Path, dataset: str, run_name: str, log=pri
     existing = _nearest_existing(dataset_dir)
     if not existing.is_dir():
         if existing == out:
-            raise ClusterError(f"--out {out} is not a folder: give a folder for the run folders")
+            raise ClusterError(f"the output folder {out} (--out) is not a folder: give a folder for the run folders")
         raise ClusterError(f"cannot create the output folder {dataset_dir}: {existing} is not a folder; "
-                           f"give another --out")
+                           f"give another output folder (--out)")
     try:  # an unnamed file (O_TMPFILE) where possible: nothing is left even if killed right now
         with tempfile.TemporaryFile(dir=existing):
             pass
@@ -122,7 +122,7 @@ def prepare_run_folder(out_dir: str | Path, dataset: str, run_name: str, log=pri
     run_dir = dataset_dir / run_name
     check_replaceable(run_dir, dataset_dir)
     if os.path.lexists(run_dir):
-        log(f"{run_dir} holds an earlier run: it is replaced when this run has finished")
+        log(f"{run_dir} holds an earlier run: it will be replaced if this run finishes")
     return run_dir
 
 
@@ -146,7 +146,7 @@ def check_free_space(run_dir: Path, adata, n_seeds: int, latent_dim: int) -> Non
     if free < needed:
         raise ClusterError(f"not enough space for the run folder {run_dir}: it needs about "
                            f"{needed / 2**20:.0f} MB and {where} has {free / 2**20:.0f} MB free; free some "
-                           f"space or give another --out")
+                           f"space or give another output folder (--out)")
 
 
 def _nbytes(array) -> int:

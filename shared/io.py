@@ -207,7 +207,7 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         call = libc.renameat2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not Linux/glibc
         return False
     if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
         return True

@@ -118,7 +118,7 @@ def test_a_dataset_name_that_is_not_one_folder_name_is_refused(tmp_path):
 
 def test_an_existing_folder_semst_did_not_write_is_refused_before_any_work(toy, no_work):
     mine = precious(toy["out"] / "toy" / "mine")
-    with pytest.raises(ClusterError, match=r"mine exists and is not a run folder semst wrote .*pick another --run-name"):
+    with pytest.raises(ClusterError, match=r"mine exists and is not a run folder semst wrote .*pick another run name"):
         run(toy, run_name="mine")
     assert (mine / "thesis.tex").read_text() == "years of work"
 
@@ -148,7 +148,7 @@ def test_an_earlier_run_is_replaced_and_the_new_one_carries_the_marker(toy):
     assert report.run_dir == old and not (old / "stale.txt").exists()
     marker = json.loads((old / RUN_MARKER).read_text())
     assert marker["run_name"] == "again" and marker["dataset"] == "toy" and marker["semst_version"]
-    assert any("holds an earlier run: it is replaced" in line for line in lines)
+    assert any("holds an earlier run: it will be replaced if this run finishes" in line for line in lines)
     assert [p.name for p in old.parent.iterdir()] == ["again"]  # no temporary left
 
 
@@ -197,7 +197,7 @@ def test_the_api_refuses_a_run_name_without_out_dir():
 
 def test_out_pointing_at_a_file_is_refused_before_any_work(toy, no_work, tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(ClusterError, match=r"--out .*file is not a folder"):
+    with pytest.raises(ClusterError, match=r"the output folder .*file \(--out\) is not a folder"):
         run(toy, out=tmp_path / "file")
     with pytest.raises(ClusterError, match=r"cannot create the output folder .*below/toy: .*file is not a folder"):
         run(toy, out=tmp_path / "file" / "below")
