@@ -8,12 +8,14 @@ k-means and metrics are :mod:`semst.cluster.runner`'s, shared with STAGATE and t
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from semst.cluster.outputs import check_free_space, prepare_run_folder, write_outputs
 from semst.cluster.runner import ClusterError, ClusterReport, load_slide, run_seeds, spatial_rule
 from semst.shared.config import ClusterConfig
 from semst.shared.hashing import json_hash
@@ -100,11 +102,12 @@ def _space_from_meta(meta: dict):
 
 
 def default_run_name(cfg: ClusterConfig) -> str:
-    """Readable and unique per setting: fusion, embedding, and a hash of the whole config."""
+    """Readable and unique per setting: fusion, embedding, and a hash of the whole config; always one
+    plain folder name (anything but letters, digits and ``.+-_`` in the embedding's name becomes ``_``)."""
     settings = dataclasses.asdict(cfg)
     settings.pop("seeds")  # seeds add rows to one run; they don't make another run
     settings.pop("threads")  # how fast, not what (recorded in metrics.json)
-    embedding = "none" if cfg.fusion == "none" else cfg.embedding.replace("/", "_")
+    embedding = "none" if cfg.fusion == "none" else re.sub(r"[^\w.+-]", "_", cfg.embedding, flags=re.ASCII)
     return f"{cfg.fusion}-{embedding}-{json_hash(settings, 8)}"
 
 
@@ -113,6 +116,9 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
                     semantic: np.ndarray | None = None) -> ClusterReport:
     """Train SemST for every seed of ``cfg``, cluster, evaluate where annotated, and write outputs.
 
+    With ``write``, the outputs go to ``<out_dir>/<dataset>/<run_name>`` (default
+    :func:`default_run_name`); before any work, the run name must be one folder name and the folder
+    free or an earlier semst run (:func:`semst.cluster.outputs.prepare_run_folder`).
     ``semantic`` (spots x d) gives the semantic vectors directly (e.g. from ``semst.encode``)
     instead of reading them from the cache; ``cfg.embedding`` then only names them.
     """
@@ -120,7 +126,14 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     from semst.cluster.train import resolve_minibatch, train_semst
     from semst.shared.preprocess import check_gene_supply
 
+    name = default_run_name(cfg) if run_name is None else run_name
+    if write:
+        run_dir = prepare_run_folder(out_dir, cfg.dataset, name, log)
+    else:  # nothing is written: the name only labels the report
+        run_dir = Path(out_dir) / cfg.dataset / (name or default_run_name(cfg))
     slide = load_slide(cfg, adata)
+    if write:  # a disk too full for the outputs stops here, not after training
+        check_free_space(run_dir, slide.adata, len(cfg.seeds), cfg.hidden2)
     check_gene_supply(slide.adata, cfg.preprocess)  # a recipe the slide cannot support stops here
     try:  # a forced mini-batch larger than the slide stops here, before any work
         resolve_minibatch(cfg, slide.adata.n_obs)
@@ -159,10 +172,8 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
             f"({trained / max(cfg.epochs, 1):.2f} s/epoch) after {result.seconds.get('graphs', 0.0):.1f} s of set-up")
         return result
 
-    run_dir = Path(out_dir) / cfg.dataset / (run_name or default_run_name(cfg))
     report = run_seeds(slide, fit, run_dir, log)
     if write:
-        from semst.cluster.outputs import write_outputs
         write_outputs(report, cfg, slide.adata, slide.truth, source)
         log(f"results: {report.run_dir}")
     return report

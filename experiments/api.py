@@ -58,8 +58,8 @@ def encode(adata, *, dataset: str | None = None, key_added: str = LLM_KEY, progr
 
 
 def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: str = "film", use_rep: str = LLM_KEY,
-            dataset: str | None = None, out_dir: str | Path | None = None, key_added: str = DOMAIN_KEY,
-            progress: bool = True, log=print, **cluster_options: Any) -> dict:
+            dataset: str | None = None, out_dir: str | Path | None = None, run_name: str | None = None,
+            key_added: str = DOMAIN_KEY, progress: bool = True, log=print, **cluster_options: Any) -> dict:
     """Stage 2 on ``adata``: train SemST for each seed, cluster, and return the run's summary.
 
     The semantic vectors are ``adata.obsm[use_rep]`` (run :func:`encode` first), unless ``fusion``
@@ -68,13 +68,18 @@ def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: st
     stability. ``cluster_options`` are ``ClusterConfig`` fields (``epochs``, ``spatial_k``,
     ``radius_spacings``, ``refine``, ...). Writes ``adata.obs[key_added]`` (the consensus of the seeds'
     domains with several seeds, else the seed's), ``adata.obsm["X_semst"]`` (first seed) and
-    ``adata.uns["semst"]``; with ``out_dir``, also the run folder that ``semst cluster`` writes. Returns
+    ``adata.uns["semst"]``; with ``out_dir``, also the run folder that ``semst cluster`` writes,
+    ``<out_dir>/<dataset>/<run_name>`` (checked before any work, as the CLI checks it: ``run_name``
+    is one folder name, and an existing folder of that name is replaced only if semst wrote it). Returns
     ``{"dataset", "n_domains", "per_seed", "summary", "consensus", "auto_k", "run_dir"}``.
     """
     from semst.cluster.run import cluster_dataset
     from semst.shared.config import ConfigError, config_to_toml, load_cluster_config, read_toml
     from semst.shared.datasets import checked_dataset
 
+    if run_name is not None and out_dir is None:
+        raise ConfigError(f"run_name={run_name!r} names a run folder, which is only written with out_dir=: "
+                          f"pass out_dir too, or drop run_name")
     name = _name(adata, dataset)
     checked = checked_dataset(adata, name)
     overrides = {**cluster_options, "n_domains": n_domains, "seeds": list(seeds), "fusion": fusion}
@@ -88,8 +93,8 @@ def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: st
             raise ConfigError(f"fusion {cfg.fusion!r} needs the LLM embedding in adata.obsm[{use_rep!r}]: run "
                               f"semst.encode(adata) first, or pass fusion='none' (SemST without the LLM)")
         semantic = np.asarray(adata.obsm[use_rep], dtype=np.float32)
-    report = cluster_dataset(cfg, out_dir=out_dir or "results", adata=checked, progress=progress, log=log,
-                             write=out_dir is not None, semantic=semantic)
+    report = cluster_dataset(cfg, out_dir=out_dir or "results", run_name=run_name, adata=checked,
+                             progress=progress, log=log, write=out_dir is not None, semantic=semantic)
     first = cfg.seeds[0]
     adata.obs[key_added] = pd.Categorical(report.main_labels.astype(str))
     adata.obsm[LATENT_KEY] = report.latents[first]

@@ -136,11 +136,25 @@ def _parse_seeds(value: str | None) -> list[int] | None:
     return seeds
 
 
+def _run_name(ctx, param, value: str | None) -> str | None:
+    from semst.cluster.outputs import check_run_name
+    from semst.cluster.runner import ClusterError
+
+    if value is None:
+        return None
+    try:
+        return check_run_name(value)
+    except ClusterError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @main.command("cluster")
 @click.argument("dataset")
 @cache_option
 @config_option
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False, writable=True),
+              default=Path("results"), show_default=True,
+              help="Folder of the run folders (<out>/<dataset>/<run>); created if missing.")
 @click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2,3,4 (mean +- sd reported).")
 @click.option("--n-domains", "n_domains", default=None,
               help="Number of domains: K, 'auto' (chosen by stability in 3-15, never from labels) or 'auto:LO-HI' "
@@ -152,7 +166,9 @@ def _parse_seeds(value: str | None) -> list[int] | None:
 @click.option("--k-genes", "k_genes", type=int, default=None)
 @click.option("--pooling", type=click.Choice(["mean", "last"]), default=None)
 @click.option("--template", default=None)
-@click.option("--run-name", default=None, help="Name of the run folder (default: derived from the settings).")
+@click.option("--run-name", default=None, callback=_run_name,
+              help="Name of the run folder, one folder name (default: derived from the settings). An earlier "
+                   "semst run of that name is replaced; any other folder is never touched.")
 @click.option("--threads", type=int, default=None,
               help="Threads for every pool (torch, BLAS, OpenMP, DGL); default OMP_NUM_THREADS, else all cores.")
 @click.option("--minibatch", type=click.Choice(["auto", "on", "off"]), default=None,

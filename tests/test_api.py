@@ -77,8 +77,8 @@ def test_domains_with_out_dir_writes_the_run_folder_of_semst_cluster(home, tmp_p
     out = semst.domains(two_domain_slide(), fusion="none", out_dir=tmp_path / "results", progress=False,
                         log=quiet, **SMALL)
     names = sorted(p.name for p in (tmp_path / "results").glob("*/*/*"))
-    assert out["run_dir"] and names == ["config.toml", "domains.parquet", "domains.png", "embedding.npz",
-                                        "loss.png", "metrics.json", "semst.h5ad"]
+    assert out["run_dir"] and names == [".semst-run.json", "config.toml", "domains.parquet", "domains.png",
+                                        "embedding.npz", "loss.png", "metrics.json", "semst.h5ad"]
 
 
 def test_domains_with_the_llm_but_no_encode_says_to_run_encode(home):

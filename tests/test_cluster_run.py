@@ -70,7 +70,7 @@ def test_a_run_writes_every_output_and_metrics_for_each_seed(slide, tmp_path):
     fake_embeddings(slide["cache"], cfg, list(slide["adata"].obs_names))
     report = cluster_dataset(cfg, out_dir=tmp_path / "results", progress=False, log=quiet)
     run = report.run_dir
-    assert sorted(p.name for p in run.iterdir()) == ["config.toml", "domains.parquet", "domains.png",
+    assert sorted(p.name for p in run.iterdir()) == [".semst-run.json", "config.toml", "domains.parquet", "domains.png",
                                                      "embedding.npz", "loss.png", "metrics.json", "semst.h5ad"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert [r["seed"] for r in metrics["per_seed"]] == [0, 1] and metrics["summary"]["ARI"]["n"] == 2
