@@ -66,16 +66,34 @@ def check_run_name(name: str, what: str = "run name") -> str:
     return name
 
 
+# Every file a run folder written before the marker existed could hold: such a folder (these files
+# only, metrics.json and config.toml among them) is recognised as semst's, so rerunning yesterday's
+# run replaces it as before instead of stopping.
+_LEGACY_RUN_FILES = frozenset({"config.toml", "metrics.json", "domains.parquet", "embedding.npz", "semst.h5ad",
+                               "domains.png", "loss.png", "stability.png", "stability.tsv"})
+
+
 def is_semst_run(path: Path) -> bool:
-    """Whether ``path`` is a real folder (no symbolic link) holding what every semst run folder holds."""
+    """Whether ``path`` is a real folder (no symbolic link) holding what every semst run folder holds:
+    the marker, metrics.json and config.toml, or (a run written before the marker) semst's output files
+    and nothing else."""
     if path.is_symlink() or not path.is_dir():
         return False
+    if not (path / RUN_MARKER).exists():
+        return _is_legacy_run(path)
     if not all((path / f).is_file() and not (path / f).is_symlink() for f in _RUN_FILES):
         return False
     try:
         return isinstance(json.loads((path / RUN_MARKER).read_text()), dict)
     except (OSError, ValueError):
         return False
+
+
+def _is_legacy_run(path: Path) -> bool:
+    entries = list(path.iterdir())
+    names = {p.name for p in entries}
+    return ({"metrics.json", "config.toml"} <= names and names <= _LEGACY_RUN_FILES
+            and all(p.is_file() and not p.is_symlink() for p in entries))
 
 
 def check_replaceable(run_dir: Path, dataset_dir: Path) -> None:

@@ -123,6 +123,28 @@ def test_an_existing_folder_semst_did_not_write_is_refused_before_any_work(toy, 
     assert (mine / "thesis.tex").read_text() == "years of work"
 
 
+def legacy_run(folder: Path, *extra: str) -> Path:
+    """A run folder as semst wrote it before the marker existed (its output files, no marker)."""
+    folder.mkdir(parents=True)
+    for name in ("config.toml", "metrics.json", "domains.parquet", "embedding.npz", "semst.h5ad", "domains.png",
+                 "loss.png", *extra):
+        (folder / name).write_text("x")
+    return folder
+
+
+def test_a_run_folder_written_before_the_marker_existed_is_still_replaced(toy):
+    old = legacy_run(toy["out"] / "toy" / "yesterday")
+    report = run(toy, run_name="yesterday")
+    assert report.run_dir == old and (old / RUN_MARKER).is_file()
+
+
+def test_a_folder_with_semsts_file_names_and_a_file_of_its_own_is_not_a_run(toy, no_work):
+    legacy_run(toy["out"] / "toy" / "mixed", "thesis.tex")
+    with pytest.raises(ClusterError, match="mixed exists and is not a run folder semst wrote"):
+        run(toy, run_name="mixed")
+    assert (toy["out"] / "toy" / "mixed" / "thesis.tex").exists()
+
+
 def test_a_file_at_the_destination_is_refused_before_any_work(toy, no_work):
     (toy["out"] / "toy").mkdir(parents=True)
     (toy["out"] / "toy" / "notes").write_text("mine")
