@@ -121,6 +121,8 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     from semst.shared.preprocess import check_gene_supply
 
     slide = load_slide(cfg, adata)
+    from semst.cluster.runner import check_neighbour_counts
+    check_neighbour_counts(cfg, slide.adata.n_obs)  # SemST's graphs: more spots than neighbours
     check_gene_supply(slide.adata, cfg.preprocess)  # a recipe the slide cannot support stops here
     try:  # a forced mini-batch larger than the slide stops here, before any work
         resolve_minibatch(cfg, slide.adata.n_obs)

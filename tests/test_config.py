@@ -29,11 +29,18 @@ def test_unknown_key_is_refused_with_the_known_ones(tmp_path):
         load_cluster_config("whatever", path=bad)
 
 
-def test_cluster_config_needs_a_spatial_graph_rule(tmp_path):
+def test_a_config_without_a_spatial_rule_gets_the_6_nearest_spots_of_default_toml(tmp_path):
     path = tmp_path / "nograph.toml"
     path.write_text("[cluster]\nepochs = 3\n")
+    for cfg in (load_cluster_config("whatever", path=path), load_cluster_config("an-unregistered-slide")):
+        assert (cfg.spatial_k, cfg.radius, cfg.radius_spacings, cfg.spatial_adaptive_k) == (6, None, None, None)
+
+
+def test_a_cluster_config_with_every_rule_unset_is_refused():
+    from semst.shared.config import ClusterConfig, validate_cluster_config
+
     with pytest.raises(ConfigError, match="one of radius_spacings, radius or spatial_k"):
-        load_cluster_config("whatever", path=path)
+        validate_cluster_config(ClusterConfig())
 
 
 @pytest.mark.parametrize("field,value,message", [
