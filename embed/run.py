@@ -79,7 +79,8 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
         raise EmbedError(f"--max-spots must be >= 1, got {max_spots}")
     if adata is None:
         adata = load_dataset(cfg.dataset)
-    check_slide(adata, cfg.dataset, cfg.preprocess)
+    # Prompts from "all" genes never run the preprocessing, so only the slide itself is checked then.
+    check_slide(adata, cfg.dataset, cfg.preprocess if cfg.genes_from == "hvg" else None)
     # Genes are chosen on the whole slide (gene filter and HVGs depend on all spots), so the
     # prompts of a --max-spots run are exactly those of a full run and stay in the cache for it.
     gene_lists = spot_gene_lists(cfg, adata)

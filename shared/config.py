@@ -9,6 +9,11 @@ dataset file overrides). A file has three sections:
 
 Command-line options override single fields (``overrides``); the resolved config is printed with
 every run (:func:`config_to_toml`) and saved beside the results, so a run can be repeated exactly.
+
+Every file is parsed and checked before use (:func:`read_config_file`): a TOML error names the file
+and line, and each section, key and value is checked against the dataclasses (their type hints, via
+:func:`check_types`; overrides too), so a wrong value is one line naming the field, the type expected
+and the value got, never a traceback later.
 """
 from __future__ import annotations
 
