@@ -134,6 +134,8 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     slide = load_slide(cfg, adata)
     if write:  # a disk too full for the outputs stops here, not after training
         check_free_space(run_dir, slide.adata, len(cfg.seeds), cfg.hidden2)
+    from semst.cluster.runner import check_neighbour_counts
+    check_neighbour_counts(cfg, slide.adata.n_obs)  # SemST's graphs: more spots than neighbours
     check_gene_supply(slide.adata, cfg.preprocess)  # a recipe the slide cannot support stops here
     try:  # a forced mini-batch larger than the slide stops here, before any work
         resolve_minibatch(cfg, slide.adata.n_obs)

@@ -149,17 +149,28 @@ class Slide:
 
 
 def load_slide(cfg: ClusterConfig, adata=None) -> Slide:
-    """The dataset of ``cfg`` (or ``adata``), its coordinates checked and its number of domains fixed,
-    with every thread pool bounded by ``cfg.threads`` first."""
-    from semst.shared.datasets import check_coordinates, load_dataset
+    """The dataset of ``cfg`` (or ``adata``), checked (:func:`semst.shared.datasets.check_slide`) and
+    its number of domains fixed, with every thread pool bounded by ``cfg.threads`` first."""
+    from semst.shared.datasets import check_slide, load_dataset
     from semst.shared.threads import apply_thread_budget
 
     threads = apply_thread_budget(cfg.threads)
     if adata is None:
         adata = load_dataset(cfg.dataset)
-    coords = np.asarray(check_coordinates(adata), dtype=np.float64)
+    coords = check_slide(adata, cfg.dataset, cfg.preprocess)
     truth = annotation(adata)
     return Slide(cfg, adata, coords, truth, resolve_n_domains(cfg, truth), threads)
+
+
+def check_neighbour_counts(cfg: ClusterConfig, n_spots: int) -> None:
+    """SemST's k-neighbour graphs need more spots than their k: refused before preprocessing (the
+    baselines, which build neither graph, do not call this)."""
+    for key in ("spatial_k", "spatial_adaptive_k", "expr_k"):
+        k = getattr(cfg, key)
+        if k is not None and k >= n_spots:
+            raise ClusterError(f"{cfg.dataset} has {n_spots} spots, too few for {key} = {k} neighbours per spot "
+                               f"(at most {n_spots - 1}): set a smaller {key} in [cluster] of a --config file "
+                               f"(or {key}=... in semst.domains)")
 
 
 def run_seeds(slide: Slide, fit: Callable[[int], Any], run_dir: Path | None = None, log=print,

@@ -71,14 +71,16 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     from semst.shared.cache import EmbeddingCache
     from semst.embed.models import resolve_model
     from semst.embed.prompts import render_prompts
-    from semst.shared.datasets import load_dataset
+    from semst.shared.datasets import check_slide, load_dataset
 
     t0 = time.perf_counter()
-    # 1. Input: everything checked before the cache is touched.
-    if adata is None:
-        adata = load_dataset(cfg.dataset)
+    # 1. Input: everything checked before the model is loaded or the cache touched.
     if max_spots is not None and max_spots < 1:
         raise EmbedError(f"--max-spots must be >= 1, got {max_spots}")
+    if adata is None:
+        adata = load_dataset(cfg.dataset)
+    # Prompts from "all" genes never run the preprocessing, so only the slide itself is checked then.
+    check_slide(adata, cfg.dataset, cfg.preprocess if cfg.genes_from == "hvg" else None)
     # Genes are chosen on the whole slide (gene filter and HVGs depend on all spots), so the
     # prompts of a --max-spots run are exactly those of a full run and stay in the cache for it.
     gene_lists = spot_gene_lists(cfg, adata)

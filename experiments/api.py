@@ -9,6 +9,7 @@ every setting not passed as a keyword.
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,6 @@ import pandas as pd
 LLM_KEY = "X_semst_llm"  # adata.obsm key of the per-spot LLM embedding (encode writes, domains reads)
 DOMAIN_KEY = "semst_domain"  # adata.obs key of the domains
 LATENT_KEY = "X_semst"  # adata.obsm key of SemST's learned representation (what k-means clusters)
-DEFAULT_SPATIAL_K = 6  # a slide whose config sets no spatial graph: its 6 nearest spots (the Visium ring)
 
 
 def _name(adata, dataset: str | None) -> str:
@@ -31,6 +31,14 @@ def _name(adata, dataset: str | None) -> str:
     if isinstance(adata.uns.get("dataset"), str):
         return adata.uns["dataset"]
     return "adata-" + json_hash({"spots": list(map(str, adata.obs_names)), "genes": list(map(str, adata.var_names))}, 12)
+
+
+def _seed_list(seeds) -> Any:
+    """A tuple, range or array of integer seeds as a list of ints; anything else is left as it is
+    for the config's type check to refuse ("[cluster] seeds must be a list of integers, got ...")."""
+    if isinstance(seeds, (list, tuple, range, np.ndarray)):
+        return [int(s) if isinstance(s, numbers.Integral) and not isinstance(s, bool) else s for s in seeds]
+    return seeds
 
 
 def encode(adata, *, dataset: str | None = None, key_added: str = LLM_KEY, progress: bool = True, log=print,
@@ -74,7 +82,7 @@ def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: st
     ``{"dataset", "n_domains", "per_seed", "summary", "consensus", "auto_k", "run_dir"}``.
     """
     from semst.cluster.run import cluster_dataset
-    from semst.shared.config import ConfigError, config_to_toml, load_cluster_config, read_toml
+    from semst.shared.config import ConfigError, config_to_toml, load_cluster_config
     from semst.shared.datasets import checked_dataset
 
     if run_name is not None and out_dir is None:
@@ -82,10 +90,8 @@ def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: st
                           f"pass out_dir too, or drop run_name")
     name = _name(adata, dataset)
     checked = checked_dataset(adata, name)
-    overrides = {**cluster_options, "n_domains": n_domains, "seeds": list(seeds), "fusion": fusion}
-    own = read_toml(name).get("cluster", {})
-    if not any(k in own or overrides.get(k) is not None for k in ("radius", "radius_spacings", "spatial_k")):
-        overrides["spatial_k"] = DEFAULT_SPATIAL_K
+    # A slide whose config sets no spatial graph gets default.toml's rule (its 6 nearest spots), as in the CLI.
+    overrides = {**cluster_options, "n_domains": n_domains, "seeds": _seed_list(seeds), "fusion": fusion}
     cfg = load_cluster_config(name, overrides)
     semantic = None
     if cfg.fusion != "none":

@@ -110,6 +110,7 @@ def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, tem
     from semst.shared.config import config_to_toml, load_embed_config
     from semst.embed.run import embed_dataset
 
+    _find(dataset)
     cfg = load_embed_config(dataset, {"cache": str(cache) if cache else None, "model": model,
                                       "k_genes": k_genes, "pooling": pooling, "backend": backend,
                                       "template": template, "batch_size": batch_size, "recipe": recipe,
@@ -128,12 +129,24 @@ def _csv(text: str, cast=str, what: str = "values") -> list:
 
 
 def _parse_seeds(value: str | None) -> list[int] | None:
+    """``--seeds 0,1,2`` as a list; ConfigError (one line, exit 2) unless distinct integers >= 0."""
+    from semst.shared.config import check_seeds
+
     if value is None:
         return None
-    seeds = _csv(value, int, "seeds")
-    if not seeds:
-        raise click.BadParameter("seeds must list at least one integer")
-    return seeds
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    try:
+        seeds = [int(x) for x in items]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {value!r}") from None
+    return check_seeds(seeds, "--seeds")
+
+
+def _find(dataset: str) -> None:
+    """The dataset first: a typo is "unknown dataset" (with where it looked), not a config error."""
+    from semst.shared.datasets import find_dataset
+
+    find_dataset(dataset)
 
 
 def _run_name(ctx, param, value: str | None) -> str | None:
@@ -186,6 +199,7 @@ def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, 
     from semst.shared.config import config_to_toml, load_cluster_config
     from semst.cluster.run import cluster_dataset
 
+    _find(dataset)
     cfg = load_cluster_config(
         dataset,
         {"cache": str(cache) if cache else None, "seeds": _parse_seeds(seeds), "n_domains": n_domains,

@@ -27,7 +27,6 @@ import re
 import time
 import tomllib
 import traceback
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from semst.shared.config import ClusterConfig, ConfigError, EmbedConfig, available_configs, load_cluster_config
+from semst.shared.config import (ClusterConfig, ConfigError, EmbedConfig, available_configs, fits_type,
+                                 load_cluster_config)
 from semst.shared.hashing import json_hash
 from semst.shared.io import atomic_write_parquet, atomic_write_text
 
@@ -133,28 +133,6 @@ def _check_keys(found: dict, allowed: set, what: str, path) -> None:
                               f"allowed: {', '.join(sorted(allowed))}")
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (inner,) = typing.get_args(hint) or (Any,)
-        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
-    if hint is Any:
-        return True
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
 def _check_overrides(values: Any, cls, what: str, path, extra_fixed: set = frozenset()) -> dict:
     if not isinstance(values, dict):
         raise ExperimentError(f"{_where(path)}: {what} must be a table of settings, got {values!r}")
@@ -166,7 +144,7 @@ def _check_overrides(values: Any, cls, what: str, path, extra_fixed: set = froze
                               f"dataset, seeds ([grid] seeds) and the one shared cache ([grid] cache)")
     _check_keys(values, allowed, what, path)
     for key, value in values.items():
-        if not _type_ok(value, hints[key]):
+        if not fits_type(value, hints[key]):
             raise ExperimentError(f"{_where(path)}: {what}.{key} = {value!r} is not a valid "
                                   f"{getattr(hints[key], '__name__', hints[key])}")
     return dict(values)

@@ -9,12 +9,19 @@ dataset file overrides). A file has three sections:
 
 Command-line options override single fields (``overrides``); the resolved config is printed with
 every run (:func:`config_to_toml`) and saved beside the results, so a run can be repeated exactly.
+
+Every file is parsed and checked before use (:func:`read_config_file`): a TOML error names the file
+and line, and each section, key and value is checked against the dataclasses (their type hints, via
+:func:`check_types`; overrides too), so a wrong value is one line naming the field, the type expected
+and the value got, never a traceback later.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,8 +80,11 @@ class ClusterConfig:
 
     dataset: str = ""
     # graphs
-    # The spatial graph: one rule. Given together (e.g. by an old config file), spatial_k wins over
-    # radius, and radius over radius_spacings; an override of one rule replaces the file's rule.
+    # The spatial graph: one rule (SPATIAL_RULE_KEYS). default.toml's rule (the 6 nearest spots) holds
+    # for a slide whose file sets none; a dataset file, a --config file, a recipe or an override that
+    # sets a rule replaces the rule below it whole (read_toml, shared.recipes.apply_recipe). Given
+    # together in one source (e.g. an old config file), spatial_k wins over radius, and radius over
+    # radius_spacings.
     radius: float | None = None  # spatial graph radius in obsm["spatial"] units (absolute)
     radius_spacings: float | None = None  # radius as a multiple of the slide's median nearest-neighbour distance
     spatial_k: int | None = None  # k nearest spatial neighbours instead of a radius
@@ -156,6 +166,8 @@ class ClusterConfig:
 
 
 SPATIAL_RULES = ("spatial_k", "radius", "radius_spacings")  # in order of precedence
+# The keys that choose the spatial graph: a source that sets any of them replaces the whole rule below it.
+SPATIAL_RULE_KEYS = (*SPATIAL_RULES, "spatial_adaptive_k")
 MAX_MEAN_DEGREE = 100  # spatial neighbours per spot above which a graph is refused (allow_dense_graph)
 # "auto" without a range: 3-15. Two clusters are always stable, and a slide with fewer than three
 # domains rarely needs a domain analysis; 15 is above the annotations of the usual benchmarks
@@ -211,17 +223,136 @@ def available_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.toml") if p.stem != "default")
 
 
-def read_toml(dataset: str, path: str | Path | None = None) -> dict[str, Any]:
-    """``default.toml`` merged with the dataset's own file (or ``path``), section by section."""
-    base = tomllib.loads((CONFIG_DIR / "default.toml").read_text())
-    own_path = Path(path) if path else CONFIG_DIR / f"{dataset}.toml"
-    if path and not own_path.exists():
-        raise ConfigError(f"config file {own_path} does not exist")
-    own = tomllib.loads(own_path.read_text()) if own_path.exists() else {}
-    merged: dict[str, Any] = {}
-    for section in set(base) | set(own):
-        merged[section] = {**base.get(section, {}), **own.get(section, {})}
+# -- reading and type-checking config files -------------------------------------------------------------
+
+SECTIONS: dict[str, type] = {"preprocess": PreprocessConfig, "embed": EmbedConfig, "cluster": ClusterConfig}
+
+
+def _section_fields(cls) -> set[str]:
+    """The keys a file may set in ``cls``'s section: its fields, less the nested sections."""
+    return {f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS}
+
+
+def fits_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the type ``hint`` (a dataclass field's type hint): int, float (an int
+    is fine), bool (not an int), str, ``X | None``, ``list[X]``, a dataclass, unions of these."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits_type(value, h) for h in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (inner,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(fits_type(v, inner) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _expected(hint: Any) -> str:
+    """What ``hint`` asks for, in words ("an integer", "a list of integers", "an integer or a string")."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [_expected(h) for h in typing.get_args(hint) if h is not type(None)]
+        return " or ".join(kinds)
+    if origin is list:
+        (inner,) = typing.get_args(hint) or (Any,)
+        return "a list" if inner is Any else "a list of " + _expected(inner).split(" ", 1)[1] + "s"
+    if dataclasses.is_dataclass(hint):
+        return "a table of settings"
+    return _KINDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_types(cls, values: dict[str, Any], section: str, where: str = "") -> None:
+    """A ConfigError naming the first value of ``values`` that is not of its field's type in ``cls``
+    (from the dataclass's type hints, so a new field is checked without being listed anywhere).
+    Keys that are not fields are left to the caller's unknown-key check."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in hints:
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            check_types(hint, value, f"{section}.{key}", where)
+        elif not fits_type(value, hint):
+            raise ConfigError(f"{where}[{section}] {key} must be {_expected(hint)}, got {_shown(value)} "
+                              f"({type(value).__name__})")
+
+
+def _shown(value: Any) -> str:
+    return "None" if value is None else _toml_value(value)
+
+
+def _check_file_layout(data: dict[str, Any], where: str) -> None:
+    """Sections, keys and types of a parsed config file; errors start with ``where`` (the file)."""
+    for name, table in data.items():
+        if name not in SECTIONS:
+            if isinstance(table, dict):
+                raise ConfigError(f"{where}unknown section [{name}]; known: "
+                                  f"{', '.join(f'[{s}]' for s in SECTIONS)}")
+            homes = [s for s, cls in SECTIONS.items() if name in _section_fields(cls)]
+            raise ConfigError(f"{where}{name} = {_shown(table)} is outside any section; put it under "
+                              + (" or ".join(f"[{s}]" for s in homes) if homes else
+                                 "[preprocess], [embed] or [cluster]"))
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}[{name}] must be a table of settings, got {_shown(table)}")
+        allowed = _section_fields(SECTIONS[name])
+        unknown = sorted(set(table) - allowed)
+        if unknown:
+            raise ConfigError(f"{where}unknown key(s) in [{name}]: {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(allowed))}")
+        check_types(SECTIONS[name], table, name, where)
+
+
+def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A config file's sections, parsed and type-checked; a ConfigError naming the file (and, for
+    a TOML error, its line) otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    _check_file_layout(data, f"config file {path}: ")
+    return data
+
+
+def merge_sections(base: dict[str, dict], own: dict[str, dict]) -> dict[str, dict]:
+    """``own`` over ``base``, section by section. The spatial rule is one unit: if ``own`` sets any
+    of SPATIAL_RULE_KEYS, ``base``'s rule is dropped instead of combined with it (a file's radius
+    must not lose to default.toml's spatial_k)."""
+    merged: dict[str, dict] = {}
+    for section in SECTIONS:
+        below, above = dict(base.get(section, {})), own.get(section, {})
+        if section == "cluster" and set(above) & set(SPATIAL_RULE_KEYS):
+            below = {k: v for k, v in below.items() if k not in SPATIAL_RULE_KEYS}
+        merged[section] = {**below, **above}
     return merged
+
+
+def read_toml(dataset: str, path: str | Path | None = None) -> dict[str, Any]:
+    """``default.toml`` merged with the dataset's own file (or ``path``), section by section
+    (:func:`merge_sections`); a dataset without a file of its own gets ``default.toml`` alone."""
+    base = read_config_file(CONFIG_DIR / "default.toml")
+    own_path = Path(path) if path else CONFIG_DIR / f"{dataset}.toml"
+    own = read_config_file(own_path) if (path or own_path.exists()) else {}
+    return merge_sections(base, own)
 
 
 def _build(cls, values: dict[str, Any], section: str):
@@ -230,6 +361,7 @@ def _build(cls, values: dict[str, Any], section: str):
     if unknown:
         raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(unknown)}; "
                           f"known: {', '.join(sorted(names))}")
+    check_types(cls, values, section)
     return cls(**values)
 
 
@@ -239,9 +371,9 @@ def _drop_none(overrides: dict[str, Any] | None) -> dict[str, Any]:
 
 def _user_file(path: str | Path | None) -> dict[str, Any]:
     """The sections of a ``--config`` file: set by the user, so a recipe never overrides them."""
-    if not path or not Path(path).exists():
+    if not path:
         return {}
-    return tomllib.loads(Path(path).read_text())
+    return read_config_file(path)
 
 
 def load_embed_config(dataset: str, overrides: dict[str, Any] | None = None,
@@ -283,7 +415,39 @@ def load_cluster_config(dataset: str, overrides: dict[str, Any] | None = None,
     return cfg
 
 
+HVG_FLAVORS = ("seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger")  # scanpy's highly_variable_genes
+
+
+def validate_preprocess_config(cfg: PreprocessConfig) -> None:
+    if cfg.min_cells < 0:
+        raise ConfigError(f"min_cells must be >= 0, got {cfg.min_cells}")
+    if cfg.n_top_genes < 1:
+        raise ConfigError(f"n_top_genes must be >= 1, got {cfg.n_top_genes}")
+    _choice(cfg, "hvg_flavor", HVG_FLAVORS)
+    for name in ("target_sum", "max_value"):
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name} must be > 0 (or unset), got {value}")
+
+
+def check_seeds(seeds: list[int], what: str = "seeds") -> list[int]:
+    """Seeds as given, or a ConfigError: at least one, none negative (numpy and torch take seeds
+    >= 0), none repeated (a repeated seed is the same run twice: it would count twice in the mean
+    +- sd and make a "consensus" of a run with itself)."""
+    if not seeds:
+        raise ConfigError(f"{what} must list at least one seed")
+    negative = [s for s in seeds if s < 0]
+    if negative:
+        raise ConfigError(f"{what} must be >= 0, got {', '.join(map(str, negative))}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"{what} repeat {', '.join(map(str, repeated))}: each seed is one run, and a repeated "
+                          f"seed would count the same run twice; list each seed once")
+    return seeds
+
+
 def validate_embed_config(cfg: EmbedConfig) -> None:
+    validate_preprocess_config(cfg.preprocess)
     if cfg.k_genes < 1:
         raise ConfigError(f"k_genes must be >= 1, got {cfg.k_genes}")
     if cfg.pooling not in ("mean", "last"):
@@ -328,8 +492,7 @@ def validate_cluster_config(cfg: ClusterConfig) -> None:
         raise ConfigError(f"auto_runs must be >= 2 (stability compares runs), got {cfg.auto_runs}")
     if cfg.epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
-    if not cfg.seeds:
-        raise ConfigError("seeds must list at least one seed")
+    check_seeds(cfg.seeds)
     if cfg.expr_knn not in ("auto", "exact", "approximate"):
         raise ConfigError(f"expr_knn must be \"auto\", \"exact\" or \"approximate\", got {cfg.expr_knn!r}")
     if cfg.decoder_batch is not None and cfg.decoder_batch < 2:

@@ -166,7 +166,7 @@ def load_dataset(name: str, path: str | Path | None = None) -> "anndata.AnnData"
             adata = read_spaceranger(path, ann, spec.annotation_columns if spec else ("barcode", "ground_truth"))
     adata.uns["dataset"] = name
     adata.uns["dataset_path"] = str(path)
-    validate_dataset(adata, name)
+    check_slide(adata, name)
     return adata
 
 
@@ -264,15 +264,47 @@ def _as_counts_anndata(adata, where: str):
 def checked_dataset(adata, name: str):
     """A checked copy of an in-memory AnnData, in the form every loader returns (CSR float32 counts,
     string names, ``obs["ground_truth"]`` categorical or all-NaN), or a DatasetError saying what is
-    wrong: the same checks and messages as a dataset found on disk."""
+    wrong: the same checks and messages as a dataset found on disk (:func:`check_slide`)."""
     adata = adata.copy()
-    check_coordinates(adata, name)
+    check_coordinates(adata, name)  # before the conversion, which keeps obsm as it is
     if "ground_truth" not in adata.obs:
         adata.obs["ground_truth"] = pd.Series(np.nan, index=adata.obs_names, dtype="object")
     adata = _as_counts_anndata(adata, name)
     adata.uns["dataset"] = name
-    validate_dataset(adata, name)
+    check_slide(adata, name)
     return adata
+
+
+def check_slide(adata, name: str, preprocess=None) -> np.ndarray:
+    """The one input check of every entry point (``semst embed``, ``semst cluster``, ``semst.encode``,
+    ``semst.domains``, the grid), run before any model is loaded, anything trained or the cache
+    opened; returns the (n_spots, 2) coordinates.
+
+    Refuses, each with a DatasetError saying what to do: an empty slide; coordinates missing, not
+    numeric, not finite or not exactly 2 columns; spot or gene names that occur twice; expression
+    that is not raw counts. With ``preprocess`` (a PreprocessConfig) also a slide too small for that
+    preprocessing (:func:`semst.shared.preprocess.check_preprocessable`: fewer than 2 spots, no gene
+    left by ``min_cells``, a seurat_v3 HVG selection that cannot run on it).
+    """
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise DatasetError(f"{name}: empty dataset ({adata.n_obs} spots x {adata.n_vars} genes)")
+    coords = check_coordinates(adata, name)
+    check_unique_names(adata, name)
+    validate_dataset(adata, name)
+    if preprocess is not None:
+        from semst.shared.preprocess import check_preprocessable
+        check_preprocessable(adata, preprocess, name)
+    return coords
+
+
+def check_unique_names(adata, name: str) -> None:
+    """Spots are matched to their cached prompts, graphs and results by name, genes to their counts."""
+    for what, names, fix in (("spot", adata.obs_names, "adata.obs_names_make_unique()"),
+                             ("gene", adata.var_names, "make them unique or sum them")):
+        dup = names[names.duplicated()].unique()
+        if len(dup):
+            raise DatasetError(f"{name}: {len(dup)} {what} names occur more than once (e.g. "
+                               f"{', '.join(map(str, dup[:5]))}); {fix} before using semst")
 
 
 def validate_dataset(adata, name: str = "dataset") -> None:
@@ -296,18 +328,29 @@ def validate_dataset(adata, name: str = "dataset") -> None:
 
 
 def check_coordinates(adata, name: str | None = None) -> np.ndarray:
-    """The (n, 2) spot coordinates, or a clear error when they are missing or not finite."""
+    """The (n, 2) spot coordinates (float64), or a clear error when they are missing, not numeric,
+    not finite or not exactly two columns (x, y)."""
     name = name or adata.uns.get("dataset", "dataset")
     if "spatial" not in adata.obsm:
         raise DatasetError(f"{name}: no spot coordinates (obsm['spatial'] is missing)")
-    coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-    if coords.ndim != 2 or coords.shape[0] != adata.n_obs or coords.shape[1] < 2:
-        raise DatasetError(f"{name}: obsm['spatial'] must be (n_spots, 2), got {coords.shape}")
-    bad = ~np.isfinite(coords[:, :2]).all(axis=1)
+    try:
+        coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{name}: obsm['spatial'] holds values that are not numbers; semst needs "
+                           f"(n_spots, 2) numeric x, y coordinates") from None
+    if coords.ndim != 2 or coords.shape[0] != adata.n_obs:
+        raise DatasetError(f"{name}: obsm['spatial'] must be (n_spots, 2) = ({adata.n_obs}, 2), got {coords.shape}")
+    if coords.shape[1] == 3:
+        raise DatasetError(f"{name}: obsm['spatial'] has 3 columns, but semst's spatial graph is 2-D: keep the "
+                           f"two in-plane ones, e.g. adata.obsm['spatial'] = adata.obsm['spatial'][:, :2] "
+                           f"(and one section at a time for serial sections)")
+    if coords.shape[1] != 2:
+        raise DatasetError(f"{name}: obsm['spatial'] must have 2 columns (x, y), got {coords.shape[1]}")
+    bad = ~np.isfinite(coords).all(axis=1)
     if bad.any():
         raise DatasetError(f"{name}: {int(bad.sum())} spots have NaN or infinite coordinates "
                            f"(e.g. {list(adata.obs_names[bad][:3])})")
-    return coords[:, :2]
+    return coords
 
 
 def describe_datasets() -> list[tuple[str, str, str]]:

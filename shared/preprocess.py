@@ -24,6 +24,13 @@ class PreprocessError(ValueError):
     """Preprocessing cannot run as configured; the message says why."""
 
 
+MIN_SPOTS = 2  # genes are scaled by their spread over spots (and seurat_v3 takes their variance)
+# skmisc's loess (degree 2, span 0.3), which seurat_v3 fits to the genes' log variance against their
+# log mean, failed on every draw of 4-13 distinct points and segfaults on 0-3 (measured, skmisc 0.5).
+LOESS_MIN_GENES = 14
+LOESS_SPAN = 0.3  # scanpy's default, which preprocess() keeps
+
+
 def check_gene_supply(adata, cfg: PreprocessConfig) -> int:
     """Genes passing the ``min_cells`` filter; with ``require_top_genes`` (the paper recipe on the
     authors' datasets, whose network is built for exactly ``n_top_genes`` = fdim genes) a slide with
@@ -40,11 +47,70 @@ def check_gene_supply(adata, cfg: PreprocessConfig) -> int:
     return available
 
 
+def check_preprocessable(adata, cfg: PreprocessConfig, name: str = "dataset") -> None:
+    """Refuse, before any work, a slide that :func:`preprocess` cannot handle as configured: fewer
+    than MIN_SPOTS spots, no gene detected in ``min_cells`` spots, fewer genes than ``require_top_genes``
+    asks for, or a seurat_v3 HVG selection that cannot run on it (:func:`check_hvg_fit`)."""
+    if adata.n_obs < MIN_SPOTS:
+        raise PreprocessError(f"{name}: {adata.n_obs} spot; semst needs at least {MIN_SPOTS} (each gene is "
+                              f"scaled by its spread over the spots)")
+    check_gene_supply(adata, cfg)  # the paper recipe's own message first: it says what the recipe needs
+    X = sp.csr_matrix(adata.X)
+    detected = np.asarray((X > 0).sum(axis=0)).ravel()
+    keep = detected >= cfg.min_cells
+    if not keep.any():
+        raise PreprocessError(f"{name}: no gene is detected in at least min_cells={cfg.min_cells} spots "
+                              f"({adata.n_obs} spots, {adata.n_vars} genes); lower min_cells in [preprocess] "
+                              f"of a --config file, or check that the slide holds counts")
+    if _selects_hvgs(cfg, int(keep.sum())):
+        check_hvg_fit(X[:, keep], cfg, name)
+
+
+def _selects_hvgs(cfg: PreprocessConfig, n_genes: int) -> bool:
+    """Whether preprocess() runs a highly-variable-gene selection on ``n_genes`` filtered genes."""
+    return min(cfg.n_top_genes, n_genes) < n_genes
+
+
+def check_hvg_fit(counts, cfg: PreprocessConfig, name: str = "dataset") -> None:
+    """Refuse a slide on which seurat_v3 cannot select genes (``counts``: spots x filtered genes).
+
+    seurat_v3 fits a loess of each non-constant gene's log variance on its log mean; on a small
+    slide many genes share one mean (with 20 spots, every gene seen once has mean 1/20) and the fit
+    is singular (a traceback from skmisc), and with fewer than 4 genes it segfaults. The same fit
+    is run here on the same numbers (milliseconds), so it fails here with a message instead.
+    """
+    if cfg.hvg_flavor not in ("seurat_v3", "seurat_v3_paper"):
+        return
+    counts = sp.csr_matrix(counts)
+    n_spots, n_genes = counts.shape
+    values = counts.data.astype(np.float64)
+    mean = np.bincount(counts.indices, weights=values, minlength=n_genes) / n_spots
+    mean_sq = np.bincount(counts.indices, weights=values * values, minlength=n_genes) / n_spots
+    var = (mean_sq - mean ** 2) * (n_spots / (n_spots - 1))  # scanpy's unbiased variance
+    varying = var > 0
+    fix = (f"use a slide with more spots, a higher min_cells in [preprocess] (genes seen in one spot all "
+           f"share one mean), or n_top_genes >= {n_genes} to keep every gene without a selection")
+    where = (f"{name}: seurat_v3 cannot choose {cfg.n_top_genes} highly variable genes on this slide "
+             f"({n_spots} spots, {n_genes} genes detected in >= {cfg.min_cells} spots)")
+    if varying.sum() < LOESS_MIN_GENES:
+        raise PreprocessError(f"{where}: only {int(varying.sum())} genes vary over the spots, and its loess fit "
+                              f"needs at least {LOESS_MIN_GENES}; {fix}")
+    from skmisc.loess import loess
+
+    try:
+        fit = loess(np.log10(mean[varying]), np.log10(var[varying]), span=LOESS_SPAN, degree=2)
+        fit.fit()
+    except ValueError as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise PreprocessError(f"{where}: its loess fit of gene variance on mean failed ({reason.strip()}); "
+                              f"{fix}") from None
+
+
 def preprocess(adata, cfg: PreprocessConfig):
     """Filtered, normalised, scaled HVG expression (float32 dense X) plus raw counts and size factors."""
     import scanpy as sc
 
-    check_gene_supply(adata, cfg)
+    check_preprocessable(adata, cfg)  # never hand scanpy a slide it crashes on (a segfault below 4 genes)
     work = adata.copy()
     work.X = sp.csr_matrix(work.X, dtype=np.float32)
     n_genes_in = work.n_vars
@@ -55,7 +121,7 @@ def preprocess(adata, cfg: PreprocessConfig):
     work = work[:, keep].copy()
     lib = np.asarray(work.X.sum(axis=1)).ravel()
     n_top = min(cfg.n_top_genes, work.n_vars)
-    if n_top < work.n_vars:
+    if _selects_hvgs(cfg, work.n_vars):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # seurat_v3's loess warns on near-constant genes
             sc.pp.highly_variable_genes(work, flavor=cfg.hvg_flavor, n_top_genes=n_top,

@@ -100,8 +100,28 @@ def duplicate_genes(a):
     a.var_names = ["SNAP25"] * 2 + SYMBOLS[2:]
 
 
+def nan_coordinates(a):
+    a.obsm["spatial"][5] = np.nan
+
+
+def one_coordinate_column(a):
+    a.obsm["spatial"] = a.obsm["spatial"][:, :1]
+
+
+def three_coordinate_columns(a):
+    a.obsm["spatial"] = np.column_stack([a.obsm["spatial"], np.ones(a.n_obs)])
+
+
+def duplicate_spots(a):
+    a.obs_names = ["c0"] * 2 + list(a.obs_names[2:])
+
+
 @pytest.mark.parametrize("spoil, message", [
     (without_coordinates, r"no spot coordinates \(obsm\['spatial'\] is missing\)"),
+    (nan_coordinates, r"1 spots have NaN or infinite coordinates"),
+    (one_coordinate_column, r"obsm\['spatial'\] must have 2 columns \(x, y\), got 1"),
+    (three_coordinate_columns, r"obsm\['spatial'\] has 3 columns, but semst's spatial graph is 2-D"),
+    (duplicate_spots, r"1 spot names occur more than once \(e.g. c0\)"),
     (normalised, "the ZINB model needs raw integer counts"),
     (duplicate_genes, "gene names occur more than once"),
 ])
@@ -118,3 +138,21 @@ def test_bad_input_is_refused_with_the_cli_message_and_adata_is_untouched(home, 
     assert (set(a.obs.columns), set(a.obsm.keys())) == before[:2]
     np.testing.assert_array_equal(a.X, before[2])
     assert not (home / "data" / "cache").exists()  # nothing written anywhere
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"seeds": (0, 0)}, "seeds repeat 0: each seed is one run"),
+    ({"seeds": (-1,)}, "seeds must be >= 0, got -1"),
+    ({"epochs": "five"}, r'\[cluster\] epochs must be an integer, got "five" \(str\)'),
+])
+def test_bad_options_are_refused_before_training_and_adata_is_untouched(home, options, message):
+    a = two_domain_slide()
+    with pytest.raises(ConfigError, match=message):
+        semst.domains(a, fusion="none", progress=False, log=quiet, **{**SMALL, **options})
+    assert "semst_domain" not in a.obs and "X_semst" not in a.obsm
+
+
+def test_numpy_integer_seeds_are_taken_as_seeds(home):
+    a = two_domain_slide()
+    out = semst.domains(a, fusion="none", n_domains=2, seeds=np.arange(2), progress=False, log=quiet, **SMALL)
+    assert [row["seed"] for row in out["per_seed"]] == [0, 1]

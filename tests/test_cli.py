@@ -4,10 +4,12 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from semst.shared.cache import EmbeddingCache, EmbeddingSpace
 from semst.experiments.cli import main
+from toy_slides import two_domain_slide
 
 SPACE = EmbeddingSpace(model="tiny", weights="a" * 64, pooling="mean", dtype="float32", dim=3)
 
@@ -49,9 +51,17 @@ def test_a_missing_cache_is_one_line_and_exit_2(tmp_path):
     assert out.output.startswith("error: no embedding cache at") and "make embed" in out.output
 
 
-def test_bad_seeds_are_a_usage_error(tmp_path):
-    out = CliRunner().invoke(main, ["cluster", "mob", "--seeds", "0,x"])
-    assert out.exit_code == 2 and "seeds must be comma-separated integers" in out.output
+@pytest.fixture
+def toy_on_path(tmp_path, monkeypatch):
+    """A toy slide named "toy" on the data search path (the CLI finds the dataset before anything else)."""
+    monkeypatch.setenv("SEMST_DATA_PATH", str(tmp_path))
+    two_domain_slide().write_h5ad(tmp_path / "toy.h5ad")
+    return "toy"
+
+
+def test_bad_seeds_are_one_line_and_exit_2(toy_on_path):
+    out = CliRunner().invoke(main, ["cluster", toy_on_path, "--seeds", "0,x"])
+    assert out.exit_code == 2 and out.output.startswith("error: --seeds must be comma-separated integers")
 
 
 def test_data_list_names_every_registered_dataset():
@@ -71,8 +81,8 @@ def test_a_grid_with_a_typo_is_one_line_and_exit_2_before_anything_runs(tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_an_unknown_recipe_is_one_line_and_exit_2_for_both_stages():
+def test_an_unknown_recipe_is_one_line_and_exit_2_for_both_stages(toy_on_path):
     for stage in ("embed", "cluster"):
-        out = CliRunner().invoke(main, [stage, "mob", "--recipe", "papr"])
+        out = CliRunner().invoke(main, [stage, toy_on_path, "--recipe", "papr"])
         assert out.exit_code == 2
         assert out.output.startswith("error: unknown recipe 'papr'; known recipes: semst, paper")

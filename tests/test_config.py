@@ -29,11 +29,18 @@ def test_unknown_key_is_refused_with_the_known_ones(tmp_path):
         load_cluster_config("whatever", path=bad)
 
 
-def test_cluster_config_needs_a_spatial_graph_rule(tmp_path):
+def test_a_config_without_a_spatial_rule_gets_the_6_nearest_spots_of_default_toml(tmp_path):
     path = tmp_path / "nograph.toml"
     path.write_text("[cluster]\nepochs = 3\n")
+    for cfg in (load_cluster_config("whatever", path=path), load_cluster_config("an-unregistered-slide")):
+        assert (cfg.spatial_k, cfg.radius, cfg.radius_spacings, cfg.spatial_adaptive_k) == (6, None, None, None)
+
+
+def test_a_cluster_config_with_every_rule_unset_is_refused():
+    from semst.shared.config import ClusterConfig, validate_cluster_config
+
     with pytest.raises(ConfigError, match="one of radius_spacings, radius or spatial_k"):
-        load_cluster_config("whatever", path=path)
+        validate_cluster_config(ClusterConfig())
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -142,3 +149,110 @@ def test_a_visium_config_holds_for_the_slide_in_any_unit(shared_data_dir):
     cfg = load_cluster_config("dlpfc-151507")
     edges = [slide_spatial_graph(cfg, coords * scale).num_edges() for scale in (1.0, 137.0 / 6.21)]
     assert edges[0] == edges[1] and 10 <= (edges[0] - len(coords)) / len(coords) <= 13
+
+
+# -- the spatial rule is one unit: default.toml's 6 nearest spots only where nothing sets a rule --------
+
+RULE_KEYS = ("spatial_k", "radius", "radius_spacings", "spatial_adaptive_k")
+
+
+def test_a_files_own_spatial_rule_replaces_the_default_rule_whole(tmp_path):
+    path = tmp_path / "radius.toml"
+    path.write_text("[cluster]\nradius = 2.0\n")
+    cfg = load_cluster_config("whatever", path=path)
+    assert (cfg.radius, cfg.spatial_k) == (2.0, None)  # not spatial_k = 6 winning over the file's radius
+
+
+@pytest.mark.parametrize("name", available_configs())
+@pytest.mark.parametrize("recipe", ["semst", "paper"])
+def test_every_shipped_config_keeps_exactly_its_own_spatial_rule(name, recipe):
+    from semst.shared.config import CONFIG_DIR
+    from semst.shared.recipes import recipe_values
+
+    own = tomllib.loads((CONFIG_DIR / f"{name}.toml").read_text()).get("cluster", {})
+    from_recipe = recipe_values(recipe, name, "cluster")
+    source = from_recipe if any(k in from_recipe for k in RULE_KEYS) else own
+    expected = {k: source.get(k) for k in RULE_KEYS} if any(k in source for k in RULE_KEYS) else \
+        {"spatial_k": 6, "radius": None, "radius_spacings": None, "spatial_adaptive_k": None}
+    cfg = load_cluster_config(name, {"recipe": recipe})
+    assert {k: getattr(cfg, k) for k in RULE_KEYS} == expected
+
+
+def test_an_override_of_the_rule_replaces_the_default_rule_for_an_unregistered_slide():
+    cfg = load_cluster_config("an-unregistered-slide", {"radius_spacings": 2.5})
+    assert (cfg.radius_spacings, cfg.spatial_k) == (2.5, None)
+
+
+# -- every value type-checked from the dataclass type hints ------------------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"epochs": "five"}, '[cluster] epochs must be an integer, got "five" (str)'),
+    ({"epochs": True}, "[cluster] epochs must be an integer, got true (bool)"),
+    ({"lr": "fast"}, '[cluster] lr must be a number, got "fast" (str)'),
+    ({"radius": "2"}, '[cluster] radius must be a number, got "2" (str)'),  # float | None
+    ({"refine": 1}, "[cluster] refine must be true or false, got 1 (int)"),
+    ({"fusion": 3}, "[cluster] fusion must be a string, got 3 (int)"),
+    ({"seeds": 3}, "[cluster] seeds must be a list of integers, got 3 (int)"),
+    ({"seeds": [0, 1.0]}, "[cluster] seeds must be a list of integers, got [0, 1.0] (list)"),
+    ({"n_domains": [7]}, "[cluster] n_domains must be an integer or a string, got [7] (list)"),
+])
+def test_an_override_of_the_wrong_type_is_refused_naming_field_type_and_value(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_cluster_config("mob", overrides)
+    assert str(err.value) == message
+
+
+def test_an_embed_override_of_the_wrong_type_is_refused():
+    with pytest.raises(ConfigError, match=r'^\[embed\] k_genes must be an integer, got "5" \(str\)$'):
+        load_embed_config("mob", {"k_genes": "5"})
+
+
+def test_an_integer_is_fine_for_a_number(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[cluster]\nlr = 1\nradius = 2\n[preprocess]\ntarget_sum = 10000\n")
+    cfg = load_cluster_config("x", path=path)
+    assert (cfg.lr, cfg.radius, cfg.preprocess.target_sum) == (1, 2, 10000)
+
+
+def test_a_nested_section_in_cluster_is_refused_as_an_unknown_key(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[cluster]\nembed = { k_genes = 5 }\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) in \[cluster\]: embed"):
+        load_cluster_config("x", path=path)
+
+
+def test_a_section_that_is_not_a_table_is_refused(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("cluster = 5\n")
+    with pytest.raises(ConfigError, match=rf"config file {path}: \[cluster\] must be a table of settings, got 5"):
+        load_cluster_config("x", path=path)
+
+
+def test_a_config_file_that_is_not_text_is_refused(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xff\xfe[cluster]\n")
+    with pytest.raises(ConfigError, match=rf"config file {path} cannot be read: 'utf-8' codec"):
+        load_embed_config("x", path=path)
+
+
+@pytest.mark.parametrize("seeds, message", [
+    ([-1], "seeds must be >= 0, got -1"),
+    ([0, 0], "seeds repeat 0: each seed is one run"),
+    ([], "seeds must list at least one seed"),
+])
+def test_negative_repeated_or_no_seeds_are_refused(seeds, message):
+    with pytest.raises(ConfigError, match=message):
+        load_cluster_config("mob", {"seeds": seeds})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("min_cells", -1, "min_cells must be >= 0, got -1"),
+    ("n_top_genes", 0, "n_top_genes must be >= 1, got 0"),
+    ("hvg_flavor", "seurat3", "hvg_flavor must be one of 'seurat_v3', "),
+    ("target_sum", 0, "target_sum must be > 0 (or unset), got 0"),
+])
+def test_bad_preprocess_values_are_refused(tmp_path, field, value, message):
+    path = tmp_path / "c.toml"
+    path.write_text(f"[preprocess]\n{field} = {value!r}\n".replace("'", '"'))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_embed_config("x", path=path)
