@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from semst.cluster.dgl_compat import dgl, dglnn
-from semst.cluster.model import FSM, SemanticProjection
+from semst.cluster.fusion import FSM
+from semst.cluster.model import SemanticProjection
 
 
 class StagateError(ValueError):
@@ -74,7 +75,7 @@ class STAGATE(nn.Module):
         self.fsm = None
         if emb_dim:
             self.project = SemanticProjection(emb_dim, latent)
-            self.fsm = FSM(latent, latent, fsm_hidden_ratio, 0.0)
+            self.fsm = FSM(latent, latent, fsm_hidden_ratio=fsm_hidden_ratio, dropout=0.0, fsm_mode="paper")
 
     def encode(self, graph, x, semantic=None):
         """(Z, attention of the first layer); Z is FSM-modulated when the FSM is on."""
