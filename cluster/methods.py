@@ -11,13 +11,13 @@ by every seed is done once in the constructor and its time put in ``fixed_second
 Registered by name (``@register_method``), a method is what a grid variant's ``backbone`` names;
 the grid asks the registry which methods exist, which settings each takes and whether it reads
 semantic vectors. A new method -- one of ours, or an adapter that runs another tool -- is one
-class (here, or in the user's own module imported before the grid runs) and its test.
+class and its test: here, where ``semst experiment`` sees it, or in the user's own module,
+registered before they call :func:`semst.experiments.grid.run_experiment` from Python.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,6 +28,7 @@ from semst.cluster.stagate import StagateConfig, StagateError
 from semst.shared.config import ClusterConfig, ConfigError
 
 METHODS: dict[str, type[Method]] = {}
+DEFAULT_METHOD = "semst"  # what a grid variant without a backbone runs
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -108,7 +109,7 @@ def _listed(values: dict) -> str:
 
 
 def run_method(name: str, cfg: ClusterConfig, settings: Any = None, adata=None, progress: bool = False,
-               log=print, run_dir: Path | None = None) -> ClusterReport:
+               log=print) -> ClusterReport:
     """Method ``name`` on ``cfg.dataset`` (or ``adata``) for every seed of ``cfg``: k-means, metrics, a report.
 
     ``settings`` default to the method's own (``configure(cfg)``); they are checked against ``cfg``
@@ -121,7 +122,7 @@ def run_method(name: str, cfg: ClusterConfig, settings: Any = None, adata=None, 
         cls.check(cfg, settings)
     slide = load_slide(cfg, adata)
     method = cls(slide, settings, progress=progress, log=log)
-    return run_seeds(slide, method.fit, run_dir, log=log, fixed_seconds=method.fixed_seconds)
+    return run_seeds(slide, method.fit, log=log, fixed_seconds=method.fixed_seconds)
 
 
 class SemanticVectors:

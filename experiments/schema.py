@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from semst.cluster.methods import METHODS, Method, method_class
+from semst.cluster.methods import DEFAULT_METHOD, METHODS, Method, method_class
 from semst.shared.config import ClusterConfig, ConfigError, EmbedConfig, available_configs
 
 
@@ -41,7 +41,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 class Variant:
     name: str
     label: str
-    backbone: str = "semst"  # the method's name in semst.cluster.methods.METHODS
+    backbone: str = DEFAULT_METHOD  # the method's name in semst.cluster.methods.METHODS
     description: str = ""
     embed: dict = field(default_factory=dict)
     cluster: dict = field(default_factory=dict)
@@ -185,7 +185,7 @@ def _settings_tables(path) -> dict[str, list[type[Method]]]:
 
 
 def _method_of(rv: dict, what: str, path) -> type[Method]:
-    backbone = rv.get("backbone", "semst")
+    backbone = rv.get("backbone", DEFAULT_METHOD)
     if backbone not in METHODS:
         raise ExperimentError(f"{_where(path)}: {what} has backbone {backbone!r}; known methods: {', '.join(METHODS)}")
     return METHODS[backbone]
