@@ -1,4 +1,5 @@
-"""Simple label-free baselines for the experiment tables: what SemST has to beat.
+"""Simple label-free baselines for the experiment tables: what SemST has to beat. The arithmetic is
+here; the methods themselves (registered in :mod:`semst.cluster.methods`) are
 
 - ``pca-kmeans``: k-means on the first principal components of the preprocessed expression
   (the same HVG matrix SemST reads), i.e. no graph, no LLM.
@@ -12,13 +13,11 @@ deterministic (fixed solver seed); seeds only change k-means, so their sd measur
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
 
-BASELINES = ("pca-kmeans", "pca-spatial-kmeans")
 DEFAULT_N_PCS = 30
 PCA_SEED = 0  # the PCA is part of the method, not of the seed being varied
 
@@ -65,17 +64,18 @@ def smooth_over_graph(values, adjacency, hops: int = 1) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def baseline_embedding(method: str, features, spatial=None, n_pcs: int = DEFAULT_N_PCS,
-                       hops: int = 1) -> np.ndarray:
-    """The representation a baseline clusters: PCA, or PCA smoothed over the spatial graph."""
-    if method not in BASELINES:
-        raise BaselineError(f"unknown baseline {method!r}; known: {', '.join(BASELINES)}")
-    pcs = pca_embedding(features, n_pcs)
-    if method == "pca-kmeans":
-        return pcs
-    if spatial is None:
-        raise BaselineError("pca-spatial-kmeans needs the spatial graph")
-    return smooth_over_graph(pcs, graph_adjacency(spatial), hops)
+@dataclass
+class BaselineSettings:
+    """The baselines' own settings (a grid variant's ``baseline`` table)."""
+
+    n_pcs: int = DEFAULT_N_PCS  # principal components clustered (capped by the data's shape)
+    hops: int = 1  # pca-spatial-kmeans: how many times the PCs are averaged over the spatial graph
+
+    def __post_init__(self):
+        if self.n_pcs < 1:
+            raise BaselineError(f"baseline n_pcs must be >= 1, got {self.n_pcs}")
+        if self.hops < 0:
+            raise BaselineError(f"baseline hops must be >= 0, got {self.hops}")
 
 
 @dataclass
@@ -89,15 +89,9 @@ class FixedLatent:
 def baseline_dataset(cfg, method: str, n_pcs: int = DEFAULT_N_PCS, hops: int = 1, adata=None,
                      log=print):
     """Run a baseline on ``cfg.dataset`` for every seed of ``cfg``: a ClusterReport like SemST's."""
-    from semst.cluster.runner import load_slide, run_seeds
+    from semst.cluster.methods import METHODS, run_method
 
-    if method not in BASELINES:
-        raise BaselineError(f"unknown baseline {method!r}; known: {', '.join(BASELINES)}")
-    slide = load_slide(cfg, adata)
-    t0 = time.perf_counter()
-    sgraph = slide.spatial_graph if method == "pca-spatial-kmeans" else None
-    fixed = FixedLatent(baseline_embedding(method, slide.prep.X, sgraph, n_pcs, hops))
-    shared_seconds = time.perf_counter() - t0
-    log(f"{cfg.dataset}: {method} on {fixed.latent.shape[1]} PCs of {slide.prep.n_vars} genes, "
-        f"{slide.n_domains} domains")
-    return run_seeds(slide, lambda seed: fixed, log=log, fixed_seconds=shared_seconds)
+    baselines = [name for name, cls in METHODS.items() if cls.settings_class is BaselineSettings]
+    if method not in baselines:
+        raise BaselineError(f"unknown baseline {method!r}; known: {', '.join(baselines)}")
+    return run_method(method, cfg, BaselineSettings(n_pcs, hops), adata=adata, log=log)

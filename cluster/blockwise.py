@@ -37,7 +37,7 @@ import torch
 
 from semst.cluster.dgl_compat import dgl
 from semst.cluster.losses import correlation_reduction_loss
-from semst.cluster.model import SparseFeatures, film_stats
+from semst.cluster.model import SparseFeatures
 
 
 class NormalisedAdjacency:
@@ -154,11 +154,11 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
         z = torch.empty(n, z_s.shape[1])
         linear = torch.empty(n, dec.body[0].out_features)
         total = squares = 0.0
-        film_squares = [0.0, 0.0]  # the FSM's ||FSM(z) - z||^2 and ||z||^2 over the slide
+        fusion_parts = None  # the fusion's additive statistics (the FSM's squared norms), summed over blocks
         for s, e in blocks:
             z[s:e] = combine(z_s[s:e], z_f[s:e], s, e)
-            if model.fusion == "film":
-                film_squares = [a + b for a, b in zip(film_squares, model.fuse.squares)]
+            parts = model.fuse.stat_parts()
+            fusion_parts = parts if fusion_parts is None else [a + b for a, b in zip(fusion_parts, parts)]
             linear[s:e] = dec.body[0](z[s:e])
             block = linear[s:e].double()
             total = total + block.sum(0)
@@ -212,5 +212,6 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
     _views_backward(model, adjacency, x, views, (grad_s, grad_f), masks)
     clock.lap("backward")
     rest = cfg.gamma * l_cr.item() + cfg.lambda_s * l_s.item()
-    film = film_stats(*film_squares, model.fuse.gate) if model.fusion == "film" else {}
-    return {"total": cfg.zinb_weight * zinb + rest, "zinb": zinb, "cr": l_cr.item(), "spatial": l_s.item(), **film}
+    fusion_stats = model.fuse.stats_from_parts(fusion_parts)
+    return {"total": cfg.zinb_weight * zinb + rest, "zinb": zinb, "cr": l_cr.item(), "spatial": l_s.item(),
+            **fusion_stats}

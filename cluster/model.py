@@ -9,7 +9,8 @@
 
 This follows the paper's description and the authors' code (LLMHead P: d -> d/2 -> hidden2;
 modulation MLP M: hidden2 -> ratio * hidden2 -> 4 * hidden2; W: 2 * hidden2 -> hidden1 -> hidden2;
-ZINB decoder as in Spatial-MGCN). The fusion switch replaces the FSM for the paper's ablations.
+ZINB decoder as in Spatial-MGCN). The fusions (the FSM and the paper's ablations) are registered in
+:mod:`semst.cluster.fusion`.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semst.cluster.dgl_compat import dglnn
+from semst.cluster.fusion import fusion_class
 
 
 # Measured (one and two threads, 3639 and 100k spots x 3000 genes, random sparsity, the first layer's
@@ -81,11 +83,6 @@ def _torch_csr(csr):
                                    torch.from_numpy(csr.data), size=csr.shape, check_invariants=False)
 
 
-def fsm_modulate(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """Feature-wise linear modulation: ``(1 + alpha) * z + beta`` (alpha = beta = 0 is the identity)."""
-    return (1.0 + alpha) * z + beta
-
-
 class GCNBranch(nn.Module):
     """Two GCN layers (DGL GraphConv; graphs carry self-loops), ReLU between.
 
@@ -136,78 +133,6 @@ class SemanticProjection(nn.Module):
         return self.mlp(e)
 
 
-FSM_MODES = ("paper", "zero-init", "gated")
-
-
-class FSM(nn.Module):
-    """Fine-grained Semantic Modulation: per-spot alpha and beta from the semantic vector.
-
-    ``mode``: "paper" = the published FSM, ``(1 + alpha) z + beta``; "zero-init" = the same with
-    its last layer zero-initialised, so the network starts as fusion "none" and the modulation only
-    grows where the gradient finds use for it; "gated" = ``z + g (alpha z + beta)`` with one learned
-    scalar gate g starting at 0 (weight decay pulls it back to 0), reported per run. After every
-    forward pass ``stats`` holds the gate and the relative change ||FSM(z) - z|| / ||z||, and
-    ``squares`` the two squared norms.
-    """
-
-    def __init__(self, sem_dim: int, width: int, hidden_ratio: float, dropout: float, mode: str = "paper"):
-        super().__init__()
-        if mode not in FSM_MODES:
-            raise ValueError(f"FSM mode must be one of {', '.join(FSM_MODES)}, got {mode!r}")
-        self.mode = mode
-        hidden = max(1, int(sem_dim * hidden_ratio))
-        self.mlp = nn.Sequential(nn.Linear(sem_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, 2 * width))
-        if mode == "zero-init":
-            nn.init.zeros_(self.mlp[-1].weight)
-            nn.init.zeros_(self.mlp[-1].bias)
-        self.gate = nn.Parameter(torch.zeros(1)) if mode == "gated" else None
-        self.stats: dict[str, float] = {}
-
-    def forward(self, z, s):
-        alpha, beta = torch.chunk(self.mlp(s), 2, dim=1)
-        if self.gate is None:
-            out = fsm_modulate(z, alpha, beta)
-        else:
-            out = z + self.gate * (alpha * z + beta)
-        with torch.no_grad():
-            # squared norms kept so that a slide modulated block by block sums them (mini-batch)
-            self.squares = (float(torch.sum((out - z) ** 2)), float(torch.sum(z * z)))
-            self.stats = film_stats(*self.squares, self.gate)
-        return out
-
-
-def film_stats(change_squares: float, input_squares: float, gate=None) -> dict[str, float]:
-    """The FSM's relative change ||FSM(z) - z|| / ||z|| (and its gate), from the two squared norms."""
-    change = (change_squares / max(input_squares, 1e-24)) ** 0.5
-    return {"film_change": change, **({"film_gate": float(gate)} if gate is not None else {})}
-
-
-class CrossAttentionFusion(nn.Module):
-    """Z_gcn attends over the semantic vector, both cut into ``tokens`` equal chunks.
-
-    With one semantic vector per spot there is no sequence to attend over, so each spot's projected
-    embedding is split into ``tokens`` chunks (keys/values) and Z_gcn into as many chunks (queries);
-    the attended chunks are added back to Z_gcn (residual), then W follows as for the FSM.
-    """
-
-    def __init__(self, sem_dim: int, width: int, tokens: int = 4, heads: int = 2):
-        super().__init__()
-        if width % tokens or sem_dim % tokens:
-            raise ValueError(f"widths {width}, {sem_dim} must be divisible by {tokens} tokens")
-        self.tokens = tokens
-        d = width // tokens
-        self.kv = nn.Linear(sem_dim // tokens, d)
-        self.attn = nn.MultiheadAttention(d, num_heads=heads if d % heads == 0 else 1, batch_first=True)
-
-    def forward(self, z, s):
-        n = z.shape[0]
-        q = z.reshape(n, self.tokens, -1)
-        kv = self.kv(s.reshape(n, self.tokens, -1))
-        out, _ = self.attn(q, kv, kv, need_weights=False)
-        return z + out.reshape(n, -1)
-
-
 class ZINBDecoder(nn.Module):
     """Z_final -> (pi, theta, mu) per gene: dropout probability, dispersion, mean (before size factor)."""
 
@@ -242,46 +167,29 @@ class ZINBDecoder(nn.Module):
 
 
 class SemST(nn.Module):
-    """The full network; ``fusion`` is one of film | concat | add | cross-attention | none."""
+    """The full network; ``fusion`` names a registered fusion (:mod:`semst.cluster.fusion`): film |
+    concat | add | cross-attention | none, or one of the user's own."""
 
     def __init__(self, n_genes: int, emb_dim: int | None, hidden1: int = 256, hidden2: int = 128,
                  dropout: float = 0.0, fusion: str = "film", fsm_hidden_ratio: float = 1.2,
                  fsm_mode: str = "paper", gcn_norm: str = "both", gcn_init: str = "xavier"):
         super().__init__()
-        if fusion != "none" and not emb_dim:
+        fusion_cls = fusion_class(fusion)
+        if fusion_cls.uses_semantic and not emb_dim:
             raise ValueError(f"fusion {fusion!r} needs a semantic embedding (emb_dim)")
         self.fusion = fusion
         width = 2 * hidden2
         self.spatial = GCNBranch(n_genes, hidden1, hidden2, dropout, gcn_norm, gcn_init)
         self.expression = GCNBranch(n_genes, hidden1, hidden2, dropout, gcn_norm, gcn_init)
-        fused_width = width
-        if fusion != "none":
-            self.project = SemanticProjection(emb_dim, hidden2)
-        if fusion == "film":
-            self.fuse = FSM(hidden2, width, fsm_hidden_ratio, dropout, fsm_mode)
-        elif fusion == "add":
-            self.fuse = nn.Linear(hidden2, width)
-        elif fusion == "cross-attention":
-            self.fuse = CrossAttentionFusion(hidden2, width)
-        elif fusion == "concat":
-            fused_width = width + hidden2
-        elif fusion != "none":
-            raise ValueError(f"unknown fusion {fusion!r}")
-        self.W = nn.Sequential(nn.Linear(fused_width, hidden1), nn.ReLU(), nn.Dropout(dropout),
+        # Created in this order (projection, fusion, W, decoder) so a seed initialises the same weights.
+        self.project = SemanticProjection(emb_dim, hidden2) if fusion_cls.uses_semantic else None
+        self.fuse = fusion_cls(width, hidden2, fsm_hidden_ratio=fsm_hidden_ratio, dropout=dropout, fsm_mode=fsm_mode)
+        self.W = nn.Sequential(nn.Linear(self.fuse.output_width, hidden1), nn.ReLU(), nn.Dropout(dropout),
                                nn.Linear(hidden1, hidden2))
         self.decoder = ZINBDecoder(hidden2, hidden1, n_genes)
 
     def fuse_views(self, z_gcn, semantic):
-        if self.fusion == "none":
-            return z_gcn
-        s = self.project(semantic)
-        if self.fusion == "film":
-            return self.fuse(z_gcn, s)
-        if self.fusion == "add":
-            return z_gcn + self.fuse(s)
-        if self.fusion == "cross-attention":
-            return self.fuse(z_gcn, s)
-        return torch.cat([z_gcn, s], dim=1)  # concat
+        return self.fuse(z_gcn, None if self.project is None else self.project(semantic))
 
     def branch_widths(self) -> list[int]:
         """The two branches' first-layer widths, spatial then expression."""

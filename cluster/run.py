@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from semst.cluster.outputs import check_free_space, prepare_run_folder, write_outputs
-from semst.cluster.runner import ClusterError, ClusterReport, load_slide, run_seeds, spatial_rule
+from semst.cluster.runner import ClusterError, ClusterReport, load_slide, run_seeds
 from semst.shared.config import ClusterConfig
 from semst.shared.hashing import json_hash
 
@@ -114,7 +113,8 @@ def default_run_name(cfg: ClusterConfig) -> str:
 def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_name: str | None = None,
                     adata=None, progress: bool = True, log=print, write: bool = True,
                     semantic: np.ndarray | None = None) -> ClusterReport:
-    """Train SemST for every seed of ``cfg``, cluster, evaluate where annotated, and write outputs.
+    """Train SemST (:class:`semst.cluster.methods.SemST`) for every seed of ``cfg``, cluster, evaluate
+    where annotated, and write outputs.
 
     With ``write``, the outputs go to ``<out_dir>/<dataset>/<run_name>`` (default
     :func:`default_run_name`); before any work, the run name must be one folder name and the folder
@@ -122,9 +122,7 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     ``semantic`` (spots x d) gives the semantic vectors directly (e.g. from ``semst.encode``)
     instead of reading them from the cache; ``cfg.embedding`` then only names them.
     """
-    from semst.cluster.graphs import expression_graph, isolated_spots
-    from semst.cluster.train import resolve_minibatch, train_semst
-    from semst.shared.preprocess import check_gene_supply
+    from semst.cluster.methods import SemST
 
     name = default_run_name(cfg) if run_name is None else run_name
     if write:
@@ -134,48 +132,9 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     slide = load_slide(cfg, adata)
     if write:  # a disk too full for the outputs stops here, not after training
         check_free_space(run_dir, slide.adata, len(cfg.seeds), cfg.hidden2)
-    from semst.cluster.runner import check_neighbour_counts
-    check_neighbour_counts(cfg, slide.adata.n_obs)  # SemST's graphs: more spots than neighbours
-    check_gene_supply(slide.adata, cfg.preprocess)  # a recipe the slide cannot support stops here
-    try:  # a forced mini-batch larger than the slide stops here, before any work
-        resolve_minibatch(cfg, slide.adata.n_obs)
-    except ValueError as exc:
-        raise ClusterError(str(exc)) from None
-    # Embeddings first: their absence is the most common mistake and the cheapest to report.
-    if semantic is not None and cfg.fusion != "none":
-        semantic = np.asarray(semantic, dtype=np.float32)
-        if semantic.ndim != 2 or semantic.shape[0] != slide.adata.n_obs:
-            raise ClusterError(f"semantic vectors of shape {semantic.shape} for {slide.adata.n_obs} spots")
-        source = {"embedding": "given", "dim": int(semantic.shape[1])}
-    else:
-        semantic, source = semantic_embeddings(cfg, slide.spot_ids, cfg.seeds[0])
-    prep = slide.prep
-    sgraph = slide.spatial_graph
-    started = time.perf_counter()
-    fgraph = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs, cfg.expr_knn, progress=progress)
-    graph_seconds = time.perf_counter() - started
-    n = slide.adata.n_obs
-    alone = isolated_spots(sgraph)
-    log(f"{cfg.dataset}: {n} spots, {prep.n_vars} genes, {slide.n_domains} domains; spatial graph "
-        f"({spatial_rule(cfg, slide.coords)[2]}) {(sgraph.num_edges() - n) / n:.1f} neighbours per spot"
-        + (f" ({alone} spots have none and keep only their own edge)" if alone else "") + ", "
-        f"expression graph {fgraph.num_edges()} edges ({graph_seconds:.1f} s); embedding {source['embedding']}; {slide.threads} thread(s)")
-    source = {**source, "threads": slide.threads}
-
-    def fit(seed: int):
-        vectors = semantic
-        if cfg.embedding == "random" and cfg.fusion != "none" and seed != cfg.seeds[0]:
-            vectors, _ = semantic_embeddings(cfg, slide.spot_ids, seed)  # the control is drawn per seed
-        result = train_semst(prep.X, prep.layers["counts"], prep.obs["size_factor"].to_numpy(),
-                             sgraph, fgraph, vectors, cfg, seed, progress=progress)
-        source["training"] = result.mode
-        trained = sum(v for k, v in result.seconds.items() if k != "graphs")
-        log(f"seed {seed}: {result.mode}, {cfg.epochs} epochs in {trained:.1f} s "
-            f"({trained / max(cfg.epochs, 1):.2f} s/epoch) after {result.seconds.get('graphs', 0.0):.1f} s of set-up")
-        return result
-
-    report = run_seeds(slide, fit, run_dir, log)
+    method = SemST(slide, progress=progress, log=log, semantic=semantic)
+    report = run_seeds(slide, method.fit, run_dir, log)
     if write:
-        write_outputs(report, cfg, slide.adata, slide.truth, source)
+        write_outputs(report, cfg, slide.adata, slide.truth, method.source)
         log(f"results: {report.run_dir}")
     return report

@@ -1,4 +1,4 @@
-"""The one per-seed loop every stage-2 method plugs into: SemST, STAGATE and the k-means baselines.
+"""The one per-seed loop every stage-2 method (:mod:`semst.cluster.methods`) plugs into.
 
 A method is a function ``fit(seed) -> result`` whose result has ``latent`` (spots x d, what k-means
 clusters) and ``history`` (per-epoch losses; empty for methods that do not train). Everything else

@@ -25,7 +25,6 @@ so before/after differ only by the FSM.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from semst.cluster.dgl_compat import dgl, dglnn
-from semst.cluster.model import FSM, SemanticProjection
+from semst.cluster.fusion import FSM
+from semst.cluster.model import SemanticProjection
 
 
 class StagateError(ValueError):
@@ -74,7 +74,7 @@ class STAGATE(nn.Module):
         self.fsm = None
         if emb_dim:
             self.project = SemanticProjection(emb_dim, latent)
-            self.fsm = FSM(latent, latent, fsm_hidden_ratio, 0.0)
+            self.fsm = FSM(latent, latent, fsm_hidden_ratio=fsm_hidden_ratio, dropout=0.0, fsm_mode="paper")
 
     def encode(self, graph, x, semantic=None):
         """(Z, attention of the first layer); Z is FSM-modulated when the FSM is on."""
@@ -113,9 +113,7 @@ def train_stagate(features, graph, semantic, cfg: StagateConfig, seed: int, prog
     ``semantic`` (n, d) turns the FSM on; ``None`` trains plain STAGATE. Returns the last epoch's
     embedding: nothing is selected by looking at labels.
     """
-    from tqdm import tqdm
-
-    from semst.cluster.train import deterministic_torch, seed_everything
+    from semst.cluster.train import deterministic_torch
 
     with deterministic_torch():
         return _train_stagate(features, graph, semantic, cfg, seed, progress)
@@ -162,24 +160,8 @@ def stagate_dataset(cfg, stagate: StagateConfig | None = None, adata=None, progr
 
     Uses the dataset's preprocessing, spatial graph, number of domains and, with the FSM, the same
     semantic embeddings SemST would (``cfg.embedding``); returns a :class:`semst.cluster.runner.ClusterReport`.
+    The method itself is :class:`semst.cluster.methods.STAGATE`.
     """
-    from semst.cluster.run import semantic_embeddings
-    from semst.cluster.runner import load_slide, run_seeds
+    from semst.cluster.methods import run_method
 
-    stagate = stagate or StagateConfig()
-    if cfg.fusion not in ("film", "none"):
-        raise StagateError(f"the FSM is the only semantic module plugged into STAGATE: fusion must be "
-                           f"'film' (STAGATE + FSM) or 'none' (STAGATE), got {cfg.fusion!r}")
-    slide = load_slide(cfg, adata)
-    semantic, source = semantic_embeddings(cfg, slide.spot_ids, cfg.seeds[0])
-    prep, graph = slide.prep, slide.spatial_graph
-    log(f"{cfg.dataset}: STAGATE{' + FSM' if semantic is not None else ''} on {prep.n_vars} genes, "
-        f"{graph.num_edges()} spatial edges, {slide.n_domains} domains; embedding {source['embedding']}")
-
-    def fit(seed: int):
-        vectors = semantic
-        if cfg.embedding == "random" and semantic is not None and seed != cfg.seeds[0]:
-            vectors, _ = semantic_embeddings(cfg, slide.spot_ids, seed)
-        return train_stagate(prep.X, graph, vectors, stagate, seed, progress=progress)
-
-    return run_seeds(slide, fit, log=log)
+    return run_method("stagate", cfg, stagate or StagateConfig(), adata=adata, progress=progress, log=log)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from semst.cluster.blockwise import NormalisedAdjacency, add_to_grad, blockwise_epoch
+from semst.cluster.fusion import fusion_class
 from semst.cluster.graphs import neighbour_pairs
 from semst.cluster.losses import (all_pairs_spatial_loss, correlation_reduction_loss, pair_keys, sample_negatives,
                                   spatial_regularisation_loss)
@@ -137,12 +138,13 @@ def train_semst(features, counts, size_factors, spatial, expression, semantic, c
 def _train_semst(features, counts, size_factors, spatial, expression, semantic, cfg, seed, progress) -> TrainResult:
     from tqdm import tqdm
 
-    if cfg.fusion != "none" and semantic is None:
+    uses_semantic = fusion_class(cfg.fusion).uses_semantic
+    if uses_semantic and semantic is None:
         raise ValueError(f"fusion {cfg.fusion!r} needs semantic embeddings; use fusion 'none' without them")
     clock = _Clock()
     n, g = np.shape(features)
     sem = None
-    if cfg.fusion != "none":
+    if uses_semantic:
         sem = torch.from_numpy(np.ascontiguousarray(semantic, dtype=np.float32))
         if sem.shape[0] != n:
             raise ValueError(f"semantic embeddings have {sem.shape[0]} rows for {n} spots")
@@ -173,10 +175,7 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
     # set_num_threads (in-process vLLM had made that a no-op until embed.backends put it back).
     threads = resolve_threads(cfg.threads)
     history: dict[str, list[float]] = {"total": [], "zinb": [], "cr": [], "spatial": []}
-    if cfg.fusion == "film" and cfg.fsm_mode != "paper":  # per epoch: how far the FSM moved from the identity
-        history["film_change"] = []
-        if cfg.fsm_mode == "gated":
-            history["film_gate"] = []
+    history.update({key: [] for key in model.fuse.history_keys()})  # e.g. how far the FSM moved from the identity
     n_blocks = -(-n // cfg.batch_spots)
     mode = f"mini-batch ({n_blocks} blocks of <= {cfg.batch_spots} spots)" if minibatch else "full batch"
     mode += ", sparse input" if sparse_input else ""
@@ -204,7 +203,7 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
     model.eval()
     with torch.no_grad():
         _, _, z = model.encode(spatial, expression, x_in, sem)
-    report = dict(model.fuse.stats) if cfg.fusion == "film" else {}
+    report = model.fuse.stats()
     return TrainResult(latent=z.numpy().astype(np.float32), history=history, mode=mode,
                        seconds={k: round(v, 3) for k, v in clock.seconds.items()}, report=report)
 
@@ -284,7 +283,7 @@ def _forward_backward(model, spatial, expression, x, sem, pairs: _SpatialPairs, 
     z_s, z_f, z = model.encode(spatial, expression, x, sem)
     clock.lap("encoder")
     zinb, grad_z = decode(z, model.decoder.body, 0, 1.0)
-    film_stats = dict(model.fuse.stats) if model.fusion == "film" else {}
+    fusion_stats = model.fuse.stats()
     l_cr = correlation_reduction_loss(z_s, z_f, cfg.cr_similarity)
     clock.lap("cr")
     l_s = spatial_loss(z, pairs, cfg, rng)
@@ -293,4 +292,4 @@ def _forward_backward(model, spatial, expression, x, sem, pairs: _SpatialPairs, 
     torch.autograd.backward([z, rest], [grad_z, None])
     clock.lap("backward")
     total = cfg.zinb_weight * zinb + rest.item()
-    return {"total": total, "zinb": zinb, "cr": l_cr.item(), "spatial": l_s.item(), **film_stats}
+    return {"total": total, "zinb": zinb, "cr": l_cr.item(), "spatial": l_s.item(), **fusion_stats}

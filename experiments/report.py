@@ -2,7 +2,7 @@
 
 Pure rendering: :func:`render_report` turns a :class:`ReportData` (what the grid declared and what
 each cell produced) into markdown, and the ``plot_*`` functions draw figures from plain arrays.
-:mod:`experiments.grid` gathers the data; nothing here trains, embeds or reads a dataset.
+:mod:`experiments.assemble` gathers the data; nothing here trains, embeds or reads a dataset.
 
 Numbers are the metrics of :func:`semst.cluster.metrics.cluster_metrics` (x100, labelled spots only),
 shown as ``mean ± sd`` over seeds (sample sd; 0.00 for one seed) with two decimals. F1 is the

@@ -7,7 +7,8 @@ import torch
 
 from semst.cluster.dgl_compat import dgl
 from semst.cluster.graphs import expression_graph, spatial_graph
-from semst.cluster.model import FSM, SemST, SparseFeatures, ZINBDecoder, fsm_modulate
+from semst.cluster.fusion import FSM, fsm_modulate
+from semst.cluster.model import SemST, SparseFeatures, ZINBDecoder
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_dgl_is_imported_through_the_shim_with_graphbolt_stubbed():
 def test_fsm_with_zero_alpha_and_beta_is_the_identity():
     z = torch.randn(5, 8)
     assert torch.equal(fsm_modulate(z, torch.zeros(5, 8), torch.zeros(5, 8)), z)
-    fsm = FSM(sem_dim=4, width=8, hidden_ratio=1.0, dropout=0.0)
+    fsm = FSM(width=8, sem_width=4, fsm_hidden_ratio=1.0)
     torch.nn.init.zeros_(fsm.mlp[-1].weight)
     torch.nn.init.zeros_(fsm.mlp[-1].bias)
     assert torch.equal(fsm(z, torch.randn(5, 4)), z)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from semst.cluster.graphs import (adaptive_radius, median_spacing, neighbour_pairs, spatial_graph,
                                   spatial_graph_rule)
 from semst.cluster.losses import all_pairs_spatial_loss, correlation_reduction_loss, zinb_loss
-from semst.cluster.model import FSM, GCNBranch, SemST
+from semst.cluster.fusion import FSM
+from semst.cluster.model import GCNBranch, SemST
 from semst.shared.cache import embedding_tag, model_label
 from semst.shared.config import (ConfigError, EmbedConfig, PreprocessConfig, config_to_toml,
                                  load_cluster_config, load_embed_config)
@@ -372,12 +373,13 @@ def test_forward_shapes_and_parameter_counts_of_the_papers_settings(dataset, gen
 @pytest.mark.parametrize("mode", ["zero-init", "gated"])
 def test_identity_start_fsm_modes_start_as_fusion_none(mode):
     torch.manual_seed(0)
-    fsm = FSM(8, 16, 1.0, 0.0, mode)
+    fsm = FSM(16, 8, fsm_hidden_ratio=1.0, fsm_mode=mode)
     z = torch.randn(5, 16)
     assert torch.equal(fsm(z, torch.randn(5, 8)), z)
-    assert fsm.stats["film_change"] == 0.0
-    assert ("film_gate" in fsm.stats) == (mode == "gated")
-    assert sum(p.numel() for p in fsm.parameters()) == sum(p.numel() for p in FSM(8, 16, 1.0, 0.0).parameters()) + (mode == "gated")
+    assert fsm.stats()["film_change"] == 0.0
+    assert ("film_gate" in fsm.stats()) == (mode == "gated")
+    paper = FSM(16, 8, fsm_hidden_ratio=1.0)
+    assert sum(p.numel() for p in fsm.parameters()) == sum(p.numel() for p in paper.parameters()) + (mode == "gated")
 
 
 def test_the_gate_moves_in_training_and_is_reported_per_run():
