@@ -25,8 +25,9 @@ Why a damaged byte is never used: every committed row carries, in its index part
 rows and the chunk file. Index parts and spot tables carry Parquet page checksums (CRC32, written
 and checked by pyarrow) and are checked against their expected columns; the run metadata of a
 spot table carries its own BLAKE2b digest (it lives in the Parquet footer, which no page checksum
-covers). BLAKE2b because hashlib has it (no new dependency: xxhash is not installed) and it runs at
-about 1 GB/s, well above the speed Zarr decodes chunks (see tests/benchmarks/bench_cache.py).
+covers). BLAKE2b because hashlib has it (no new dependency: xxhash is not installed); at ~0.5 GB/s of
+one core (4 us for a 576-float row) it adds a fraction to what reading and decoding the chunks costs
+(see tests/benchmarks/bench_cache.py).
 Parts written before checksums (no ``blake2b`` column) read as before: their rows are "unchecked"
 (only checked for NaN / inf) until ``verify --fix`` records their digests.
 
@@ -251,6 +252,21 @@ def _write_faults(cache_path: Path, doing: str, after: str = "the cache is uncha
         fault, todo = _WRITE_FAULTS[exc.errno]
         where = exc.filename or cache_path
         raise CacheError(f"{fault} while {doing} {cache_path} (writing {where}): {todo}; {after}") from exc
+
+
+def _resolve_conflicts(entries: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split checked index entries into those ``repair`` keeps and those it drops: the damaged ones;
+    then, of one prompt on two rows or two prompts on one row, an unchecked entry that conflicts with
+    one whose checksum matched; then every entry still in conflict (its prompt is computed again)."""
+    bad = entries["status"].isin(list(_BAD_ROWS))
+    kept = entries[~bad]
+    ok = kept[kept["status"] == "ok"]
+    loses = (kept["status"] == "unchecked") & (kept["prompt_hash"].isin(ok["prompt_hash"]) | kept["row"].isin(ok["row"]))
+    dropped = [entries[bad], kept[loses].assign(status="conflict")]
+    kept = kept[~loses]
+    twice = kept["prompt_hash"].duplicated(keep=False) | kept["row"].duplicated(keep=False)
+    dropped.append(kept[twice].assign(status="conflict"))
+    return kept[~twice], pd.concat(dropped)
 
 
 @dataclass
@@ -722,7 +738,8 @@ class EmbeddingCache:
             except (CacheError, FileNotFoundError) as exc:
                 entry.update(rows=None, tokens=None, damaged=str(exc))
             spaces.append(entry)
-        return {"path": str(self.path), "format": FORMAT, "spaces": spaces, "spot_tables": self.spot_tables()}
+        return {"path": str(self.path), "format": {**FORMAT, "version": self.version}, "spaces": spaces,
+                "spot_tables": self.spot_tables()}
 
     def _read_entries(self, space: EmbeddingSpace) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
         """Every index entry of a readable part, one per distinct (prompt_hash, row) (the same entry in
@@ -899,11 +916,7 @@ class EmbeddingCache:
             found = self.check()
             for sc in found.spaces:
                 df = sc.entries
-                bad = df["status"].isin(list(_BAD_ROWS))
-                kept = df[~bad]
-                twice = kept["prompt_hash"].duplicated(keep=False) | kept["row"].duplicated(keep=False)
-                dropped = pd.concat([df[bad], kept[twice].assign(status="conflict")])
-                kept = kept[~twice]
+                kept, dropped = _resolve_conflicts(df)
                 holes = len(kept) and int(kept["row"].max()) + 1 != len(kept)
                 if holes and self.version == 1:  # before the index shows a hole (see the module docstring)
                     self._write_marker(FORMAT_WITH_HOLES)

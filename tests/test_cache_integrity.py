@@ -550,3 +550,15 @@ def test_a_full_tmpfs_while_adding_is_a_disk_full_message_and_every_committed_ro
         reader = EmbeddingCache(disk / "emb.zarr", create=False)
         assert reader.count(big) == committed and reader.verify() == []
         assert reader.get(big, [h(i) for i in range(committed)]).shape == (committed, 512)
+
+
+def test_repair_keeps_the_checked_entry_of_a_conflict_and_drops_the_unchecked_one(cache):
+    part = cache.path / "index" / SPACE.space_id / "part-zz.parquet"  # as an older writer's bug could leave
+    pq.write_table(pa.table({"prompt_hash": [h(0)], "row": pa.array([2], pa.int64()), "prompt": ["x"],
+                             "n_tokens": pa.array([1], pa.int32())}), part)
+    problems = fresh(cache).verify()
+    assert any("indexed at rows 0 and 2" in p for p in problems) and any("claimed by two prompts" in p for p in problems)
+    dropped = fresh(cache).repair()["spaces"][0]["dropped"]
+    assert dropped == [{"prompt_hash": h(0), "row": 2, "reason": "claimed twice in the index"}]
+    assert fresh(cache).verify() == []
+    np.testing.assert_array_equal(all_rows(cache), RNG_VECTORS[:N])
