@@ -250,8 +250,8 @@ def _write_faults(cache_path: Path, doing: str, after: str = "the cache is uncha
         if exc.errno not in _WRITE_FAULTS:
             raise
         fault, todo = _WRITE_FAULTS[exc.errno]
-        where = exc.filename or cache_path
-        raise CacheError(f"{fault} while {doing} {cache_path} (writing {where}): {todo}; {after}") from exc
+        where = f" (writing {exc.filename})" if exc.filename and Path(exc.filename) != cache_path else ""
+        raise CacheError(f"{fault} while {doing} {cache_path}{where}: {todo}; {after}") from exc
 
 
 def _resolve_conflicts(entries: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -600,7 +600,7 @@ class EmbeddingCache:
             raise CacheError(f"{len(bad)} keys are not SHA-256 hex digests (e.g. {bad[0]!r})")
         if not np.isfinite(vectors).all():
             raise CacheError("refusing to cache non-finite embeddings (NaN or inf); the backend output is broken")
-        with _write_faults(self.path, "adding rows to"), self._lock():
+        with _write_faults(self.path, "adding rows to", "no committed row changed"), self._lock():
             array = self._vectors(space, create=True)
             index = self._load_index(space)
             committed = index.rows
@@ -619,7 +619,8 @@ class EmbeddingCache:
                 array.resize((stop, space.dim))
             try:
                 array[start:stop] = block
-            except OSError:
+            except OSError as exc:  # Zarr's store does not always say which file
+                exc.filename = exc.filename or str(self.path / "spaces" / space.space_id / "vectors")
                 raise
             except Exception as exc:  # noqa: BLE001 - Zarr decodes a chunk it fills in part: a damaged one?
                 bad = [self._chunk_file(space, array, c) for c in range(start // array.chunks[0],
@@ -1043,7 +1044,7 @@ def format_repair(report: dict) -> list[str]:
         if s["dropped"]:
             reasons = pd.Series([d["reason"] for d in s["dropped"]]).value_counts()
             why = "; ".join(f"{reason}: {n}" for reason, n in reasons.items())
-            lines.append(f"space {s['space_id']}: dropped {len(s['dropped'])} rows from the index ({why}): "
+            lines.append(f"space {s['space_id']}: dropped {_rows(len(s['dropped']))} from the index ({why}): "
                          f"rows {_few(sorted(d['row'] for d in s['dropped']))}")
         for name, reason in s["unreadable_parts"].items():
             lines.append(f"space {s['space_id']}: removed the unreadable index part {name} ({reason}); its rows "
