@@ -204,7 +204,10 @@ def _read_parquet(path: Path, schema: pa.Schema, required: Sequence[str],
                   columns: Sequence[str] | None = None) -> pa.Table:
     """``path`` read with its page checksums verified and its columns checked against ``schema``
     (a bit flipped in the footer can rename or retype a column, which no page checksum sees); a
-    DamagedFileError for anything wrong. FileNotFoundError passes through (removed meanwhile)."""
+    DamagedFileError for anything wrong. A column this version does not know counts as damage too:
+    a format that adds columns must come with a new marker version. FileNotFoundError passes through
+    (removed meanwhile); no permission to read is a CacheError, not damage (``repair`` removes
+    damaged files, never one it merely may not read)."""
     try:
         with pq.ParquetFile(path, page_checksum_verification=True) as pf:
             found = pf.schema_arrow
@@ -218,6 +221,9 @@ def _read_parquet(path: Path, schema: pa.Schema, required: Sequence[str],
             return pf.read(columns=wanted)
     except (FileNotFoundError, DamagedFileError):
         raise
+    except PermissionError as exc:
+        raise CacheError(f"no permission to read {path} ({_short(exc)}): run semst as a user who may read "
+                         f"the cache") from None
     except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError (CRC mismatch, Thrift), ...: all mean damage
         raise DamagedFileError(path, _short(exc)) from None
 

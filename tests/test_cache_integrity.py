@@ -562,3 +562,21 @@ def test_repair_keeps_the_checked_entry_of_a_conflict_and_drops_the_unchecked_on
     assert dropped == [{"prompt_hash": h(0), "row": 2, "reason": "claimed twice in the index"}]
     assert fresh(cache).verify() == []
     np.testing.assert_array_equal(all_rows(cache), RNG_VECTORS[:N])
+
+
+def test_repair_never_removes_a_part_it_merely_may_not_read(cache, monkeypatch):
+    part = index_parts(cache)[1]
+    opened = pq.ParquetFile
+
+    def denied(source, *args, **kwargs):
+        if Path(source) == part:
+            raise PermissionError(errno.EACCES, "Permission denied", str(source))
+        return opened(source, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", denied)
+    with pytest.raises(CacheError, match=f"no permission to read .*{part.name}"):
+        fresh(cache).repair()
+    with pytest.raises(CacheError, match="no permission to read"):
+        fresh(cache).verify()
+    monkeypatch.undo()
+    assert part.exists() and fresh(cache).verify() == []
