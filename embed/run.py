@@ -87,6 +87,10 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     if max_spots is not None:
         adata = adata[:max_spots]
         gene_lists = gene_lists[:max_spots]
+    # The cache is opened (the store refused if it is not a semst cache) and its writability checked
+    # before any model is resolved or loaded: a read-only cache is not found after the first batch.
+    cache = EmbeddingCache(cfg.cache, create=True)
+    cache.check_writable()
     model_dir = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = render_prompts(gene_lists, tokenizer, cfg.template)
@@ -97,8 +101,7 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     space = embedding_space(model_dir, cfg)
     tag = embedding_tag(cfg)
 
-    # 2. What is missing (the cache refuses a store or space of another identity here).
-    cache = EmbeddingCache(cfg.cache, create=True)
+    # 2. What is missing (the cache refuses a space of another identity here).
     hashes = list(unique)
     missing = [h for h, present in zip(hashes, cache.contains(space, hashes)) if not present]
     log(f"{cfg.dataset}: {len(adata)} spots, {len(hashes)} distinct prompts: "

@@ -132,6 +132,7 @@ def encode_dataset_sentence(cfg: EmbedConfig, encoder: str = DEFAULT_ENCODER, ad
     tag = sentence_tag(cfg, encoder)
 
     cache = EmbeddingCache(cfg.cache, create=True)
+    cache.check_writable()  # before the encoder loads
     distinct = list(unique)
     missing = [h for h, present in zip(distinct, cache.contains(space, distinct)) if not present]
     log(f"{cfg.dataset}: {len(texts)} spots, {len(distinct)} distinct texts: {len(distinct) - len(missing)} "

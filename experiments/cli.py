@@ -275,15 +275,32 @@ def cache_info(cache):
 
 @cache_group.command("verify")
 @cache_option
-def cache_verify(cache):
-    """Check every committed row and index part; exit 1 if anything is wrong."""
+@click.option("--fix", is_flag=True,
+              help="First record checksums for rows written before checksums (those that read back finite).")
+def cache_verify(cache, fix):
+    """Check every committed row against its checksum, every index part and spot table; exit 1 if anything is wrong."""
     c = _open_cache(cache)
-    problems = c.verify()
-    if problems:
-        for p in problems:
+    if fix:
+        click.echo(f"recorded checksums for {c.record_checksums()} rows written before checksums")
+    found = c.check()
+    for note in found.notes:
+        click.echo(note)
+    if found.problems:
+        for p in found.problems:
             click.echo(f"problem: {p}", err=True)
+        click.echo(f"run `semst cache repair --cache {c.path}` to drop what is damaged, then `semst embed` again "
+                   f"to recompute it", err=True)
         raise SystemExit(1)
     click.echo(f"{c.path}: OK")
+
+
+@cache_group.command("repair")
+@cache_option
+def cache_repair(cache):
+    """Drop damaged rows and unreadable index parts and spot tables, so `semst embed` recomputes them."""
+    from semst.shared.cache import format_repair
+    for line in format_repair(_open_cache(cache).repair()):
+        click.echo(line)
 
 
 @cache_group.command("gc")

@@ -1,4 +1,4 @@
-"""The shared, crash-safe embedding cache: one Zarr store, many embedding spaces, rows keyed by prompt.
+"""The shared, crash-safe, checksummed embedding cache: one Zarr store, many embedding spaces, rows keyed by prompt.
 
 Layout of a store (``data/cache/embeddings.zarr`` by default)::
 
@@ -6,30 +6,55 @@ Layout of a store (``data/cache/embeddings.zarr`` by default)::
     zarr.json                           the root Zarr group
     spaces/<space_id>/vectors           Zarr array (rows x dim), grown append-only
     spaces/<space_id>/zarr.json         attrs: the space identity (model, weights, pooling, dtype, dim)
-    index/<space_id>/part-*.parquet     commit records: prompt_hash, row, prompt, n_tokens
+    index/<space_id>/part-*.parquet     commit records: prompt_hash, row, prompt, n_tokens, blake2b
     spot_tables/<dataset>/<tag>.parquet spot_id -> prompt_hash, run metadata in the schema metadata
     .lock                               one file lock per store (filelock)
 
-Why it is crash-safe: a writer (under the lock) writes vector rows after the last committed row,
+Why it is crash-safe: a writer (under the lock) writes vector rows after the highest committed row,
 makes them durable, and only then renames a new Parquet part into ``index/<space_id>/``. The part
-file *is* the commit. Rows past the committed count are garbage of a killed run; the next writer
-overwrites them and ``gc`` trims them. Part files and spot tables are written under a temporary
-name and renamed, so a reader never sees half a file.
+file *is* the commit. Rows past the highest committed row are garbage of a killed run; the next
+writer overwrites them and ``gc`` trims them. Part files and spot tables are written under a
+temporary name and renamed, so a reader never sees half a file.
 
 Why it never duplicates: every writer re-reads the index under the lock and skips hashes that are
 already committed, so two runs on one cache can overlap freely.
+
+Why a damaged byte is never used: every committed row carries, in its index part (column
+``blake2b``), the BLAKE2b-128 digest of its bytes as stored (the array's dtype, little-endian).
+``get`` checks every row it returns and ``verify`` every row; a mismatch is an error naming the
+rows and the chunk file. Index parts and spot tables carry Parquet page checksums (CRC32, written
+and checked by pyarrow) and are checked against their expected columns; the run metadata of a
+spot table carries its own BLAKE2b digest (it lives in the Parquet footer, which no page checksum
+covers). BLAKE2b because hashlib has it (no new dependency: xxhash is not installed); at ~0.5 GB/s of
+one core (4 us for a 576-float row) it adds a fraction to what reading and decoding the chunks costs
+(see tests/benchmarks/bench_cache.py).
+Parts written before checksums (no ``blake2b`` column) read as before: their rows are "unchecked"
+(only checked for NaN / inf) until ``verify --fix`` records their digests.
+
+Damage is repaired by forgetting: ``repair`` writes one new index part without the damaged rows
+(and without the rows of unreadable parts), so the next ``embed`` computes exactly those prompts.
+The dropped rows leave holes; new rows always go after the highest committed row, never into a
+hole. A semst of format version 1 (before checksums) appends at "number of committed rows", which
+in a cache with holes is a committed row: so a cache with holes gets marker version 2, which such
+a semst refuses with a message ("is a cache of format ... version 2"), while every cache without
+holes keeps version 1 and stays usable by it. Keeping rows contiguous instead would mean moving
+committed vectors under readers that do not take the lock.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +63,36 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semst.shared.hashing import json_hash
-from semst.shared.io import atomic_write_parquet, fsync_dir
+from semst.shared.io import atomic_write, fsync_dir
 from semst.shared.paths import DEFAULT_MODEL_NAME
 
 FORMAT = {"format": "semst-embedding-cache", "version": 1}
+# The marker of a cache whose rows have holes (see the module docstring); only `repair` writes it.
+FORMAT_WITH_HOLES = {"format": "semst-embedding-cache", "version": 2,
+                     "why": "semst cache repair removed damaged rows; a semst without row checksums would write "
+                            "new rows over committed ones, so it must refuse this cache: use a newer semst"}
+READABLE_VERSIONS = (1, 2)
 MARKER = "semst_cache.json"
 CHUNK_ROWS = 1024
+CHECKSUM = "blake2b"
+CHECKSUM_BYTES = 16
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+_PART_SCHEMA = pa.schema([("prompt_hash", pa.string()), ("row", pa.int64()), ("prompt", pa.string()),
+                          ("n_tokens", pa.int32()), (CHECKSUM, pa.binary(CHECKSUM_BYTES))])
+_PART_REQUIRED = ("prompt_hash", "row", "prompt", "n_tokens")  # CHECKSUM is absent from older parts
+_SPOT_SCHEMA = pa.schema([("spot_id", pa.string()), ("prompt_hash", pa.string())])
+_META = b"semst"
+_META_DIGEST = b"semst.blake2b"
+# What a row found by `verify` can be; all but "ok" and "unchecked" are dropped by `repair`.
+_BAD_ROWS = {"checksum": "checksum mismatch", "undecodable": "chunk cannot be decoded",
+             "nonfinite": "NaN or inf (written before checksums)", "past_end": "past the vectors array",
+             "conflict": "claimed twice in the index"}
+# Write faults a user can act on; anything else stays a traceback (a bug, or a failing disk).
+_WRITE_FAULTS = {errno.ENOSPC: ("disk full", "free space or use another --cache"),
+                 errno.EDQUOT: ("disk quota exceeded", "free space or use another --cache"),
+                 errno.EROFS: ("read-only file system", "use another --cache, or remount it read-write"),
+                 errno.EACCES: ("permission denied", "use another --cache, or get write permission on it"),
+                 errno.EPERM: ("operation not permitted", "use another --cache, or get write permission on it")}
 
 
 class CacheError(RuntimeError):
@@ -110,6 +158,155 @@ def _safe_name(name: str, what: str) -> str:
     return name
 
 
+
+
+class DamagedFileError(CacheError):
+    """A Parquet file of the cache fails its checksums, its expected columns, or cannot be parsed."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} is unreadable ({reason})")
+        self.path, self.reason = path, reason
+
+
+def row_checksums(block: np.ndarray) -> list[bytes]:
+    """BLAKE2b-128 of each row's bytes as Zarr stores them (little-endian)."""
+    stored = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<"))  # no copy on x86/ARM
+    return [hashlib.blake2b(row, digest_size=CHECKSUM_BYTES).digest() for row in stored]
+
+
+def _meta_digest(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=CHECKSUM_BYTES).hexdigest().encode()
+
+
+def _few(items, n: int = 5) -> str:
+    """'3, 7, 9' or '3, 7, 9, 12, 15, ... (40 in all)'."""
+    items = list(items)
+    head = ", ".join(str(i) for i in items[:n])
+    return head + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _write_parquet(path: Path, table: pa.Table) -> Path:
+    """Atomically and durably, with Parquet page checksums that every read of the cache verifies."""
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, write_page_checksum=True), durable=True)
+
+
+def _read_parquet(path: Path, schema: pa.Schema, required: Sequence[str],
+                  columns: Sequence[str] | None = None) -> pa.Table:
+    """``path`` read with its page checksums verified and its columns checked against ``schema``
+    (a bit flipped in the footer can rename or retype a column, which no page checksum sees); a
+    DamagedFileError for anything wrong. A column this version does not know counts as damage too:
+    a format that adds columns must come with a new marker version. FileNotFoundError passes through
+    (removed meanwhile); no permission to read is a CacheError, not damage (``repair`` removes
+    damaged files, never one it merely may not read)."""
+    try:
+        with pq.ParquetFile(path, page_checksum_verification=True) as pf:
+            found = pf.schema_arrow
+            names = set(found.names)
+            if not set(required) <= names or not names <= set(schema.names) or len(found.names) != len(names):
+                raise DamagedFileError(path, f"columns {found.names}, expected {schema.names}")
+            for f in found:
+                if f.type != schema.field(f.name).type:
+                    raise DamagedFileError(path, f"column {f.name} is {f.type}, expected {schema.field(f.name).type}")
+            wanted = None if columns is None else [c for c in columns if c in names]
+            return pf.read(columns=wanted)
+    except (FileNotFoundError, DamagedFileError):
+        raise
+    except PermissionError as exc:
+        raise CacheError(f"no permission to read {path} ({_short(exc)}): run semst as a user who may read "
+                         f"the cache") from None
+    except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError (CRC mismatch, Thrift), ...: all mean damage
+        raise DamagedFileError(path, _short(exc)) from None
+
+
+def _read_part(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    return _read_parquet(path, _PART_SCHEMA, _PART_REQUIRED, columns)
+
+
+def _spot_meta(table_or_schema, path: Path) -> dict:
+    metadata = table_or_schema.schema.metadata if hasattr(table_or_schema, "schema") else table_or_schema.metadata
+    raw = (metadata or {}).get(_META)
+    if raw is None:
+        raise DamagedFileError(path, "no semst metadata")
+    digest = metadata.get(_META_DIGEST)
+    if digest is not None and digest != _meta_digest(raw):  # spot tables before checksums have none
+        raise DamagedFileError(path, "its run metadata fails its checksum")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise DamagedFileError(path, "its run metadata is not JSON") from None
+
+
+@contextlib.contextmanager
+def _write_faults(cache_path: Path, doing: str, after: str = "the cache is unchanged") -> Iterator[None]:
+    """Turn the write faults a user can fix (full disk, read-only, no permission) into a CacheError
+    that says where and what to do; ``after`` says what state the cache was left in."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _WRITE_FAULTS:
+            raise
+        fault, todo = _WRITE_FAULTS[exc.errno]
+        where = f" (writing {exc.filename})" if exc.filename and Path(exc.filename) != cache_path else ""
+        raise CacheError(f"{fault} while {doing} {cache_path}{where}: {todo}; {after}") from exc
+
+
+def _resolve_conflicts(entries: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split checked index entries into those ``repair`` keeps and those it drops: the damaged ones;
+    then, of one prompt on two rows or two prompts on one row, an unchecked entry that conflicts with
+    one whose checksum matched; then every entry still in conflict (its prompt is computed again)."""
+    bad = entries["status"].isin(list(_BAD_ROWS))
+    kept = entries[~bad]
+    ok = kept[kept["status"] == "ok"]
+    loses = (kept["status"] == "unchecked") & (kept["prompt_hash"].isin(ok["prompt_hash"]) | kept["row"].isin(ok["row"]))
+    dropped = [entries[bad], kept[loses].assign(status="conflict")]
+    kept = kept[~loses]
+    twice = kept["prompt_hash"].duplicated(keep=False) | kept["row"].duplicated(keep=False)
+    dropped.append(kept[twice].assign(status="conflict"))
+    return kept[~twice], pd.concat(dropped)
+
+
+@dataclass
+class _Index:
+    """What readers need of a space's index: hash -> row, row -> digest (checked rows only), and
+    the row after the highest one any part names (where the next rows go)."""
+
+    parts: tuple[str, ...] = ()
+    rows: dict[str, int] = field(default_factory=dict)
+    checksums: dict[int, bytes] = field(default_factory=dict)
+    top: int = 0
+
+
+@dataclass
+class SpaceCheck:
+    """What ``check`` found in one space: one row of ``entries`` per distinct (prompt_hash, row) with
+    its ``status`` ("ok", "unchecked" or a key of _BAD_ROWS) and ``actual`` digest."""
+
+    space: EmbeddingSpace
+    entries: pd.DataFrame
+    readable_parts: list[str]
+    unreadable_parts: dict[str, str]
+    problems: list[str]
+    n_unchecked: int
+    undecodable_chunks: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class CacheCheck:
+    problems: list[str]
+    notes: list[str]
+    spaces: list[SpaceCheck]
+    damaged_spot_tables: dict[str, str]  # path relative to the cache -> reason
+
 class EmbeddingCache:
     """A Zarr embedding store shared by many runs, datasets and checkouts."""
 
@@ -117,28 +314,46 @@ class EmbeddingCache:
         import zarr
 
         self.path = Path(path)
+        self.version = FORMAT["version"]
         marker = self.path / MARKER
         if self.path.exists():
             if not marker.exists():
                 if self.path.is_dir() and not any(self.path.iterdir()) and create:
-                    self._initialise()
+                    self._create()
                 else:
                     raise CacheError(f"{self.path} exists but is not a semst embedding cache (no {MARKER}); "
                                      f"pass another --cache path")
             else:
-                found = json.loads(marker.read_text())
-                if found.get("format") != FORMAT["format"] or found.get("version") != FORMAT["version"]:
-                    raise CacheError(f"{self.path} is a cache of format {found}, this semst reads {FORMAT}")
+                self.version = self._read_marker(marker)
         elif create:
-            self._initialise()
+            self._create()
         else:
             raise CacheError(f"no embedding cache at {self.path}: run `make embed DATASET=...` "
                              f"(or `semst embed DATASET --cache {self.path}`) first")
         self._zarr = zarr
         self._root = zarr.open_group(str(self.path), mode="a")
-        self._index: dict[str, tuple[tuple[str, ...], dict[str, int]]] = {}
+        self._index: dict[str, _Index] = {}
 
     # -- set-up -----------------------------------------------------------------------------------
+    def _read_marker(self, marker: Path) -> int:
+        try:
+            found = json.loads(marker.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CacheError(f"the format marker {marker} is damaged ({_short(exc)}); it should read "
+                             f"{json.dumps(FORMAT)}") from None
+        if (not isinstance(found, dict) or found.get("format") != FORMAT["format"]
+                or found.get("version") not in READABLE_VERSIONS):
+            raise CacheError(f"{self.path} is a cache of format {found}, this semst reads {FORMAT}")
+        return found["version"]
+
+    def _write_marker(self, fmt: dict) -> None:
+        atomic_write(self.path / MARKER, lambda tmp: tmp.write_text(json.dumps(fmt)), durable=True)
+        self.version = fmt["version"]
+
+    def _create(self) -> None:
+        with _write_faults(self.path, "creating the cache", "no cache was created"):
+            self._initialise()
+
     def _initialise(self) -> None:
         """Create the store in a temporary sibling folder and rename it into place, so a run killed
         while creating it leaves either no cache or a complete empty one (never a half-made one)."""
@@ -161,6 +376,20 @@ class EmbeddingCache:
                 shutil.rmtree(tmp, ignore_errors=True)
         fsync_dir(self.path.parent)
 
+    def check_writable(self) -> None:
+        """A CacheError now if this process cannot write the cache (read-only mount, no permission):
+        called before a model is loaded, so that is not found after the first batch was computed."""
+        with _write_faults(self.path, "checking that it can write to", "nothing was written"):
+            fd, name = tempfile.mkstemp(prefix=".tmp-writable-", dir=self.path)
+            os.close(fd)
+            os.unlink(name)
+            for sub in ("spaces", "index", "spot_tables"):  # access() only: their times stay as they are
+                d = self.path / sub
+                if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+                    raise PermissionError(errno.EACCES, "cannot write", str(d))
+            with self._lock():
+                pass
+
     def _lock(self):
         from filelock import FileLock
 
@@ -168,6 +397,9 @@ class EmbeddingCache:
 
     def _index_dir(self, space: EmbeddingSpace) -> Path:
         return self.path / "index" / space.space_id
+
+    def _relative(self, path: Path) -> str:
+        return str(path.relative_to(self.path))
 
     # -- spaces -----------------------------------------------------------------------------------
     def spaces(self) -> list[EmbeddingSpace]:
@@ -233,6 +465,14 @@ class EmbeddingCache:
         fsync_dir(spaces_dir)
         return self._root[f"spaces/{space.space_id}"]
 
+    def _chunk_file(self, space: EmbeddingSpace, array, chunk: int) -> str:
+        """The chunk file holding chunk ``chunk`` of ``array``, relative to the cache."""
+        try:
+            key = array.metadata.encode_chunk_key((chunk, 0))
+        except AttributeError:  # not a Zarr v3 array: name the chunk by number
+            key = f"chunk {chunk}"
+        return f"spaces/{space.space_id}/vectors/{key}"
+
     # -- index ------------------------------------------------------------------------------------
     def _parts(self, space: EmbeddingSpace) -> tuple[str, ...]:
         d = self._index_dir(space)
@@ -240,19 +480,46 @@ class EmbeddingCache:
             return ()
         return tuple(sorted(p.name for p in d.iterdir() if p.name.startswith("part-") and p.suffix == ".parquet"))
 
-    def _hash_rows(self, space: EmbeddingSpace) -> dict[str, int]:
-        """hash -> row of every committed row; re-read only when the set of part files changed."""
-        parts = self._parts(space)
-        cached = self._index.get(space.space_id)
-        if cached is not None and cached[0] == parts:
-            return cached[1]
-        rows: dict[str, int] = {}
+    def _load_index(self, space: EmbeddingSpace) -> _Index:
+        """The space's index; re-read only when the set of part files changed. A CacheError naming
+        the part if one is damaged: nothing reads or writes a space whose index is unknown."""
+        for _ in range(5):
+            parts = self._parts(space)
+            cached = self._index.get(space.space_id)
+            if cached is not None and cached.parts == parts:
+                return cached
+            try:
+                index = self._read_index(space, parts)
+            except FileNotFoundError:  # a gc or repair replaced the parts between listing and reading
+                continue
+            self._index[space.space_id] = index
+            return index
+        raise CacheError(f"the index of space {space.space_id} in {self.path} kept changing while being read "
+                         f"(a gc or repair running?); try again")
+
+    def _read_index(self, space: EmbeddingSpace, parts: tuple[str, ...]) -> _Index:
+        index = _Index(parts=parts)
         d = self._index_dir(space)
         for name in parts:
-            t = pq.read_table(d / name, columns=["prompt_hash", "row"])
-            rows.update(zip(t.column("prompt_hash").to_pylist(), t.column("row").to_pylist()))
-        self._index[space.space_id] = (parts, rows)
-        return rows
+            try:
+                t = _read_part(d / name, columns=("prompt_hash", "row", CHECKSUM))
+            except DamagedFileError as exc:
+                raise CacheError(f"index part {self._relative(d / name)} of space {space.space_id} in {self.path} "
+                                 f"is unreadable ({exc.reason}): run `semst cache repair --cache {self.path}`, "
+                                 f"then `semst embed` again to recompute what it drops") from None
+            if not t.num_rows:
+                continue
+            hashes, rows = t.column("prompt_hash").to_pylist(), t.column("row").to_pylist()
+            index.rows.update(zip(hashes, rows))
+            index.top = max(index.top, max(rows) + 1)
+            if CHECKSUM in t.column_names:
+                digests = t.column(CHECKSUM).to_pylist()
+                index.checksums.update((r, c) for r, c in zip(rows, digests) if c is not None)
+        return index
+
+    def _hash_rows(self, space: EmbeddingSpace) -> dict[str, int]:
+        """hash -> row of every committed row."""
+        return self._load_index(space).rows
 
     def count(self, space: EmbeddingSpace) -> int:
         return len(self._hash_rows(space))
@@ -263,9 +530,12 @@ class EmbeddingCache:
         rows = self._hash_rows(space)
         return np.fromiter((h in rows for h in hashes), dtype=bool, count=len(hashes))
 
-    def get(self, space: EmbeddingSpace, hashes: Sequence[str]) -> np.ndarray:
+    def get(self, space: EmbeddingSpace, hashes: Sequence[str], check: bool = True) -> np.ndarray:
+        """The vectors of ``hashes``, in that order. Every row read is checked against its digest
+        (rows written before checksums: against NaN / inf) unless ``check`` is False (benchmarks)."""
         vectors = self._vectors(space)
-        rows = self._hash_rows(space) if vectors is not None else {}
+        index = self._load_index(space) if vectors is not None else _Index()
+        rows = index.rows
         missing = [h for h in hashes if h not in rows]
         if missing:
             raise CacheError(f"{len(missing)} of {len(hashes)} prompts are not in the cache {self.path} "
@@ -276,8 +546,50 @@ class EmbeddingCache:
         # Read the covering row range once (chunked, contiguous) and gather: far faster than
         # point selection for the 100k-spot case, and the range is bounded by the store size.
         lo, hi = int(idx.min()), int(idx.max()) + 1
-        block = np.asarray(vectors[lo:hi])
+        if hi > vectors.shape[0]:
+            raise CacheError(f"the index of space {space.space_id} in {self.path} points at row {hi - 1}, past the "
+                             f"{vectors.shape[0]} rows of its vectors array: run `semst cache repair --cache "
+                             f"{self.path}`, then `semst embed` again to recompute what it drops")
+        block = self._read_rows(space, vectors, lo, hi)
+        if check:
+            self._check_rows(space, index, vectors, block, lo, np.unique(idx))
         return block[idx - lo]
+
+    def _read_rows(self, space: EmbeddingSpace, vectors, lo: int, hi: int) -> np.ndarray:
+        try:
+            return np.asarray(vectors[lo:hi])
+        except Exception as exc:  # noqa: BLE001 - which chunk? read them one by one to say
+            step = vectors.chunks[0]
+            bad = [self._chunk_file(space, vectors, c) for c in range(lo // step, (hi - 1) // step + 1)
+                   if not self._decodes(vectors, c)]
+            if not bad:
+                raise
+            raise CacheError(f"chunk file {_few(bad, 3)} of space {space.space_id} in {self.path} cannot be decoded "
+                             f"({_short(exc)}): run `semst cache repair --cache {self.path}`, then `semst embed` "
+                             f"again to recompute its rows") from None
+
+    def _check_rows(self, space: EmbeddingSpace, index: _Index, vectors, block: np.ndarray, lo: int,
+                    rows: np.ndarray) -> None:
+        stored = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<"))
+        digest = hashlib.blake2b
+        bad, unchecked = [], []
+        for r in rows.tolist():
+            want = index.checksums.get(r)
+            if want is None:
+                unchecked.append(r)
+            elif digest(stored[r - lo], digest_size=CHECKSUM_BYTES).digest() != want:
+                bad.append(r)
+        if unchecked:
+            u = np.asarray(unchecked, dtype=np.int64)
+            bad.extend(u[~np.isfinite(block[u - lo]).all(axis=1)].tolist())
+        if bad:
+            bad.sort()
+            step = vectors.chunks[0]
+            files = sorted({self._chunk_file(space, vectors, r // step) for r in bad})
+            raise CacheError(f"{len(bad)} of the {len(rows)} rows read from space {space.space_id} ({space.model}, "
+                             f"{space.pooling}) in {self.path} are damaged (rows {_few(bad)}; chunk file "
+                             f"{_few(files, 3)}): run `semst cache repair --cache {self.path}` and then "
+                             f"`semst embed` again to recompute them")
 
     # -- writing ----------------------------------------------------------------------------------
     def add(self, space: EmbeddingSpace, hashes: Sequence[str], vectors, prompts: Sequence[str],
@@ -294,9 +606,10 @@ class EmbeddingCache:
             raise CacheError(f"{len(bad)} keys are not SHA-256 hex digests (e.g. {bad[0]!r})")
         if not np.isfinite(vectors).all():
             raise CacheError("refusing to cache non-finite embeddings (NaN or inf); the backend output is broken")
-        with self._lock():
+        with _write_faults(self.path, "adding rows to", "no committed row changed"), self._lock():
             array = self._vectors(space, create=True)
-            committed = self._hash_rows(space)
+            index = self._load_index(space)
+            committed = index.rows
             keep, seen = [], set()
             for i, h in enumerate(hashes):
                 if h not in committed and h not in seen:
@@ -304,23 +617,51 @@ class EmbeddingCache:
                     keep.append(i)
             if not keep:
                 return 0
-            start = len(committed)
+            # After the highest row any part names: never over a committed row, holes or not.
+            start = index.top
             stop = start + len(keep)
+            block = vectors[keep].astype(space.dtype, copy=False)
             if array.shape[0] < stop:
                 array.resize((stop, space.dim))
-            array[start:stop] = vectors[keep].astype(space.dtype, copy=False)
+            try:
+                array[start:stop] = block
+            except OSError as exc:  # Zarr's store does not always say which file
+                exc.filename = exc.filename or str(self.path / "spaces" / space.space_id / "vectors")
+                raise
+            except Exception as exc:  # noqa: BLE001 - Zarr decodes a chunk it fills in part: a damaged one?
+                bad = [self._chunk_file(space, array, c) for c in range(start // array.chunks[0],
+                                                                       (stop - 1) // array.chunks[0] + 1)
+                       if not self._decodes(array, c)]
+                if not bad:
+                    raise
+                raise CacheError(f"cannot add rows to space {space.space_id} in {self.path}: chunk file "
+                                 f"{_few(bad, 3)} cannot be decoded ({_short(exc)}); run `semst cache repair "
+                                 f"--cache {self.path}` first; the cache is unchanged") from None
             self._fsync_tree(self.path / "spaces" / space.space_id)
             table = pa.table({
                 "prompt_hash": pa.array([hashes[i] for i in keep], pa.string()),
                 "row": pa.array(np.arange(start, stop, dtype=np.int64)),
                 "prompt": pa.array([prompts[i] for i in keep], pa.string()),
                 "n_tokens": pa.array([int(n_tokens[i]) for i in keep], pa.int32()),
-            })
+                CHECKSUM: pa.array(row_checksums(block), pa.binary(CHECKSUM_BYTES)),
+            }, schema=_PART_SCHEMA)
             d = self._index_dir(space)
             d.mkdir(parents=True, exist_ok=True)
-            # Names sort by time then randomness; the order is only cosmetic (rows are explicit).
-            atomic_write_parquet(d / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet", table, durable=True)
+            _write_parquet(self._new_part_path(space), table)
             return len(keep)
+
+    @staticmethod
+    def _decodes(array, chunk: int) -> bool:
+        step = array.chunks[0]
+        try:
+            array[chunk * step:min((chunk + 1) * step, array.shape[0])]
+        except Exception:  # noqa: BLE001
+            return False
+        return True
+
+    def _new_part_path(self, space: EmbeddingSpace) -> Path:
+        # Names sort by time then randomness; the order is only cosmetic (rows are explicit).
+        return self._index_dir(space) / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
 
     @staticmethod
     def _fsync_tree(path: Path) -> None:
@@ -341,12 +682,14 @@ class EmbeddingCache:
         if len(spot_ids) != len(hashes):
             raise CacheError(f"spot table needs one hash per spot: {len(spot_ids)} spots, {len(hashes)} hashes")
         meta = {**meta, "dataset": dataset, "tag": tag, "n_spots": len(spot_ids)}
+        raw = json.dumps(meta, default=str).encode()
         table = pa.table({"spot_id": pa.array(spot_ids, pa.string()),
                           "prompt_hash": pa.array(list(hashes), pa.string())})
-        table = table.replace_schema_metadata({b"semst": json.dumps(meta, default=str).encode()})
+        table = table.replace_schema_metadata({_META: raw, _META_DIGEST: _meta_digest(raw)})
         dest = self._spot_path(dataset, tag)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_parquet(dest, table, durable=True)
+        with _write_faults(self.path, f"writing the spot table {dataset}/{tag} of"):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _write_parquet(dest, table)
         return dest
 
     def read_spot_table(self, dataset: str, tag: str) -> tuple[pd.DataFrame, dict]:
@@ -356,24 +699,35 @@ class EmbeddingCache:
             hint = (f"tags that exist for {dataset}: {', '.join(existing)}" if existing
                     else f"no spot table at all for {dataset}")
             raise CacheError(f"no spot table {tag!r} for {dataset} in {self.path} ({hint})")
-        table = pq.read_table(path)
-        meta = json.loads(table.schema.metadata[b"semst"])
+        try:
+            table = _read_parquet(path, _SPOT_SCHEMA, _SPOT_SCHEMA.names)
+            meta = _spot_meta(table, path)
+        except DamagedFileError as exc:
+            raise CacheError(f"the spot table {dataset}/{tag} in {self.path} is unreadable ({exc.reason}): run "
+                             f"`semst embed {dataset}` with the settings of that tag again to rewrite it") from None
         return table.to_pandas(), meta
 
     def spot_tables(self, dataset: str | None = None) -> list[dict]:
+        """The run metadata of every spot table; one that cannot be read is listed with its dataset,
+        tag and ``unreadable`` (the reason)."""
+        out = []
+        for path in self._spot_table_paths(dataset):
+            try:
+                out.append(_spot_meta(pq.read_schema(path), path))
+            except FileNotFoundError:
+                continue
+            except DamagedFileError as exc:
+                out.append({"dataset": path.parent.name, "tag": path.stem, "unreadable": exc.reason})
+            except Exception as exc:  # noqa: BLE001 - a footer that cannot be parsed
+                out.append({"dataset": path.parent.name, "tag": path.stem, "unreadable": _short(exc)})
+        return out
+
+    def _spot_table_paths(self, dataset: str | None = None) -> list[Path]:
         root = self.path / "spot_tables"
         if not root.is_dir():
             return []
         dirs = [root / dataset] if dataset else sorted(p for p in root.iterdir() if p.is_dir())
-        out = []
-        for d in dirs:
-            if not d.is_dir():
-                continue
-            for p in sorted(d.glob("*.parquet")):
-                if p.name.startswith(".tmp-"):
-                    continue
-                out.append(json.loads(pq.read_schema(p).metadata[b"semst"]))
-        return out
+        return [p for d in dirs if d.is_dir() for p in sorted(d.glob("*.parquet")) if not p.name.startswith(".tmp-")]
 
     # -- maintenance ------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -381,68 +735,268 @@ class EmbeddingCache:
         for space in self.spaces():
             arr = self._vectors(space)
             d = self._index_dir(space)
-            tokens = 0
-            for name in self._parts(space):
-                tokens += int(pq.read_table(d / name, columns=["n_tokens"]).column("n_tokens").to_numpy().sum())
             size = sum(p.stat().st_size for p in (self.path / "spaces" / space.space_id).rglob("*") if p.is_file())
-            spaces.append({"space_id": space.space_id, **dataclasses.asdict(space), "rows": self.count(space),
-                           "allocated_rows": int(arr.shape[0]), "tokens": tokens, "bytes": size,
-                           "index_parts": len(self._parts(space))})
-        return {"path": str(self.path), "format": FORMAT, "spaces": spaces, "spot_tables": self.spot_tables()}
+            entry = {"space_id": space.space_id, **dataclasses.asdict(space), "allocated_rows": int(arr.shape[0]),
+                     "bytes": size, "index_parts": len(self._parts(space))}
+            try:
+                tokens = sum(int(_read_part(d / name, columns=["n_tokens"]).column("n_tokens").to_numpy().sum())
+                             for name in self._parts(space))
+                entry.update(rows=self.count(space), tokens=tokens)
+            except (CacheError, FileNotFoundError) as exc:
+                entry.update(rows=None, tokens=None, damaged=str(exc))
+            spaces.append(entry)
+        return {"path": str(self.path), "format": {**FORMAT, "version": self.version}, "spaces": spaces,
+                "spot_tables": self.spot_tables()}
 
-    def verify(self) -> list[str]:
-        """Every problem found, in words; an empty list means the cache is consistent."""
-        problems: list[str] = []
+    def _read_entries(self, space: EmbeddingSpace) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
+        """Every index entry of a readable part, one per distinct (prompt_hash, row) (the same entry in
+        two parts is what a gc or repair killed before it removed the old parts leaves; the copy with a
+        digest wins), sorted by row; the readable parts' names and the unreadable ones' reasons."""
+        d = self._index_dir(space)
+        tables, readable, unreadable = [], [], {}
+        for name in self._parts(space):
+            try:
+                t = _read_part(d / name)
+            except FileNotFoundError:
+                continue
+            except DamagedFileError as exc:
+                unreadable[name] = exc.reason
+                continue
+            if CHECKSUM not in t.column_names:  # a part written before checksums
+                t = t.append_column(CHECKSUM, pa.nulls(t.num_rows, pa.binary(CHECKSUM_BYTES)))
+            tables.append(t.select(_PART_SCHEMA.names).cast(_PART_SCHEMA)
+                          .append_column("part", pa.array([name] * t.num_rows, pa.string())))
+            readable.append(name)
+        if tables:
+            df = pa.concat_tables(tables).to_pandas()
+        else:
+            df = pd.DataFrame({c: pd.Series(dtype=object) for c in [*_PART_SCHEMA.names, "part"]}).astype({"row": "int64"})
+        df["_unchecked"] = df[CHECKSUM].isna()
+        df = (df.sort_values("_unchecked", kind="stable").drop_duplicates(["prompt_hash", "row"])
+              .drop(columns="_unchecked").sort_values("row", kind="stable").reset_index(drop=True))
+        return df, readable, unreadable
+
+    def _check_space(self, space: EmbeddingSpace) -> SpaceCheck:
+        """Read every index part and every committed row of ``space`` and say what is wrong."""
+        sid = space.space_id
+        arr = self._vectors(space)
+        df, readable, unreadable = self._read_entries(space)
+        problems = [f"space {sid}: index part {self._relative(self._index_dir(space) / name)} is unreadable "
+                    f"({reason}); its rows are lost" for name, reason in unreadable.items()]
+        rows = df["row"].to_numpy(dtype=np.int64)
+        want = df[CHECKSUM].to_numpy(dtype=object)
+        status = np.full(len(df), "ok", dtype=object)
+        actual = np.full(len(df), None, dtype=object)
+        n_alloc, step = int(arr.shape[0]), int(arr.chunks[0])
+        status[(rows < 0) | (rows >= n_alloc)] = "past_end"
+        undecodable: dict[int, str] = {}
+        first, last = np.searchsorted(rows, 0), np.searchsorted(rows, n_alloc)  # rows are sorted
+        i = first
+        while i < last:  # one chunk at a time: bounded memory, and a bad chunk names itself
+            chunk = int(rows[i]) // step
+            j = min(int(np.searchsorted(rows, (chunk + 1) * step)), int(last))
+            base = chunk * step
+            try:
+                block = np.asarray(arr[base:min(base + step, n_alloc)])
+            except Exception as exc:  # noqa: BLE001 - zstd, truncated file, bad header: all damage
+                status[i:j] = "undecodable"
+                undecodable[chunk] = _short(exc)
+                i = j
+                continue
+            digests = row_checksums(block)
+            finite = np.isfinite(block).all(axis=1)
+            for k in range(i, j):
+                r = int(rows[k]) - base
+                actual[k] = digests[r]
+                if want[k] is None:
+                    status[k] = "unchecked" if finite[r] else "nonfinite"
+                elif digests[r] != want[k]:
+                    status[k] = "checksum"
+            i = j
+        df["status"], df["actual"] = status, actual
+        problems += self._row_problems(space, arr, df, undecodable)
+        problems += self._conflict_problems(space, df)
+        indexed = set(df["row"].tolist())
+        holes = (max(indexed) + 1 - len(indexed)) if indexed else 0
+        if holes and self.version == 1 and not unreadable:
+            problems.append(f"space {sid}: {_rows(holes)} below row {max(indexed)} are not committed but the cache "
+                            f"marker says version 1, so a semst without row checksums would write over committed "
+                            f"rows: run `semst cache repair` (it marks the cache)")
+        n_unchecked = int((status == "unchecked").sum())
+        return SpaceCheck(space, df, readable, unreadable, problems, n_unchecked, undecodable)
+
+    def _row_problems(self, space: EmbeddingSpace, arr, df: pd.DataFrame, undecodable: dict[int, str]) -> list[str]:
+        sid, step = space.space_id, int(arr.chunks[0])
+        out = []
+        for kind in ("checksum", "undecodable", "nonfinite"):
+            bad = df.loc[df["status"] == kind, "row"]
+            for chunk, rows in bad.groupby(bad // step):
+                where = self._chunk_file(space, arr, int(chunk))
+                if kind == "undecodable":
+                    out.append(f"space {sid}: chunk file {where} cannot be decoded ({undecodable[int(chunk)]}): "
+                               f"its {len(rows)} committed rows (rows {_few(rows)}) are lost")
+                else:
+                    out.append(f"space {sid}: {_BAD_ROWS[kind]} in {_rows(len(rows))} (rows {_few(rows)}) "
+                               f"of chunk file {where}")
+        past = df[df["status"] == "past_end"]
+        for part, rows in past.groupby("part")["row"]:
+            out.append(f"space {sid}: index part {self._relative(self._index_dir(space) / part)} points at "
+                       f"{len(rows)} rows past the {arr.shape[0]} rows of the vectors array (rows {_few(rows)})")
+        return out
+
+    def _conflict_problems(self, space: EmbeddingSpace, df: pd.DataFrame) -> list[str]:
+        sid, out = space.space_id, []
+        where = self._relative(self._index_dir(space))
+        twice = df[df["prompt_hash"].duplicated(keep=False)].groupby("prompt_hash")["row"].apply(list)
+        if len(twice):
+            examples = "; ".join(f"prompt {h[:12]} is indexed at rows {' and '.join(map(str, rows))}"
+                                 for h, rows in list(twice.items())[:3])
+            out.append(f"space {sid}: {len(twice)} prompts are on more than one row in {where} ({examples})")
+        shared = df[df["row"].duplicated(keep=False)].groupby("row")["prompt_hash"].size()
+        if len(shared):
+            out.append(f"space {sid}: {len(shared)} rows are claimed by two prompts in {where} "
+                       f"(rows {_few(shared.index.tolist())})")
+        return out
+
+    def check(self) -> CacheCheck:
+        """Read every index part, spot table and committed row; what is wrong (``problems``) and what
+        is worth knowing (``notes``: rows written before checksums)."""
         try:
             spaces = self.spaces()
         except CacheError as exc:
-            return [str(exc)]
-        known = {s.space_id for s in spaces}
+            return CacheCheck([str(exc)], [], [], {})
+        problems, notes, checks = [], [], []
         for space in spaces:
-            arr = self._vectors(space)
-            d = self._index_dir(space)
-            row_of: dict[str, int] = {}
-            hash_of: dict[int, str] = {}
-            for name in self._parts(space):
-                try:
-                    t = pq.read_table(d / name)
-                except Exception as exc:  # noqa: BLE001 - any unreadable part is a finding
-                    problems.append(f"{space.space_id}: index part {name} is unreadable ({exc})")
-                    continue
-                for h, r in zip(t.column("prompt_hash").to_pylist(), t.column("row").to_pylist()):
-                    # The same (hash, row) in two parts is harmless (a gc interrupted before it
-                    # removed the parts it merged); one hash on two rows, or two hashes on one
-                    # row, is not.
-                    if row_of.setdefault(h, r) != r:
-                        problems.append(f"{space.space_id}: prompt {h[:12]} is indexed at rows {row_of[h]} and {r}")
-                    if hash_of.setdefault(r, h) != h:
-                        problems.append(f"{space.space_id}: row {r} is claimed by two prompts")
-                    if not 0 <= r < arr.shape[0]:
-                        problems.append(f"{space.space_id}: {name} points at row {r}, past the "
-                                        f"{arr.shape[0]} rows of the vectors array")
-            rows_seen = set(hash_of)
-            if rows_seen and rows_seen != set(range(len(rows_seen))):
-                problems.append(f"{space.space_id}: committed rows are not contiguous from 0")
-            n = len(rows_seen)
-            if n and not problems:
-                block = np.asarray(arr[:n])
-                if not np.isfinite(block).all():
-                    problems.append(f"{space.space_id}: committed rows hold NaN or inf")
+            found = self._check_space(space)
+            checks.append(found)
+            problems += found.problems
+            if found.n_unchecked:
+                notes.append(f"space {space.space_id}: {found.n_unchecked} rows unchecked (written before checksums); "
+                             f"`semst cache verify --fix` records their checksums")
+        known = {s.space_id for s in spaces}
         index_root = self.path / "index"
         if index_root.is_dir():
             for d in index_root.iterdir():
                 if d.name not in known:
                     problems.append(f"index/{d.name} has no matching space")
-        for meta in self.spot_tables():
+        damaged = {}
+        for path in self._spot_table_paths():
+            rel = self._relative(path)
+            try:
+                meta = _spot_meta(_read_parquet(path, _SPOT_SCHEMA, _SPOT_SCHEMA.names), path)
+            except FileNotFoundError:
+                continue
+            except DamagedFileError as exc:
+                damaged[rel] = exc.reason
+                problems.append(f"spot table {rel} is unreadable ({exc.reason}): `semst cache repair` removes it, "
+                                f"`semst embed {path.parent.name}` with its settings writes it again")
+                continue
             sid = meta.get("space_id")
             if sid and sid not in known:
                 problems.append(f"spot table {meta.get('dataset')}/{meta.get('tag')} refers to missing space {sid}")
-        return problems
+        return CacheCheck(problems, notes, checks, damaged)
+
+    def verify(self) -> list[str]:
+        """Every problem found, in words; an empty list means the cache is consistent."""
+        return self.check().problems
+
+    def _rewrite_index(self, space: EmbeddingSpace, entries: pd.DataFrame, old_parts: Sequence[str]) -> None:
+        """Replace ``old_parts`` by one part holding ``entries``: the new part is renamed in first, so
+        a crash in between leaves entries listed twice (which readers take as one), never lost."""
+        d = self._index_dir(space)
+        if len(entries):
+            table = pa.Table.from_pandas(entries[_PART_SCHEMA.names], schema=_PART_SCHEMA, preserve_index=False)
+            _write_parquet(self._new_part_path(space), table)
+        for name in old_parts:
+            (d / name).unlink(missing_ok=True)
+        fsync_dir(d)
+        self._index.pop(space.space_id, None)
+
+    def repair(self) -> dict:
+        """Drop from the index every row that is damaged (fails its checksum, is in a chunk that cannot
+        be decoded, lies past the vectors, holds NaN / inf while unchecked, or is claimed twice) and
+        every unreadable index part; remove unreadable spot tables. `semst embed` then recomputes
+        exactly what was dropped. Returns what was dropped, and which spot tables now miss rows."""
+        report = {"spaces": [], "spot_tables_removed": [], "marked_with_holes": False}
+        after = "nothing committed was lost; run `semst cache repair` again once that is fixed"
+        with _write_faults(self.path, "repairing", after), self._lock():
+            found = self.check()
+            for sc in found.spaces:
+                df = sc.entries
+                kept, dropped = _resolve_conflicts(df)
+                holes = len(kept) and int(kept["row"].max()) + 1 != len(kept)
+                if holes and self.version == 1:  # before the index shows a hole (see the module docstring)
+                    self._write_marker(FORMAT_WITH_HOLES)
+                    report["marked_with_holes"] = True
+                if len(dropped) or sc.unreadable_parts:
+                    self._rewrite_index(sc.space, kept, [*sc.readable_parts, *sc.unreadable_parts])
+                top = int(kept["row"].max()) + 1 if len(kept) else 0
+                removed = self._remove_undecodable_chunks(sc.space, set(sc.undecodable_chunks), top)
+                if len(dropped) or sc.unreadable_parts or removed:
+                    report["spaces"].append({
+                        "space_id": sc.space.space_id,
+                        "dropped": [{"prompt_hash": h, "row": int(r), "reason": _BAD_ROWS[s]}
+                                    for h, r, s in zip(dropped["prompt_hash"], dropped["row"], dropped["status"])],
+                        "unreadable_parts": dict(sc.unreadable_parts), "chunks_removed": removed})
+            for rel in found.damaged_spot_tables:
+                (self.path / rel).unlink(missing_ok=True)
+                report["spot_tables_removed"].append(rel)
+        report["to_embed_again"] = self._spot_tables_missing_rows()
+        return report
+
+    def _remove_undecodable_chunks(self, space: EmbeddingSpace, known: set[int], top: int) -> list[str]:
+        """Remove the chunk files that cannot be decoded and hold no committed row (called after the index
+        was rewritten without their rows): those ``check`` found, and any at or after ``top``, where
+        ``add`` writes next and Zarr would have to decode a chunk to fill part of it. Zarr reads a
+        missing chunk as its fill value, which no committed row points at."""
+        arr = self._vectors(space)
+        step = int(arr.chunks[0])
+        n_chunks = -(-int(arr.shape[0]) // step)
+        removed = []
+        for chunk in sorted(known | set(range(top // step, n_chunks))):
+            if (chunk * step < top and chunk not in known) or self._decodes(arr, chunk):
+                continue
+            rel = self._chunk_file(space, arr, chunk)
+            (self.path / rel).unlink(missing_ok=True)
+            removed.append(rel)
+        return removed
+
+    def _spot_tables_missing_rows(self) -> list[dict]:
+        """Each readable spot table some of whose prompts are not (any more) in the cache."""
+        out = []
+        for meta in self.spot_tables():
+            if "unreadable" in meta or "space" not in meta:
+                continue
+            try:
+                table, _ = self.read_spot_table(meta["dataset"], meta["tag"])
+                present = self.contains(EmbeddingSpace(**meta["space"]), table["prompt_hash"].tolist())
+            except (CacheError, TypeError):
+                continue
+            if not present.all():
+                out.append({"dataset": meta["dataset"], "tag": meta["tag"], "spots": int((~present).sum()),
+                            "n_spots": len(present)})
+        return out
+
+    def record_checksums(self) -> int:
+        """Record the digest of every row written before checksums that reads back finite from a chunk
+        that decodes (``verify --fix``); the others stay as they are for ``repair``. Returns how many."""
+        recorded = 0
+        with _write_faults(self.path, "recording checksums in", "nothing committed was lost"), self._lock():
+            for sc in self.check().spaces:
+                df = sc.entries
+                todo = ((df["status"] == "unchecked") & ~df["prompt_hash"].duplicated(keep=False)
+                        & ~df["row"].duplicated(keep=False))
+                if not todo.any():
+                    continue
+                df.loc[todo, CHECKSUM] = df.loc[todo, "actual"]
+                self._rewrite_index(sc.space, df, sc.readable_parts)  # unreadable parts stay for repair
+                recorded += int(todo.sum())
+        return recorded
 
     def gc(self) -> dict:
         """Compact each space's index into one part, trim uncommitted rows, remove temp files."""
         report = {"spaces": 0, "parts_merged": 0, "rows_trimmed": 0, "temp_files_removed": 0}
-        with self._lock():
+        with _write_faults(self.path, "tidying", "nothing committed was lost"), self._lock():
             # .tmp-* are ours, *.partial are zarr's own atomic-write leftovers of a killed run.
             for p in [*self.path.rglob(".tmp-*"), *self.path.rglob("*.partial")]:
                 if p.is_dir():
@@ -453,21 +1007,15 @@ class EmbeddingCache:
             for space in self.spaces():
                 report["spaces"] += 1
                 arr = self._vectors(space)
-                committed = self._hash_rows(space)
-                if arr.shape[0] > len(committed):
-                    report["rows_trimmed"] += int(arr.shape[0] - len(committed))
-                    arr.resize((len(committed), space.dim))
+                top = self._load_index(space).top  # a CacheError (run repair) if a part is unreadable
+                if arr.shape[0] > top:
+                    report["rows_trimmed"] += int(arr.shape[0] - top)
+                    arr.resize((top, space.dim))
                 parts = self._parts(space)
                 if len(parts) > 1:
-                    d = self._index_dir(space)
-                    table = pa.concat_tables([pq.read_table(d / name) for name in parts]).sort_by("row")
-                    atomic_write_parquet(d / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet", table, durable=True)
-                    # The merged part lists every row; until the old parts are gone each hash appears
-                    # twice, which readers tolerate (same row) and a crash here leaves for the next gc.
-                    for name in parts:
-                        (d / name).unlink()
-                    fsync_dir(d)
-                    report["parts_merged"] += len(parts)
+                    entries, readable, _ = self._read_entries(space)
+                    self._rewrite_index(space, entries, readable)
+                    report["parts_merged"] += len(readable)
                 self._index.pop(space.space_id, None)
         return report
 
@@ -477,12 +1025,46 @@ def format_info(info: dict) -> str:
     if not info["spaces"]:
         lines.append("  (no embedding space yet)")
     for s in info["spaces"]:
-        lines.append(f"  space {s['space_id']}: {s['model']} pooling={s['pooling']} {s['dtype']} dim={s['dim']} "
-                     f"weights={s['weights'][:12]}  {s['rows']} rows, {s['tokens']} tokens, "
+        head = (f"  space {s['space_id']}: {s['model']} pooling={s['pooling']} {s['dtype']} dim={s['dim']} "
+                f"weights={s['weights'][:12]}  ")
+        if s.get("damaged"):
+            lines.append(head + f"index damaged: {s['damaged']}")
+            continue
+        lines.append(head + f"{s['rows']} rows, {s['tokens']} tokens, "
                      f"{s['bytes'] / 1e6:.1f} MB, {s['index_parts']} index parts")
     tables = info["spot_tables"]
     if tables:
         lines.append("  spot tables (dataset / tag: spots):")
         for m in tables:
+            if "unreadable" in m:
+                lines.append(f"    {m['dataset']} / {m['tag']}: unreadable ({m['unreadable']})")
+                continue
             lines.append(f"    {m['dataset']} / {m['tag']}: {m['n_spots']} spots (space {m.get('space_id', '?')})")
     return "\n".join(lines)
+
+
+def format_repair(report: dict) -> list[str]:
+    """What `semst cache repair` did, one line each, and which datasets to embed again."""
+    lines = []
+    for s in report["spaces"]:
+        if s["dropped"]:
+            reasons = pd.Series([d["reason"] for d in s["dropped"]]).value_counts()
+            why = "; ".join(f"{reason}: {n}" for reason, n in reasons.items())
+            lines.append(f"space {s['space_id']}: dropped {_rows(len(s['dropped']))} from the index ({why}): "
+                         f"rows {_few(sorted(d['row'] for d in s['dropped']))}")
+        for name, reason in s["unreadable_parts"].items():
+            lines.append(f"space {s['space_id']}: removed the unreadable index part {name} ({reason}); its rows "
+                         f"are no longer committed")
+        for rel in s.get("chunks_removed", []):
+            lines.append(f"space {s['space_id']}: removed the undecodable chunk file {rel} (it holds no committed row)")
+    for rel in report["spot_tables_removed"]:
+        lines.append(f"removed the unreadable spot table {rel}")
+    if report["marked_with_holes"]:
+        lines.append(f"marked the cache as format version 2 (its rows now have holes): semst releases without row "
+                     f"checksums refuse it")
+    if not lines:
+        lines.append("nothing to repair")
+    for t in report.get("to_embed_again", []):
+        lines.append(f"to recompute: `semst embed {t['dataset']}` with the settings of tag {t['tag']} "
+                     f"({t['spots']} of its {t['n_spots']} spots miss their vector)")
+    return lines

@@ -50,7 +50,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], durable: boo
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        # Clean-up is best effort: on a read-only or full disk it fails too, and its error must not
+        # hide the one that says what went wrong.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     if durable:
         fsync_dir(path.parent)

@@ -1,6 +1,15 @@
-"""Time to load cached embeddings for a large slide (used by `make bench-embed`)."""
+"""Cache speed. ``bench_load``: time to load cached embeddings for a large slide (used by `make
+bench-embed`). Run as a script: what the row checksums cost on a synthetic cache of 1M rows x 576
+float32 (SmolLM2's width) committed in batches of 10k -- seconds to commit (and the part of it spent
+computing checksums), to ``get`` every row with and without checking them, and to ``verify``.
+
+    taskset -c 1 python tests/benchmarks/bench_cache.py [--rows 1000000 --dim 576 --batch 10000 --dir DIR]
+
+Not a test: numbers, not assertions (the store needs ~2.3 GB of disk and ~5 GB of memory for 1M rows).
+"""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import tempfile
 import time
@@ -8,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semst.shared.cache import EmbeddingCache, EmbeddingSpace
+from semst.shared.cache import EmbeddingCache, EmbeddingSpace, row_checksums
 
 
 def bench_load(n_spots: int = 100_000, dim: int = 576, path: str | Path | None = None) -> dict:
@@ -37,6 +46,59 @@ def bench_load(n_spots: int = 100_000, dim: int = 576, path: str | Path | None =
         return {"n_spots": n_spots, "dim": dim, "seconds": seconds, "fill_seconds": fill}
 
 
+def bench_checksums(n_rows: int = 1_000_000, dim: int = 576, batch: int = 10_000,
+                    directory: str | Path | None = None, log=print) -> dict:
+    """Commit ``n_rows`` random rows in batches, then time reading them all back and verifying."""
+    space = EmbeddingSpace(model="bench", weights="0" * 64, pooling="mean", dtype="float32", dim=dim)
+    hashes = [hashlib.sha256(f"bench prompt {i}".encode()).hexdigest() for i in range(n_rows)]
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        cache = EmbeddingCache(Path(tmp) / "bench.zarr")
+        commit = hashing = commit_cpu = 0.0
+        for start in range(0, n_rows, batch):
+            part = hashes[start:start + batch]
+            vectors = rng.normal(size=(len(part), dim)).astype(np.float32)
+            t0 = time.perf_counter()
+            row_checksums(vectors)  # the same digests add() computes, timed on their own
+            hashing += time.perf_counter() - t0
+            t0, c0 = time.perf_counter(), time.process_time()
+            cache.add(space, part, vectors, [f"bench prompt {start + i}" for i in range(len(part))], [85] * len(part))
+            commit += time.perf_counter() - t0
+            commit_cpu += time.process_time() - c0
+        log(f"committed {n_rows} x {dim} in batches of {batch}: {commit:.1f} s ({commit_cpu:.1f} s CPU), "
+            f"of which computing checksums {hashing:.1f} s")
+        out = {"rows": n_rows, "dim": dim, "batch": batch, "commit_s": commit, "commit_cpu_s": commit_cpu,
+               "checksum_s": hashing}
+        for check in (False, True):
+            cold = EmbeddingCache(cache.path, create=False)  # a fresh reader: index read included
+            t0, c0 = time.perf_counter(), time.process_time()
+            got = cold.get(space, hashes, check=check)
+            name = f"get_{'checked' if check else 'unchecked'}"
+            out[f"{name}_s"], out[f"{name}_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+            assert got.shape == (n_rows, dim)
+            del got
+            log(f"get all rows {'with' if check else 'without'} checksum verification: {out[f'{name}_s']:.1f} s "
+                f"({out[f'{name}_cpu_s']:.1f} s CPU)")
+        t0, c0 = time.perf_counter(), time.process_time()
+        problems = EmbeddingCache(cache.path, create=False).verify()
+        out["verify_s"], out["verify_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+        assert problems == [], problems
+        log(f"verify: {out['verify_s']:.1f} s ({out['verify_cpu_s']:.1f} s CPU)")
+        out["bytes"] = sum(p.stat().st_size for p in cache.path.rglob("*") if p.is_file())
+        return out
+
+
 if __name__ == "__main__":
-    r = bench_load()
-    print(f"load {r['n_spots']} x {r['dim']} cached embeddings: {r['seconds']:.2f} s (fill {r['fill_seconds']:.1f} s)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=576)
+    ap.add_argument("--batch", type=int, default=10_000)
+    ap.add_argument("--dir", default=None, help="where the temporary store goes (default: the system's temp dir)")
+    ap.add_argument("--load", action="store_true", help="instead: the 100k-spot load time of `make bench-embed`")
+    args = ap.parse_args()
+    if args.load:
+        r = bench_load()
+        print(f"load {r['n_spots']} x {r['dim']} cached embeddings: {r['seconds']:.2f} s (fill {r['fill_seconds']:.1f} s)")
+    else:
+        r = bench_checksums(args.rows, args.dim, args.batch, args.dir)
+        print(f"store: {r['bytes'] / 1e9:.2f} GB")
