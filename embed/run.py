@@ -87,11 +87,12 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     if max_spots is not None:
         adata = adata[:max_spots]
         gene_lists = gene_lists[:max_spots]
-    # The cache is opened (the store refused if it is not a semst cache) and its writability checked
-    # before any model is resolved or loaded: a read-only cache is not found after the first batch.
+    # The model is only looked up here (a bad --model must not leave a new empty cache behind); the
+    # cache is opened (refused if it is not a semst cache) and its writability checked before the
+    # tokenizer or any weights load: a read-only cache is not found after the first batch.
+    model_dir = resolve_model(cfg.model)
     cache = EmbeddingCache(cfg.cache, create=True)
     cache.check_writable()
-    model_dir = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = render_prompts(gene_lists, tokenizer, cfg.template)
     spot_hashes = [prompt_hash(p) for p in prompts]

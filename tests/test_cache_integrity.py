@@ -475,7 +475,7 @@ def test_check_writable_names_the_fault_before_anything_is_computed(cache, monke
         fresh(cache).check_writable()
 
 
-def test_embed_reports_a_read_only_cache_before_it_resolves_or_loads_any_model(tmp_path, monkeypatch):
+def test_embed_reports_a_read_only_cache_before_it_loads_any_model(tmp_path, monkeypatch):
     from semst.embed.run import embed_dataset
     from semst.shared.config import load_embed_config
     from toy_slides import two_domain_slide
@@ -484,15 +484,30 @@ def test_embed_reports_a_read_only_cache_before_it_resolves_or_loads_any_model(t
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "emb.zarr" / ".tmp-writable-x"))
 
     def no_model(*args, **kwargs):
-        raise AssertionError("the model was resolved before the cache was checked")
+        raise AssertionError("the tokenizer or model was loaded before the cache was checked")
 
     EmbeddingCache(tmp_path / "emb.zarr")
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    monkeypatch.setattr("semst.embed.models.resolve_model", no_model)
+    monkeypatch.setattr("semst.embed.models.resolve_model", lambda model: tmp_path / "some-model")
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", no_model)
+    monkeypatch.setattr("semst.embed.backends.load_backend", no_model)
     cfg = load_embed_config("toy", {"cache": str(tmp_path / "emb.zarr"), "model": "default", "k_genes": 5,
                                     "genes_from": "all", "backend": "transformers"})
     with pytest.raises(CacheError, match="read-only file system"):
         embed_dataset(cfg, adata=two_domain_slide(), progress=False, log=lambda *a, **k: None)
+
+
+def test_a_model_that_does_not_exist_leaves_no_new_cache_behind(tmp_path):
+    from semst.embed.models import ModelNotFoundError
+    from semst.embed.run import embed_dataset
+    from semst.shared.config import load_embed_config
+    from toy_slides import two_domain_slide
+
+    cfg = load_embed_config("toy", {"cache": str(tmp_path / "new.zarr"), "model": str(tmp_path / "no-such-model"),
+                                    "k_genes": 5, "genes_from": "all", "backend": "transformers"})
+    with pytest.raises(ModelNotFoundError):
+        embed_dataset(cfg, adata=two_domain_slide(), progress=False, log=lambda *a, **k: None)
+    assert not (tmp_path / "new.zarr").exists()
 
 
 # -- real file systems: a read-only mount and a full tmpfs (root in a sandbox that can mount) -------
