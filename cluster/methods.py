@@ -23,7 +23,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from semst.cluster.baselines import BaselineSettings, FixedLatent, graph_adjacency, pca_embedding, smooth_over_graph
-from semst.cluster.runner import ClusterError, ClusterReport, Slide, load_slide, run_seeds, spatial_rule
+from semst.cluster.runner import (ClusterError, ClusterReport, Slide, check_neighbour_counts, load_slide, run_seeds,
+                                  spatial_rule)
 from semst.cluster.stagate import StagateConfig, StagateError
 from semst.shared.config import ClusterConfig, ConfigError
 
