@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import re
 
 import numpy as np
 import pandas as pd
@@ -29,13 +30,11 @@ def checked_k_range(k_range, n_spots: int) -> tuple[int, int]:
     """(lo, hi) from a pair of integers or the ``n_domains`` text ``"auto"`` / ``"auto:LO-HI"``, checked
     against the slide: 2 <= lo <= hi and hi + 1 <= the number of spots (the range is scored with one
     more k on each side); a ConfigError otherwise."""
-    from semst.shared.config import AutoDomains, ConfigError, parse_n_domains
+    from semst.shared.config import ConfigError
 
-    if isinstance(k_range, str):
-        parsed = parse_n_domains(k_range)
-        if not isinstance(parsed, AutoDomains):
-            raise ConfigError(f"k_range must be a pair (lo, hi) or 'auto:LO-HI', got {k_range!r}")
-        lo, hi = parsed.lo, parsed.hi
+    text = re.fullmatch(r"auto(?::(\d+)-(\d+))?", k_range.strip().lower()) if isinstance(k_range, str) else None
+    if text:
+        lo, hi = (int(text[1]), int(text[2])) if text[1] else AUTO_RANGE
     elif isinstance(k_range, (tuple, list)) and len(k_range) == 2 and all(map(_integer, k_range)):
         lo, hi = (int(b) for b in k_range)
     else:

@@ -137,8 +137,10 @@ def text_embedding(a):
     (None, {"k_range": (5, 3)}, r"k_range \(5, 3\): the range is empty, 5 > 3; write the smaller bound first"),
     (None, {"k_range": (2, 80)}, r"k_range \(2, 80\): .* adata has 80 spots, so the upper bound must be at most 79"),
     (None, {"k_range": 4}, r"k_range must be a pair of integers \(lo, hi\)"),
-    (None, {"k_range": "auto:3"}, r"n_domains must be an integer >= 2, \"auto\" or \"auto:LO-HI\""),
-    (None, {"k_range": "5"}, r"k_range must be a pair \(lo, hi\) or 'auto:LO-HI', got '5'"),
+    (None, {"k_range": "auto:3"}, r"k_range must be a pair of integers \(lo, hi\), e.g. \(3, 15\), or 'auto:LO-HI', "
+                                  r"got 'auto:3'"),
+    (None, {"k_range": "5"}, r"k_range must be a pair of integers .* got '5'"),
+    (None, {"k_range": "auto:1-4"}, r"k_range 'auto:1-4': the smallest number of domains must be >= 2, got 1"),
     (None, {"runs": 1}, r"runs must be an integer >= 2 \(stability compares runs\), got 1"),
     (None, {"random_state": -1}, r"random_state must be an integer >= 0, got -1"),
     (None, {"key_added": ""}, r"key_added must be a non-empty string"),
