@@ -3,23 +3,36 @@
 The repository root is this package: ``embed/``, ``cluster/``, ``shared/`` and ``experiments/``
 are ``semst.embed``, ``semst.cluster``, ``semst.shared`` and ``semst.experiments``.
 
-The Python API works on AnnData, registered dataset or not::
+The Python API works on AnnData, registered dataset or not, shaped like scanpy's::
 
     import semst
-    llm = semst.encode(adata)        # stage 1: fills the cache, adata.obsm["X_semst_llm"]
-    summary = semst.domains(adata)   # stage 2: adata.obs["semst_domain"], adata.obsm["X_semst"]
+    semst.tl.encode(adata)                      # stage 1: fills the cache, adata.obsm["X_semst_llm"]
+    semst.tl.domains(adata)                     # stage 2: adata.obs["semst_domain"], obsm["X_semst"]
+    curve = semst.tl.auto_k(adata)              # k by stability on obsm["X_semst"]
+    semst.pl.domains(adata)                     # the domains on the tissue, in any matplotlib Axes
+    semst.pl.losses(adata); semst.pl.stability(curve)
 
-Imports are lazy, so ``import semst`` costs nothing until a stage runs.
+``semst.encode`` and ``semst.domains`` are ``semst.tl.encode`` and ``semst.tl.domains``. Imports are
+lazy, so ``import semst`` costs nothing until a stage runs (and loads neither torch nor matplotlib).
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["encode", "domains", "__version__"]
+__all__ = ["tl", "pl", "encode", "domains", "__version__"]
+_NAMESPACES = {"tl": "semst.experiments.tl", "pl": "semst.experiments.pl"}  # imported on first use
 
 
 def __getattr__(name: str):
-    if name in ("encode", "domains"):
-        from semst.experiments import api
+    if name in _NAMESPACES:
+        import importlib
 
-        return getattr(api, name)
+        return importlib.import_module(_NAMESPACES[name])
+    if name in ("encode", "domains"):
+        from semst.experiments import tl
+
+        return getattr(tl, name)
     raise AttributeError(f"module 'semst' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -85,6 +85,15 @@ class StabilityCurve:
                         "runs) rising above both neighbours by at least its standard error; the most stable "
                         "k of the range if there is no such peak"}
 
+    @classmethod
+    def from_summary(cls, summary: dict) -> StabilityCurve:
+        """The curve back from its :meth:`summary` (e.g. ``metrics.json``'s "auto_k"; values rounded there)."""
+        lo, hi = (int(b) for b in str(summary["range"]).removeprefix("auto:").split("-"))
+        return cls(lo, hi, int(summary["runs"]), int(summary["chosen"]),
+                   {int(k): float(v) for k, v in summary["stability"].items()},
+                   {int(k): float(v) for k, v in summary["sd"].items()},
+                   [int(k) for k in summary["peaks"]], float(summary.get("seconds", 0.0)))
+
 
 def run_labels(latents: Sequence[np.ndarray], k: int, runs: int) -> list[np.ndarray]:
     """The ``runs`` k-means solutions at ``k``: run r clusters latents[r % len(latents)], seed r."""
@@ -139,15 +148,14 @@ def stability_curve(latents: Sequence[np.ndarray], lo: int, hi: int, runs: int =
     return StabilityCurve(lo, hi, runs, chosen, mean, sd, peaks, time.perf_counter() - t0)
 
 
-def plot_stability(curve: StabilityCurve, path: str | Path, annotated_k: int | None = None, title: str = "") -> Path:
-    """k vs stability (mean +- sd over pairs of runs), the range shaded, the chosen k marked."""
-    from semst.cluster.plots import pyplot, save
+STABILITY_FIGSIZE = (5.2, 3.4)  # inches
 
-    plt = pyplot()
+
+def draw_stability(ax, curve: StabilityCurve, annotated_k: int | None = None, title: str = "") -> None:
+    """k vs stability (mean +- sd over pairs of runs), the range shaded, the chosen k marked."""
     ks = curve.ks
     m = np.array([curve.mean[k] for k in ks])
     s = np.array([curve.sd[k] for k in ks])
-    fig, ax = plt.subplots(figsize=(5.2, 3.4), layout="constrained")
     ax.axvspan(curve.lo - 0.5, curve.hi + 0.5, color="0.93", zorder=0, label=f"range {curve.lo}-{curve.hi}")
     ax.fill_between(ks, m - s, m + s, color="tab:blue", alpha=0.2, lw=0)
     ax.plot(ks, m, "o-", color="tab:blue", ms=4, lw=1.2, label="stability (mean +- sd over run pairs)")
@@ -163,4 +171,12 @@ def plot_stability(curve: StabilityCurve, path: str | Path, annotated_k: int | N
     ax.legend(fontsize=7, loc="best")
     if title:
         ax.set_title(title, fontsize=10)
+
+
+def plot_stability(curve: StabilityCurve, path: str | Path, annotated_k: int | None = None, title: str = "") -> Path:
+    """``stability.png``: :func:`draw_stability` on a figure of its own."""
+    from semst.cluster.plots import new_figure, save
+
+    fig = new_figure(STABILITY_FIGSIZE, layout="constrained")
+    draw_stability(fig.subplots(), curve, annotated_k, title)
     return save(fig, path)

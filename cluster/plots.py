@@ -7,6 +7,11 @@ tissue as in scanpy's ``pl.spatial`` whatever the figure size or the number of s
 which does not. Axes are cut to the tissue. Where an annotation exists, it is drawn beside the
 domains and each domain takes the colour of the annotated domain it is matched to one-to-one
 (Hungarian matching on overlap), so equal colours mean "the same region". One legend per panel.
+
+Each figure has a ``draw_*`` function that draws into a given matplotlib Axes (what ``semst.pl``
+calls, in the user's figure and backend) and a ``plot_*`` function that writes the run folder's PNG
+with it. The files are drawn on :class:`matplotlib.figure.Figure` objects, outside pyplot: writing
+them never chooses or switches a backend and leaves no figure open in a notebook.
 """
 from __future__ import annotations
 
@@ -20,20 +25,22 @@ from semst.shared.io import atomic_write
 GREY = (0.85, 0.85, 0.85, 1.0)
 
 
-def pyplot():
+def new_figure(figsize: tuple[float, float], layout: str | None = None):
+    """A figure outside pyplot (no backend chosen or switched, nothing registered to close)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout=layout)
+
+
+def colormap(name: str):
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+
+    return matplotlib.colormaps[name]
 
 
 def save(fig, path: str | Path, dpi: int = 120) -> Path:
     """Write the figure as PNG under a temporary name and rename it (never half a file)."""
-    plt = pyplot()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
-    finally:
-        plt.close(fig)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
 
 
 def spot_diameter(coords) -> float:
@@ -64,9 +71,8 @@ def _names(values) -> list[str]:
 
 def annotation_palette(annotation) -> dict[str, tuple]:
     """A fixed colour per annotated domain (sorted names): tab10 (distinct hues) up to 10, else tab20."""
-    plt = pyplot()
     names = _names(pd.Series(annotation, dtype="object"))
-    cmap, size = (plt.get_cmap("tab10"), 10) if len(names) <= 10 else (plt.get_cmap("tab20"), 20)
+    cmap, size = (colormap("tab10"), 10) if len(names) <= 10 else (colormap("tab20"), 20)
     return {name: cmap(i % size) for i, name in enumerate(names)}
 
 
@@ -94,17 +100,16 @@ def match_to_annotation(labels, annotation) -> dict:
 
 def domain_colours(labels, annotation=None) -> dict:
     """Colour of each domain label: its matched annotated domain's colour, else a distinct extra one."""
-    plt = pyplot()
     uniq = sorted(np.unique(np.asarray(labels)).tolist(), key=lambda v: (str(type(v)), v))
     palette = annotation_palette(annotation) if annotation is not None else {}
     mapping = match_to_annotation(labels, annotation) if palette else {}
     colours = {lab: palette[name] for lab, name in mapping.items()}
     unmatched = [lab for lab in uniq if lab not in colours]
     used = len(palette)
-    cmap = plt.get_cmap("tab20") if used + len(unmatched) > 10 else plt.get_cmap("tab10")
+    cmap = colormap("tab20") if used + len(unmatched) > 10 else colormap("tab10")
     size = 20 if cmap.name == "tab20" else 10
     free = [cmap(i) for i in range(size) if cmap(i) not in colours.values()] or [cmap(0)]
-    extra = plt.get_cmap("Dark2")
+    extra = colormap("Dark2")
     for j, lab in enumerate(unmatched):
         colours[lab] = free[j] if j < len(free) else extra(j % 8)
     return colours
@@ -131,48 +136,82 @@ def draw_spots(ax, coords, colours, diameter: float, title: str = "") -> None:
 
 
 def _legend(ax, entries: list[tuple[str, tuple]], title: str) -> None:
-    plt = pyplot()
-    handles = [plt.Line2D([], [], marker="o", ls="", markersize=6, color=c, label=name) for name, c in entries]
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", ls="", markersize=6, color=c, label=name) for name, c in entries]
     if handles:
         ax.legend(handles=handles, title=title, fontsize=7, title_fontsize=8, frameon=False,
                   loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1 if len(handles) <= 14 else 2)
 
 
+def has_annotation(annotation) -> bool:
+    """Whether ``annotation`` (one value per spot, None or NaN where unknown) names any spot's domain."""
+    return annotation is not None and bool(pd.Series(annotation, dtype="object").notna().any())
+
+
+def draw_annotation(ax, coords, annotation, diameter: float | None = None, title: str = "annotation",
+                    legend_title: str = "annotated") -> None:
+    """The annotated domains on the tissue, one colour per name (:func:`annotation_palette`), unknown grey."""
+    coords = np.asarray(coords, dtype=float)
+    ann = pd.Series(annotation, dtype="object")
+    palette = annotation_palette(ann)
+    colours = [palette.get(str(a), GREY) if pd.notna(a) else GREY for a in ann]
+    draw_spots(ax, coords, colours, spot_diameter(coords) if diameter is None else diameter, title)
+    _legend(ax, list(palette.items()), legend_title)
+
+
+def draw_domains(ax, coords, labels, annotation=None, diameter: float | None = None, title: str = "") -> None:
+    """Domains on the tissue, each in the colour of the annotated domain it matches (:func:`domain_colours`)
+    when ``annotation`` names any spot's domain, else in distinct colours."""
+    coords = np.asarray(coords, dtype=float)
+    ann = pd.Series(annotation, dtype="object") if has_annotation(annotation) else None
+    colour = domain_colours(labels, ann)
+    draw_spots(ax, coords, [colour[lab] for lab in np.asarray(labels).tolist()],
+               spot_diameter(coords) if diameter is None else diameter, title)
+    _legend(ax, [(str(lab), c) for lab, c in sorted(colour.items(), key=lambda kv: (str(type(kv[0])), kv[0]))],
+            "domain")
+
+
+def draw_no_result(ax, title: str = "") -> None:
+    """An empty panel saying a method gave no result."""
+    ax.text(0.5, 0.5, "no result", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title, fontsize=10)
+    ax.axis("off")
+
+
+MAP_WIDTH = 4.2  # inches per domain map
+
+
+def map_size(coords, diameter: float) -> tuple[float, float]:
+    """(width, height) in inches of one domain map: the tissue's aspect ratio, at least 2 inches high."""
+    span = np.ptp(np.asarray(coords, dtype=float), axis=0) + 2 * diameter
+    aspect = float(span[1] / span[0]) if span[0] > 0 else 1.0
+    return MAP_WIDTH, max(2.0, MAP_WIDTH * 0.8 * aspect)
+
+
 def plot_domain_maps(path, coords, annotation, panels: list[tuple[str, np.ndarray | None]], title: str = "",
                      max_columns: int = 4) -> Path:
     """The annotation (if any) beside each panel's domains, colours matched to the annotation."""
-    plt = pyplot()
     coords = np.asarray(coords, dtype=float)
     ann = pd.Series(annotation, dtype="object") if annotation is not None else None
-    has_truth = ann is not None and ann.notna().any()
+    has_truth = has_annotation(ann)
     diameter = spot_diameter(coords)
     items: list[tuple[str, np.ndarray | None, bool]] = ([("annotation", None, True)] if has_truth else [])
     items += [(t, lab, False) for t, lab in panels]
     n = len(items)
     cols = min(n, max_columns)
     rows = int(np.ceil(n / cols))
-    span = np.ptp(coords, axis=0) + 2 * diameter
-    aspect = float(span[1] / span[0]) if span[0] > 0 else 1.0
-    width = 4.2
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, max(2.0, width * 0.8 * aspect) * rows),
-                             squeeze=False, layout="constrained")
-    palette = annotation_palette(ann) if has_truth else {}
+    width, height = map_size(coords, diameter)
+    fig = new_figure((width * cols, height * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i, (panel_title, labels, is_truth) in enumerate(items):
         ax = axes[i // cols, i % cols]
         if is_truth:
-            colours = [palette.get(str(a), GREY) if pd.notna(a) else GREY for a in ann]
-            draw_spots(ax, coords, colours, diameter, panel_title)
-            _legend(ax, list(palette.items()), "annotated")
-            continue
-        if labels is None:
-            ax.text(0.5, 0.5, "no result", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(panel_title, fontsize=10)
-            ax.axis("off")
-            continue
-        colour = domain_colours(labels, ann if has_truth else None)
-        draw_spots(ax, coords, [colour[lab] for lab in np.asarray(labels).tolist()], diameter, panel_title)
-        _legend(ax, [(str(lab), c) for lab, c in sorted(colour.items(), key=lambda kv: (str(type(kv[0])), kv[0]))],
-                "domain")
+            draw_annotation(ax, coords, ann, diameter, panel_title)
+        elif labels is None:
+            draw_no_result(ax, panel_title)
+        else:
+            draw_domains(ax, coords, labels, ann if has_truth else None, diameter, panel_title)
     for j in range(n, rows * cols):
         axes[j // cols, j % cols].axis("off")
     if title:
@@ -180,21 +219,34 @@ def plot_domain_maps(path, coords, annotation, panels: list[tuple[str, np.ndarra
     return save(fig, path)
 
 
+def loss_terms(histories: dict) -> list[str]:
+    """Every loss term recorded for any seed, the total first, then by name."""
+    return sorted({k for h in histories.values() for k in h}, key=lambda k: (k != "total", k))
+
+
+def draw_loss(ax, histories: dict, term: str, legend: bool = False) -> None:
+    """One loss term against the epoch, one line per seed (``histories``: seed -> term -> per-epoch values)."""
+    for seed, h in histories.items():
+        if term in h:
+            ax.plot(np.arange(1, len(h[term]) + 1), h[term], lw=1, label=f"seed {seed}")
+    ax.set_title(term, fontsize=9)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=6)
+
+
+LOSS_PANEL_SIZE = (3.2, 3.0)  # inches per loss term
+
+
 def plot_losses(histories: dict, path, title: str = "") -> Path:
     """One panel per loss term (total first), one line per seed."""
-    plt = pyplot()
-    keys = sorted({k for h in histories.values() for k in h}, key=lambda k: (k != "total", k))
-    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.2 * max(len(keys), 1), 3), squeeze=False,
-                             layout="constrained")
-    for ax, key in zip(axes[0], keys):
-        for seed, h in histories.items():
-            if key in h:
-                ax.plot(np.arange(1, len(h[key]) + 1), h[key], lw=1, label=f"seed {seed}")
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.grid(alpha=0.3)
-    if keys:
-        axes[0, 0].legend(fontsize=6)
+    keys = loss_terms(histories)
+    n = max(len(keys), 1)
+    fig = new_figure((LOSS_PANEL_SIZE[0] * n, LOSS_PANEL_SIZE[1]), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)
+    for i, (ax, key) in enumerate(zip(axes[0], keys)):
+        draw_loss(ax, histories, key, legend=i == 0)
     if title:
         fig.suptitle(title, fontsize=10)
     return save(fig, path, dpi=110)

@@ -1,4 +1,5 @@
-"""The Python API in AnnData terms: ``semst.encode`` (stage 1) and ``semst.domains`` (stage 2).
+"""The Python API in AnnData terms: ``semst.encode`` (stage 1) and ``semst.domains`` (stage 2),
+also ``semst.tl.encode`` / ``semst.tl.domains`` (:mod:`semst.experiments.tl`).
 
 Both take any AnnData with raw counts in ``X``, gene symbols as ``var_names`` and coordinates in
 ``obsm["spatial"]`` (a registered dataset or not), check it exactly as the CLI checks a dataset
@@ -45,9 +46,37 @@ def encode(adata, *, dataset: str | None = None, key_added: str = LLM_KEY, progr
            **embed_options: Any) -> np.ndarray:
     """Stage 1 on ``adata``: every spot's top-k gene prompt through the LLM, via the shared cache.
 
-    Prompts already in the cache are not computed again. ``embed_options`` are ``EmbedConfig`` fields
-    (``k_genes``, ``model``, ``pooling``, ``backend``, ``template``, ``cache``, ...). Returns the
-    (spots x hidden size) matrix and writes it to ``adata.obsm[key_added]``.
+    Prompts already in the cache are not computed again; new ones are added to it.
+
+    Parameters
+    ----------
+    adata
+        Raw counts in ``X``, gene symbols as ``var_names``, coordinates in ``obsm["spatial"]``;
+        checked as ``semst embed`` checks a dataset (a :class:`~semst.shared.datasets.DatasetError`
+        says what is wrong).
+    dataset
+        The slide's name in the cache's spot tables and the config to read
+        (``shared/configs/<dataset>.toml``, else ``default.toml``). Default: ``adata.uns["dataset"]``,
+        else a name derived from the spot and gene names.
+    key_added
+        The ``adata.obsm`` key to write the embedding to.
+    progress
+        Show a progress bar.
+    log
+        Where progress lines go (a function taking one string).
+    **embed_options
+        ``EmbedConfig`` fields (``k_genes``, ``model``, ``pooling``, ``backend``, ``template``,
+        ``cache``, ...); every one not given comes from the config.
+
+    Returns
+    -------
+    numpy.ndarray
+        The (spots x hidden size) embedding, one row per spot of ``adata`` in its order.
+
+        Sets, only once the whole call has succeeded:
+
+        ``adata.obsm[key_added]``  (default ``"X_semst_llm"``)
+            that embedding.
     """
     from semst.embed.run import embed_dataset
     from semst.shared.cache import EmbeddingCache, EmbeddingSpace
@@ -70,16 +99,60 @@ def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: st
             key_added: str = DOMAIN_KEY, progress: bool = True, log=print, **cluster_options: Any) -> dict:
     """Stage 2 on ``adata``: train SemST for each seed, cluster, and return the run's summary.
 
-    The semantic vectors are ``adata.obsm[use_rep]`` (run :func:`encode` first), unless ``fusion``
-    is "none" (SemST without the LLM). ``n_domains`` defaults to the number of annotated domains in
-    ``obs["ground_truth"]``; ``"auto"`` / ``"auto:LO-HI"`` chooses it from the learned embeddings by
-    stability. ``cluster_options`` are ``ClusterConfig`` fields (``epochs``, ``spatial_k``,
-    ``radius_spacings``, ``refine``, ...). Writes ``adata.obs[key_added]`` (the consensus of the seeds'
-    domains with several seeds, else the seed's), ``adata.obsm["X_semst"]`` (first seed) and
-    ``adata.uns["semst"]``; with ``out_dir``, also the run folder that ``semst cluster`` writes,
-    ``<out_dir>/<dataset>/<run_name>`` (checked before any work, as the CLI checks it: ``run_name``
-    is one folder name, and an existing folder of that name is replaced only if semst wrote it). Returns
-    ``{"dataset", "n_domains", "per_seed", "summary", "consensus", "auto_k", "run_dir"}``.
+    Parameters
+    ----------
+    adata
+        Raw counts in ``X``, gene symbols as ``var_names``, coordinates in ``obsm["spatial"]``
+        (checked as ``semst cluster`` checks a dataset); an annotation in ``obs["ground_truth"]``
+        is only used for metrics and for the default ``n_domains``.
+    n_domains
+        The number of domains: an integer >= 2, ``"auto"`` / ``"auto:LO-HI"`` (chosen from the learned
+        embeddings by stability, :func:`semst.tl.auto_k`'s rule), or None for the number of
+        annotated domains in ``obs["ground_truth"]``.
+    seeds
+        One training run per seed; with several, ``obs[key_added]`` is their consensus.
+    fusion
+        How the LLM embedding enters SemST (``"film"``, ``"concat"``, ``"add"``,
+        ``"cross-attention"``), or ``"none"`` (SemST without the LLM: no :func:`encode` needed).
+    use_rep
+        The ``adata.obsm`` key of the LLM embedding (run :func:`encode` first).
+    dataset
+        The slide's name (config, run folder); default as in :func:`encode`.
+    out_dir
+        Also write the run folder that ``semst cluster`` writes, ``<out_dir>/<dataset>/<run_name>``
+        (checked before any work, as the CLI checks it: an existing folder of that name is replaced
+        only if semst wrote it).
+    run_name
+        The run folder's name (one folder name; only with ``out_dir``).
+    key_added
+        The ``adata.obs`` key to write the domains to.
+    progress
+        Show progress bars.
+    log
+        Where progress lines go (a function taking one string).
+    **cluster_options
+        ``ClusterConfig`` fields (``epochs``, ``spatial_k``, ``radius_spacings``, ``refine``,
+        ``auto_runs``, ...); every one not given comes from the config.
+
+    Returns
+    -------
+    dict
+        ``{"dataset", "n_domains", "per_seed", "summary", "consensus", "auto_k", "run_dir"}``: the
+        number of domains used, per-seed rows (seconds, metrics where annotated), mean +- sd of the
+        metrics, the consensus's metrics, the stability curve's summary (``"auto..."`` only), and the
+        run folder (``out_dir`` only).
+
+        Sets, only once the whole call has succeeded:
+
+        ``adata.obs[key_added]``  (default ``"semst_domain"``)
+            the domains (categorical; the consensus of the seeds with several seeds, else the seed's).
+        ``adata.obsm["X_semst"]``
+            SemST's learned representation of the first seed (what k-means clustered).
+        ``adata.uns["semst"]``
+            a dict of JSON texts (nested lists do not round-trip through ``.h5ad``): ``"config"`` (the
+            resolved config, TOML), ``"summary"``, ``"per_seed"``, ``"losses"`` (seed -> loss term ->
+            per-epoch values, what :func:`semst.pl.losses` draws) and, with ``"auto..."``,
+            ``"stability"`` (the curve's summary, what :func:`semst.pl.stability` draws).
     """
     from semst.cluster.run import cluster_dataset
     from semst.shared.config import ConfigError, config_to_toml, load_cluster_config
@@ -102,11 +175,15 @@ def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: st
     report = cluster_dataset(cfg, out_dir=out_dir or "results", run_name=run_name, adata=checked,
                              progress=progress, log=log, write=out_dir is not None, semantic=semantic)
     first = cfg.seeds[0]
+    # JSON text, as in the run folder's semst.h5ad: nested dicts of lists do not round-trip through .h5ad
+    uns = {"config": config_to_toml(cfg), "summary": json.dumps(report.summary),
+           "per_seed": json.dumps(report.per_seed),
+           "losses": json.dumps(report.histories, default=float)}  # what semst.pl.losses draws
+    if report.auto is not None:
+        uns["stability"] = json.dumps(report.auto.summary())  # what semst.pl.stability draws
     adata.obs[key_added] = pd.Categorical(report.main_labels.astype(str))
     adata.obsm[LATENT_KEY] = report.latents[first]
-    # JSON text, as in the run folder's semst.h5ad: nested dicts of lists do not round-trip through .h5ad
-    adata.uns["semst"] = {"config": config_to_toml(cfg), "summary": json.dumps(report.summary),
-                          "per_seed": json.dumps(report.per_seed)}
+    adata.uns["semst"] = uns
     return {"dataset": name, "n_domains": report.n_domains, "per_seed": report.per_seed,
             "summary": report.summary, "consensus": report.consensus_metrics,
             "auto_k": report.auto.summary() if report.auto is not None else None, "run_dir": str(report.run_dir) if out_dir is not None else None}

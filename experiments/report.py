@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from semst.cluster.plots import annotation_palette, pyplot, save
+from semst.cluster.plots import annotation_palette, new_figure, save
 from semst.shared.io import atomic_write_text
 
 # (key in a cell's summary, column title)
@@ -314,12 +314,14 @@ def umap_coordinates(vectors, seed: int = 0, n_neighbors: int = 15) -> np.ndarra
 
 def plot_umaps(path, annotation, panels: list[tuple[str, np.ndarray]], title: str = "") -> Path:
     """Side-by-side 2-d embeddings (e.g. UMAPs of two embedding sources) coloured by annotation."""
-    plt = pyplot()
+    from matplotlib.lines import Line2D
+
     ann = pd.Series(annotation, dtype="object")
     palette = annotation_palette(ann)
     grey = (0.85, 0.85, 0.85, 1.0)
     colours = [palette.get(str(a), grey) if pd.notna(a) else grey for a in ann]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    fig = new_figure((4.2 * len(panels), 4.0))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (panel_title, xy) in zip(axes[0], panels):
         xy = np.asarray(xy)
         ax.scatter(xy[:, 0], xy[:, 1], s=max(1.0, 2000.0 / max(len(xy), 1)), c=colours, linewidths=0)
@@ -328,7 +330,7 @@ def plot_umaps(path, annotation, panels: list[tuple[str, np.ndarray]], title: st
         ax.set_yticks([])
         ax.set_xlabel("UMAP 1", fontsize=8)
         ax.set_ylabel("UMAP 2", fontsize=8)
-    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=name) for name, c in palette.items()]
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=name) for name, c in palette.items()]
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
     if title:
@@ -343,8 +345,8 @@ def plot_sweep(path, series: dict[str, list[tuple[float, dict]]], metrics=("ARI"
 
     ``series``: dataset -> [(x, summary)] where summary is a cell's metric -> {"mean", "sd"}.
     """
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    fig = new_figure((4.2 * len(metrics), 3.4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for dataset, points in sorted(series.items()):
             pts = sorted((x, s[metric]) for x, s in points if metric in s)
