@@ -187,7 +187,7 @@ def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, 
         embed_overrides={"cache": str(cache) if cache else None, "model": model, "k_genes": k_genes,
                          "pooling": pooling, "template": template, "gene_ranking": gene_ranking})
     click.echo("# semst cluster config\n" + config_to_toml(cfg))
-    cluster_dataset(cfg, out_dir=out_dir, run_name=run_name)
+    cluster_dataset(cfg, out_dir=out_dir, run_name=run_name, config_path=config_path)
 
 
 @main.command("experiment")
