@@ -130,23 +130,26 @@ class SemanticVectors:
     """The semantic vectors a method reads, per seed: read (or taken as ``given``) once for the first
     seed; the random control (``embedding = "random"``) is drawn again for every other seed."""
 
-    def __init__(self, cfg: ClusterConfig, spot_ids: list[str], given: np.ndarray | None = None):
-        from semst.cluster.run import semantic_embeddings
+    def __init__(self, cfg: ClusterConfig, spot_ids: list[str], given: np.ndarray | None = None, adata=None,
+                 config_path=None):
+        from semst.cluster.run import check_embed_possible, semantic_embeddings
 
-        self.cfg, self.spot_ids = cfg, spot_ids
+        self.cfg, self.spot_ids, self.config_path = cfg, spot_ids, config_path
         if given is not None and cfg.fusion != "none":
             given = np.asarray(given, dtype=np.float32)
             if given.ndim != 2 or given.shape[0] != len(spot_ids):
                 raise ClusterError(f"semantic vectors of shape {given.shape} for {len(spot_ids)} spots")
             self.first, self.source = given, {"embedding": "given", "dim": int(given.shape[1])}
         else:
-            self.first, self.source = semantic_embeddings(cfg, spot_ids, cfg.seeds[0])
+            if adata is not None:  # a setting no `semst embed` could satisfy is refused, not hinted at
+                check_embed_possible(cfg, adata)
+            self.first, self.source = semantic_embeddings(cfg, spot_ids, cfg.seeds[0], config_path)
 
     def for_seed(self, seed: int) -> np.ndarray | None:
         from semst.cluster.run import semantic_embeddings
 
         if self.cfg.embedding == "random" and self.first is not None and seed != self.cfg.seeds[0]:
-            return semantic_embeddings(self.cfg, self.spot_ids, seed)[0]
+            return semantic_embeddings(self.cfg, self.spot_ids, seed, self.config_path)[0]
         return self.first
 
 
@@ -163,7 +166,7 @@ class SemST(Method):
     reads_semantic = True
 
     def __init__(self, slide: Slide, settings: Any = None, *, progress: bool = False, log=print,
-                 semantic: np.ndarray | None = None):
+                 semantic: np.ndarray | None = None, config_path=None):
         from semst.cluster.graphs import expression_graph, isolated_spots
         from semst.cluster.train import resolve_minibatch
         from semst.shared.preprocess import check_gene_supply
@@ -177,7 +180,7 @@ class SemST(Method):
         except ValueError as exc:
             raise ClusterError(str(exc)) from None
         # Embeddings first: their absence is the most common mistake and the cheapest to report.
-        self.semantic = SemanticVectors(cfg, slide.spot_ids, semantic)
+        self.semantic = SemanticVectors(cfg, slide.spot_ids, semantic, slide.adata, config_path)
         prep, sgraph = slide.prep, slide.spatial_graph
         started = time.perf_counter()
         self.expression_graph = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs, cfg.expr_knn, progress=progress)

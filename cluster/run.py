@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,41 +18,106 @@ import pandas as pd
 
 from semst.cluster.outputs import check_free_space, prepare_run_folder, write_outputs
 from semst.cluster.runner import ClusterError, ClusterReport, load_slide, run_seeds
-from semst.shared.config import ClusterConfig
+from semst.shared.config import ClusterConfig, ConfigError
 from semst.shared.hashing import json_hash
 
 
-def embed_command(cfg: ClusterConfig) -> str:
-    """The exact stage-1 call that writes the embeddings this config asks for."""
-    from semst.shared.recipes import recipe_values
+# The `semst embed` options that change which embeddings are written, in the order they are worked
+# out: the recipe first, since it supplies the defaults of the others.
+EMBED_OPTIONS = (("recipe", "--recipe"), ("model", "--model"), ("k_genes", "--k-genes"),
+                 ("gene_ranking", "--gene-ranking"), ("pooling", "--pooling"), ("template", "--template"))
 
+
+def embed_command(cfg: ClusterConfig, config_path: str | Path | None = None) -> str:
+    """The stage-1 call that writes the embeddings ``cfg`` asks for, in backticks, as a command that runs.
+
+    It repeats the cache, the --config file the run was given if its [embed] or [preprocess] settings
+    matter, and every option whose value a plain `semst embed DATASET` would not resolve to by itself
+    -- found by resolving the suggested options exactly as `semst embed` does.
+    `make embed DATASET=.. [MODEL=..] [CACHE=..]` when those say it all.
+    """
+    from semst.shared.paths import default_cache
+
+    given, exact = _embed_options(cfg, None)
+    if not exact and config_path is not None:
+        given, exact = _embed_options(cfg, config_path)
+    else:
+        config_path = None  # the file sets nothing stage 1 reads
+    plain = all(shlex.quote(str(v)) == str(v) for v in (cfg.dataset, *given.values()))
+    if exact and plain and config_path is None and set(given) <= {"cache", "model"}:
+        words = [f"DATASET={cfg.dataset}"] + ([f"MODEL={given['model']}"] if "model" in given else [])
+        if str(cfg.cache) != str(default_cache()):
+            words.append(f"CACHE={cfg.cache}")
+        return f"`make embed {' '.join(words)}`"
+    words = ["semst", "embed", cfg.dataset, "--cache", str(cfg.cache)]
+    if config_path is not None:
+        words += ["--config", str(config_path)]
+    words += [word for name, flag in EMBED_OPTIONS if name in given for word in (flag, str(given[name]))]
+    command = f"`{' '.join(shlex.quote(w) for w in words)}`"
+    if exact:
+        return command
+    # A config built in code, or a file's settings no option sets (genes_from, preprocess, dtype).
+    return command + " with this run's [embed] and [preprocess] settings in a --config file"
+
+
+def _embed_options(cfg: ClusterConfig, config_path) -> tuple[dict, bool]:
+    """The options (name -> value) that make `semst embed` resolve ``cfg.embed``'s embeddings, and
+    whether they do so exactly."""
+    from semst.shared.cache import embedding_tag
+    from semst.shared.config import load_embed_config
+
+    wanted = cfg.embed
+    given: dict = {"cache": str(cfg.cache)}
+    for name, _ in EMBED_OPTIONS:
+        if getattr(load_embed_config(cfg.dataset, given, config_path), name) != getattr(wanted, name):
+            given[name] = getattr(wanted, name)
+    got = load_embed_config(cfg.dataset, given, config_path)
+    exact = (embedding_tag(got), got.model, got.pooling, got.dtype) == (
+        embedding_tag(wanted), wanted.model, wanted.pooling, wanted.dtype)
+    return given, exact
+
+
+def check_embed_possible(cfg: ClusterConfig, adata) -> None:
+    """Refuse, before any work, embed settings that no `semst embed` run can satisfy on this slide
+    (a hint to run one would suggest a command that fails in its turn)."""
+    from semst.shared.preprocess import check_gene_supply
+
+    if cfg.fusion == "none" or cfg.embedding not in ("llm", "random"):
+        return
     e = cfg.embed
-    make = f"make embed DATASET={cfg.dataset}" + (f" MODEL={e.model}" if e.model != "default" else "")
-    recipe = {"k_genes": 20, "gene_ranking": "counts", **recipe_values(e.recipe, cfg.dataset, "embed")}
-    options = [f"--{flag} {value}" for flag, value, default in (
-        ("recipe", e.recipe, "semst"),
-        ("k-genes", e.k_genes, recipe["k_genes"]), ("gene-ranking", e.gene_ranking, recipe["gene_ranking"]),
-        ("pooling", e.pooling, "mean"), ("template", e.template, "semst"))
-        if value != default]
-    if not options:
-        return f"`{make}`" + (f" (with --cache {cfg.cache})" if cfg.cache != e.cache else "")
-    cli = f"semst embed {cfg.dataset} --cache {cfg.cache}" + (f" --model {e.model}" if e.model != "default" else "")
-    return f"`{cli} {' '.join(options)}`"
+    if e.genes_from == "hvg":  # the prompts list HVGs: min(n_top_genes, genes passing min_cells)
+        n_genes = min(e.preprocess.n_top_genes, check_gene_supply(adata, e.preprocess))
+        what = "genes preprocessing keeps (HVGs)"
+    else:
+        n_genes, what = adata.n_vars, "genes"
+    if e.k_genes > n_genes:
+        raise ClusterError(f"k_genes={e.k_genes} is larger than the {n_genes} {what} of {cfg.dataset}, so no "
+                           f"`semst embed` run can write these embeddings; use --k-genes {n_genes} or fewer")
 
 
-def semantic_embeddings(cfg: ClusterConfig, spot_ids, seed: int) -> tuple[np.ndarray | None, dict]:
+def semantic_embeddings(cfg: ClusterConfig, spot_ids, seed: int,
+                        config_path: str | Path | None = None) -> tuple[np.ndarray | None, dict]:
     """The per-spot semantic vectors the FSM reads, and where they came from.
 
     ``embedding``: "llm" = the cached LLM embeddings for this config's embed settings; "random" =
     N(0, random_embedding_std) of the same width (the paper's control, drawn per seed); anything else
-    is a spot-table tag in the cache (another model, prompt template or encoder).
+    is a spot-table tag in the cache (another model, prompt template or encoder). ``config_path``:
+    the --config file the run was given, repeated in the `semst embed` hint when they are missing.
     """
     if cfg.fusion == "none":
         return None, {"embedding": "none (w/o LLM)"}
     from semst.shared.cache import embedding_tag
 
     tag = embedding_tag(cfg.embed) if cfg.embedding in ("llm", "random") else cfg.embedding
-    fix = f"Run {embed_command(cfg)}"
+
+    def fix() -> str:  # worked out only when needed
+        if cfg.embedding not in ("llm", "random"):  # a tag of the user's: no embed setting of ours writes it
+            return f"Look up the cache's tags with `semst cache info --cache {shlex.quote(str(cfg.cache))}`"
+        try:
+            return f"Run {embed_command(cfg, config_path)}"
+        except ConfigError as exc:  # the config file changed since: still say what is missing
+            return f"Run `semst embed {cfg.dataset}` with this run's embed settings ({exc})"
+
     if cfg.embedding == "random":
         _, _, meta = _spot_table(cfg.cache, cfg.dataset, tag, fix)
         dim = _space_from_meta(meta).dim
@@ -63,7 +130,11 @@ def semantic_embeddings(cfg: ClusterConfig, spot_ids, seed: int) -> tuple[np.nda
                      "pooling": space.pooling, "dim": space.dim}
 
 
-def _spot_table(cache_path, dataset: str, tag: str, fix: str):
+def _fix_text(fix: str | Callable[[], str]) -> str:
+    return fix() if callable(fix) else fix
+
+
+def _spot_table(cache_path, dataset: str, tag: str, fix: str | Callable[[], str]):
     from semst.shared.cache import CacheError, EmbeddingCache
 
     try:
@@ -71,11 +142,12 @@ def _spot_table(cache_path, dataset: str, tag: str, fix: str):
         table, meta = cache.read_spot_table(dataset, tag)
     except CacheError as exc:
         raise ClusterError(f"no cached embeddings for {dataset} with tag {tag} in {cache_path}: {exc}. "
-                           f"{fix} first.") from None
+                           f"{_fix_text(fix)} first.") from None
     return cache, table, meta
 
 
-def cached_vectors(cache_path, dataset: str, tag: str, spot_ids, fix: str = "Run semst embed") -> tuple[np.ndarray, dict]:
+def cached_vectors(cache_path, dataset: str, tag: str, spot_ids,
+                   fix: str | Callable[[], str] = "Run semst embed") -> tuple[np.ndarray, dict]:
     """The cached vectors of ``dataset``'s spot table ``tag``, one row per spot of ``spot_ids`` in
     that order, and the table's metadata; a ClusterError ending in ``fix`` if any is missing."""
     from semst.shared.cache import CacheError
@@ -87,12 +159,12 @@ def cached_vectors(cache_path, dataset: str, tag: str, spot_ids, fix: str = "Run
     if len(missing):
         raise ClusterError(f"the spot table {tag} covers {len(by_spot)} spots but {len(missing)} of "
                            f"{dataset}'s {len(spot_ids)} spots are not in it (e.g. {list(missing[:3])}); "
-                           f"it was written for a subset. {fix} again.")
+                           f"it was written for a subset. {_fix_text(fix)} again.")
     hashes = by_spot.loc[list(spot_ids)].tolist()
     try:
         return cache.get(space, hashes), meta
     except CacheError as exc:
-        raise ClusterError(f"{exc}. {fix} to compute them.") from None
+        raise ClusterError(f"{exc}. {_fix_text(fix)} to compute them.") from None
 
 
 def _space_from_meta(meta: dict):
@@ -112,7 +184,7 @@ def default_run_name(cfg: ClusterConfig) -> str:
 
 def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_name: str | None = None,
                     adata=None, progress: bool = True, log=print, write: bool = True,
-                    semantic: np.ndarray | None = None) -> ClusterReport:
+                    semantic: np.ndarray | None = None, config_path: str | Path | None = None) -> ClusterReport:
     """Train SemST (:class:`semst.cluster.methods.SemST`) for every seed of ``cfg``, cluster, evaluate
     where annotated, and write outputs.
 
@@ -120,7 +192,8 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     :func:`default_run_name`); before any work, the run name must be one folder name and the folder
     free or an earlier semst run (:func:`semst.cluster.outputs.prepare_run_folder`).
     ``semantic`` (spots x d) gives the semantic vectors directly (e.g. from ``semst.encode``)
-    instead of reading them from the cache; ``cfg.embedding`` then only names them.
+    instead of reading them from the cache; ``cfg.embedding`` then only names them. ``config_path``:
+    the --config file ``cfg`` was loaded with (repeated in the `semst embed` hint if embeddings are missing).
     """
     from semst.cluster.methods import SemST
 
@@ -132,7 +205,7 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     slide = load_slide(cfg, adata)
     if write:  # a disk too full for the outputs stops here, not after training
         check_free_space(run_dir, slide.adata, len(cfg.seeds), cfg.hidden2)
-    method = SemST(slide, progress=progress, log=log, semantic=semantic)
+    method = SemST(slide, progress=progress, log=log, semantic=semantic, config_path=config_path)
     report = run_seeds(slide, method.fit, run_dir, log)
     if write:
         write_outputs(report, cfg, slide.adata, slide.truth, method.source)

@@ -119,17 +119,26 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
         "genes_from": cfg.genes_from, "gene_ranking": cfg.gene_ranking, "pooling": cfg.pooling, "n_spots": len(adata),
         "n_empty_spots": sum(1 for g in gene_lists if not g)})
     seconds = time.perf_counter() - t0
-    n_cached = len(hashes) - n_computed
+    n_cached = len(hashes) - n_computed  # including rows another run committed meanwhile
+    by_others = len(missing) - n_computed
+    meanwhile = f"{by_others} of them committed meanwhile by another run; " if by_others else ""
     log(f"{len(hashes)} prompts: {n_cached} cached, {n_computed} computed "
-        f"(spot table {tag}, {seconds:.1f} s)")
+        f"({meanwhile}spot table {tag}, {seconds:.1f} s)")
     return EmbedReport(cfg.dataset, tag, space.space_id, len(adata), len(hashes), n_cached, n_computed,
                        seconds, table)
 
 
 def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, log) -> int:
+    """Embed and commit ``missing`` batch by batch; how many rows this run committed.
+
+    Ctrl-C / SIGTERM (under the CLI, see semst.shared.interrupt): a first signal stops at the end of
+    the batch in progress, once its rows are committed; a second stops at once, losing only that
+    batch. A commit itself is never cut. Either way the cache stays valid and a rerun computes the rest.
+    """
     from tqdm import tqdm
 
     from semst.embed.backends import load_backend
+    from semst.shared import interrupt
 
     backend = load_backend(cfg.backend, str(model_dir), pooling=cfg.pooling, dtype=cfg.dtype,
                            batch_size=cfg.batch_size)
@@ -141,16 +150,34 @@ def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, lo
     computed = 0
     bar = tqdm(total=len(missing), unit="prompt", desc="embedding", disable=not progress)
     try:
-        for start in range(0, len(missing), cfg.batch_size):
-            batch = missing[start:start + cfg.batch_size]
-            # Another run on the same cache may have committed some of these meanwhile.
-            batch = [h for h, present in zip(batch, cache.contains(space, batch)) if not present]
-            if batch:
-                texts = [unique[h] for h in batch]
-                vectors = np.asarray(backend.embed(texts), dtype=np.float32)
-                cache.add(space, batch, vectors, texts, backend.count_tokens(texts))
-                computed += len(batch)
-            bar.update(cfg.batch_size if start + cfg.batch_size <= len(missing) else len(missing) - start)
+        with interrupt.at_boundaries():
+            for start in range(0, len(missing), cfg.batch_size):
+                batch = missing[start:start + cfg.batch_size]
+                # Another run on the same cache may have committed some of these meanwhile.
+                batch = [h for h, present in zip(batch, cache.contains(space, batch)) if not present]
+                if batch:
+                    texts = [unique[h] for h in batch]
+                    vectors = np.asarray(backend.embed(texts), dtype=np.float32)
+                    with interrupt.critical():
+                        # add() skips rows another run committed while these were computed: count
+                        # only what this run appended.
+                        computed += cache.add(space, batch, vectors, texts, backend.count_tokens(texts))
+                bar.update(len(missing[start:start + cfg.batch_size]))
+                interrupt.check()
+    except interrupt.Interrupted as stop:
+        stop.detail = _stopped_note(cache, space, missing, computed)
+        raise
     finally:
         bar.close()
     return computed
+
+
+def _stopped_note(cache, space, missing, computed: int) -> str:
+    """What an interrupted run kept and what is left, for the one-line message."""
+    try:
+        left = int((~cache.contains(space, missing)).sum())
+    except Exception:  # noqa: BLE001 - the note must not hide the interruption
+        left = None
+    rest = f", {left} of {len(missing)} still to compute" if left is not None else ""
+    return (f"{computed} prompts embedded and committed by this run{rest}; the cache is valid, "
+            f"run the same command again to finish")

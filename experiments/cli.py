@@ -2,7 +2,8 @@
 
 Stage modules are imported inside each command so `semst cache info` never pays for importing
 vLLM or DGL. Every expected failure (bad input, missing files, wrong cache) becomes one clear
-line on stderr and a non-zero exit; anything else is a bug and keeps its traceback.
+line on stderr and a non-zero exit; anything else is a bug and keeps its traceback. Ctrl-C and
+SIGTERM stop any command cleanly (semst.shared.interrupt) with exit 130 and 143.
 """
 from __future__ import annotations
 
@@ -45,8 +46,15 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 class SemstGroup(click.Group):
     def invoke(self, ctx):
+        from semst.shared.interrupt import Interrupted, stop_on_signals
+
         try:
-            return super().invoke(ctx)
+            # SIGINT and SIGTERM become Interrupted: every clean-up runs, then exit 130 / 143.
+            with stop_on_signals():
+                return super().invoke(ctx)
+        except Interrupted as stop:
+            click.echo(stop.message(), err=True)
+            ctx.exit(stop.exit_code)
         except click.exceptions.Exit:
             raise
         except click.ClickException:
@@ -209,7 +217,7 @@ def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, 
         embed_overrides={"cache": str(cache) if cache else None, "model": model, "k_genes": k_genes,
                          "pooling": pooling, "template": template, "gene_ranking": gene_ranking})
     click.echo("# semst cluster config\n" + config_to_toml(cfg))
-    cluster_dataset(cfg, out_dir=out_dir, run_name=run_name)
+    cluster_dataset(cfg, out_dir=out_dir, run_name=run_name, config_path=config_path)
 
 
 @main.command("experiment")

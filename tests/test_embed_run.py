@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -186,3 +187,40 @@ def test_a_run_killed_with_sigkill_resumes_computing_only_what_is_missing(env):
     assert report.n_computed == report.n_prompts - committed
     assert report.n_computed > 0  # the kill came before the end
     assert EmbeddingCache(env["cache"], create=False).verify() == []
+
+
+def test_computed_counts_only_the_rows_this_run_committed(env, monkeypatch):
+    """Another run commits each batch while this one computes it (between the check and the add):
+    nothing is this run's, so nothing is reported as computed."""
+    from semst.embed.backends import TransformersBackend
+    from semst.shared.hashing import prompt_hash
+
+    original = TransformersBackend.embed
+
+    def embed_while_another_run_commits(self, texts):
+        vectors = original(self, texts)
+        EmbeddingCache(env["cache"]).add(self.space(), [prompt_hash(t) for t in texts], vectors, texts,
+                                         self.count_tokens(texts))
+        return vectors
+
+    monkeypatch.setattr(TransformersBackend, "embed", embed_while_another_run_commits)
+    lines = []
+    report = embed_dataset(cfg(env), progress=False, log=lines.append)
+    assert (report.n_prompts, report.n_cached, report.n_computed) == (12, 12, 0)
+    assert "12 prompts: 12 cached, 0 computed (12 of them committed meanwhile by another run" in lines[-1]
+    assert EmbeddingCache(env["cache"], create=False).count(EmbeddingCache(env["cache"]).spaces()[0]) == 12
+
+
+def test_two_concurrent_embeds_on_one_cache_report_the_rows_committed_once(env):
+    """Two processes on one cache: their "computed" add up to the rows committed, never more."""
+    write_slide(env["data"] / "big.h5ad", 400, seed=3)
+    cmd = [sys.executable, "-m", "semst.experiments.cli", "embed", "big", "--cache", str(env["cache"]), "--backend",
+           "transformers", "--model", env["model"], "--k-genes", "8", "--batch-size", "4"]
+    vars_ = {**os.environ, "SEMST_DATA_PATH": str(env["data"])}
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=vars_, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-1500:] + outs[1][1][-1500:]
+    computed = [int(re.search(r"\d+ prompts: \d+ cached, (\d+) computed", out).group(1)) for out, _ in outs]
+    cache = EmbeddingCache(env["cache"], create=False)
+    assert sum(computed) == cache.count(cache.spaces()[0]) and cache.verify() == []
