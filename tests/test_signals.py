@@ -220,6 +220,7 @@ def test_a_signal_while_outputs_are_written_leaves_no_temp_folder_and_the_old_ru
     old = grid["out"] / "grid" / "r"
     old.mkdir(parents=True)
     (old / "metrics.json").write_text("{\"an\": \"earlier run\"}")
+    (old / "config.toml").write_text("")  # with metrics.json: a run folder semst wrote, so it may be replaced
     proc = start(cluster_args(grid, "--epochs", "2"), {**grid["vars"], "SEMST_TEST_SLOW": "outputs:600"},
                  script=SLOW_CLI)
     wait_for_line(proc.stderr, "slow step: outputs", proc)
@@ -228,7 +229,7 @@ def test_a_signal_while_outputs_are_written_leaves_no_temp_folder_and_the_old_ru
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT[name], err[-2000:]
     assert f"interrupted by {name}" in err and "Traceback" not in err
-    assert files_under(grid["out"]) == ["grid", "grid/r", "grid/r/metrics.json"]
+    assert files_under(grid["out"]) == ["grid", "grid/r", "grid/r/config.toml", "grid/r/metrics.json"]
     assert (old / "metrics.json").read_text() == "{\"an\": \"earlier run\"}"
 
 
