@@ -185,7 +185,8 @@ def config_case(text: str, what: str, stage: str = "cluster") -> Case:
     return Case("config", what, run, command=f"semst {stage} mob30 --config bad.toml  # {text.strip()!r}")
 
 
-def corrupt_case(what: str, damage: Callable[[Path], None], verify_expect: str = "detected") -> list[Case]:
+def corrupt_case(what: str, damage: Callable[[Path], None], verify_expect: str = "detected",
+                 cluster_expect: str = "refused") -> list[Case]:
     """The same damage, seen by `cache verify` and by `semst cluster` (which must not use it)."""
     def copy(w: World, tmp: Path) -> Path:
         dest = tmp / "cache.zarr"
@@ -201,7 +202,7 @@ def corrupt_case(what: str, damage: Callable[[Path], None], verify_expect: str =
         return semst(w, "cluster", "mob30", *cluster_opts(w, **{"--cache": copy(w, tmp)}))
 
     return [Case("corruption", f"{what}: verify", verify, verify_expect, copy, "semst cache verify"),
-            Case("corruption", f"{what}: cluster", cluster, "refused", copy, "semst cluster mob30")]
+            Case("corruption", f"{what}: cluster", cluster, cluster_expect, copy, "semst cluster mob30")]
 
 
 def vector_chunks(cache: Path) -> list[Path]:
@@ -244,6 +245,14 @@ def _index_part(cache: Path):
     data = bytearray(part.read_bytes())
     mid = len(data) // 2
     data[mid:mid + 64] = bytes(64)
+    part.write_bytes(bytes(data))
+
+
+def _index_part_head(cache: Path):
+    """Zeros over the first column chunk (the prompt hashes), which every reader reads."""
+    part = sorted(cache.glob("index/*/part-*.parquet"))[0]
+    data = bytearray(part.read_bytes())
+    data[8:72] = bytes(64)
     part.write_bytes(bytes(data))
 
 
@@ -576,7 +585,10 @@ def cases() -> list[Case]:
         *corrupt_case("vectors chunk deleted", _missing_chunk),
         *corrupt_case("NaN row written through zarr", _nan_through_zarr),
         *corrupt_case("a finite row changed through zarr", _value_through_zarr),
-        *corrupt_case("index part damaged", _index_part),
+        *corrupt_case("index part damaged in the prompt hashes", _index_part_head),
+        # The middle of a part is the prompt text, which stage 2 never reads (it reads hashes, rows and
+        # checksums, each page checked): verify reports it, stage 2 runs on undamaged data.
+        *corrupt_case("index part damaged in the prompt text", _index_part, cluster_expect="runs"),
         *corrupt_case("spot table damaged", _spot_table),
         *corrupt_case("cache marker of an unknown version", _marker_version, "refused"),
     ]
