@@ -14,7 +14,7 @@ Imports are lazy, so ``import semst`` costs nothing until a stage runs.
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["encode", "domains", "__version__"]
+__all__ = ["encode", "domains", "gr", "__version__"]
 
 
 def __getattr__(name: str):
@@ -22,4 +22,8 @@ def __getattr__(name: str):
         from semst.experiments import api
 
         return getattr(api, name)
+    if name == "gr":  # semst.gr.spatial_graph: spatial graphs in squidpy's layout
+        from semst.experiments import gr
+
+        return gr
     raise AttributeError(f"module 'semst' has no attribute {name!r}")

@@ -67,15 +67,20 @@ def encode(adata, *, dataset: str | None = None, key_added: str = LLM_KEY, progr
 
 def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: str = "film", use_rep: str = LLM_KEY,
             dataset: str | None = None, out_dir: str | Path | None = None, run_name: str | None = None,
-            key_added: str = DOMAIN_KEY, progress: bool = True, log=print, **cluster_options: Any) -> dict:
+            key_added: str = DOMAIN_KEY, connectivity_key: str | None = None, progress: bool = True, log=print,
+            **cluster_options: Any) -> dict:
     """Stage 2 on ``adata``: train SemST for each seed, cluster, and return the run's summary.
 
     The semantic vectors are ``adata.obsm[use_rep]`` (run :func:`encode` first), unless ``fusion``
     is "none" (SemST without the LLM). ``n_domains`` defaults to the number of annotated domains in
     ``obs["ground_truth"]``; ``"auto"`` / ``"auto:LO-HI"`` chooses it from the learned embeddings by
     stability. ``cluster_options`` are ``ClusterConfig`` fields (``epochs``, ``spatial_k``,
-    ``radius_spacings``, ``refine``, ...). Writes ``adata.obs[key_added]`` (the consensus of the seeds'
-    domains with several seeds, else the seed's), ``adata.obsm["X_semst"]`` (first seed) and
+    ``spatial={"rule": "knn", "k": 8}``, ``refine``, ...). ``connectivity_key`` (e.g.
+    ``"spatial_connectivities"``) trains on the graph in ``adata.obsp[connectivity_key]`` (built by
+    :func:`semst.gr.spatial_graph` or ``squidpy.gr.spatial_neighbors``) instead of building the
+    config's, with the config rule's self-loops added (:func:`semst.experiments.gr.given_graph`).
+    Writes ``adata.obs[key_added]`` (the consensus of the seeds' domains with several seeds, else the
+    seed's), ``adata.obsm["X_semst"]`` (first seed) and
     ``adata.uns["semst"]``; with ``out_dir``, also the run folder that ``semst cluster`` writes,
     ``<out_dir>/<dataset>/<run_name>`` (checked before any work, as the CLI checks it: ``run_name``
     is one folder name, and an existing folder of that name is replaced only if semst wrote it). Returns
@@ -93,6 +98,12 @@ def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: st
     # A slide whose config sets no spatial graph gets default.toml's rule (its 6 nearest spots), as in the CLI.
     overrides = {**cluster_options, "n_domains": n_domains, "seeds": _seed_list(seeds), "fusion": fusion}
     cfg = load_cluster_config(name, overrides)
+    spatial = None
+    if connectivity_key is not None:  # the user's graph, with the self-loops the config's rule would add
+        from semst.cluster.spatial import spatial_rule
+        from semst.experiments.gr import given_graph
+
+        spatial = given_graph(adata, connectivity_key, spatial_rule(cfg).self_loops)
     semantic = None
     if cfg.fusion != "none":
         if use_rep not in adata.obsm:
@@ -100,7 +111,8 @@ def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: st
                               f"semst.encode(adata) first, or pass fusion='none' (SemST without the LLM)")
         semantic = np.asarray(adata.obsm[use_rep], dtype=np.float32)
     report = cluster_dataset(cfg, out_dir=out_dir or "results", run_name=run_name, adata=checked,
-                             progress=progress, log=log, write=out_dir is not None, semantic=semantic)
+                             progress=progress, log=log, write=out_dir is not None, semantic=semantic,
+                             spatial=spatial)
     first = cfg.seeds[0]
     adata.obs[key_added] = pd.Categorical(report.main_labels.astype(str))
     adata.obsm[LATENT_KEY] = report.latents[first]

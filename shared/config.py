@@ -237,7 +237,7 @@ def _section_fields(cls) -> set[str]:
     """The keys a file may set in ``cls``'s section: its fields, less the nested sections (and, in
     [cluster], the old spatial-graph keys)."""
     fields = {f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS}
-    return fields | set(section_hints(cls)) if cls is ClusterConfig else fields
+    return fields | {f.name for f in dataclasses.fields(LegacySpatialKeys)} if cls is ClusterConfig else fields
 
 
 def section_hints(cls) -> dict[str, Any]:
