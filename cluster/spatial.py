@@ -248,7 +248,7 @@ class GivenGraph(SpatialRule):
             raise ConfigError(f"{self.source} must be a square (n_spots x n_spots) matrix, got "
                               f"{type(self.matrix).__name__} of shape {getattr(self.matrix, 'shape', None)}")
         values = self.matrix.data if sp.issparse(self.matrix) else self.matrix
-        if not np.issubdtype(values.dtype, np.number) or not np.isfinite(values).all():
+        if not (np.issubdtype(values.dtype, np.number) or values.dtype == bool) or not np.isfinite(values).all():
             raise ConfigError(f"{self.source} must hold finite numbers (its non-zero entries are the edges)")
 
     def check_spots(self, n_spots: int) -> None:

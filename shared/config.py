@@ -329,8 +329,6 @@ def _check_file_layout(data: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}unknown key(s) in [{name}]: {', '.join(unknown)}; "
                               f"known: {', '.join(sorted(allowed))}")
         check_types(SECTIONS[name], table, name, where)
-    if "cluster" in data:
-        data["cluster"] = spatial_from_legacy(data["cluster"], where)
 
 
 def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -348,6 +346,8 @@ def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
     except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     _check_file_layout(data, f"config file {path}: ")
+    if "cluster" in data:  # the old spatial-graph keys, read as the [cluster.spatial] table
+        data["cluster"] = spatial_from_legacy(data["cluster"], f"config file {path}: ")
     return data
 
 
@@ -365,7 +365,8 @@ def check_spatial_table(table: Any, where: str = "") -> dict[str, Any]:
             raise ConfigError(f"{where}[cluster.spatial] {key} must be a number, a string or true/false, got "
                               f"{_shown(value)} ({type(value).__name__})")
     if "rule" in table and not (isinstance(table["rule"], str) and table["rule"]):
-        raise ConfigError(f"{where}[cluster.spatial] rule must be a rule's name (e.g. \"knn\"), got {_shown(table['rule'])}")
+        raise ConfigError(f"{where}[cluster.spatial] rule must be a rule's name (e.g. \"knn\"), got "
+                          f"{_shown(table['rule'])}")
     return table
 
 

@@ -194,7 +194,8 @@ def test_a_bad_spatial_table_in_a_grid_is_refused_while_parsing():
 
 
 @pytest.mark.parametrize("table, message", [
-    ({"rule": "knm", "k": 6}, "rule = 'knm' is not a spatial-graph rule; known: knn, radius, radius_spacings, adaptive"),
+    ({"rule": "knm", "k": 6}, "rule = 'knm' is not a spatial-graph rule; known: knn, radius, radius_spacings, "
+                              "adaptive"),
     ({"rule": "knn"}, "rule 'knn' needs k"),
     ({"rule": "knn", "k": 6, "radius": 2.0}, "rule 'knn' takes self_loops, allow_dense, k; not radius"),
     ({"rule": "knn", "k": 2.5}, "[cluster.spatial] k must be an integer, got 2.5 (float)"),
