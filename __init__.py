@@ -18,8 +18,9 @@ lazy, so ``import semst`` costs nothing until a stage runs (and loads neither to
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["tl", "pl", "encode", "domains", "__version__"]
-_NAMESPACES = {"tl": "semst.experiments.tl", "pl": "semst.experiments.pl"}  # imported on first use
+__all__ = ["gr", "tl", "pl", "encode", "domains", "__version__"]
+# imported on first use; gr: spatial graphs in squidpy's layout
+_NAMESPACES = {"gr": "semst.experiments.gr", "tl": "semst.experiments.tl", "pl": "semst.experiments.pl"}
 
 
 def __getattr__(name: str):

@@ -1,10 +1,11 @@
 """The two graphs SemST convolves over, built sparse (memory linear in the number of spots).
 
-- :func:`spatial_graph`: spots within ``radius`` of each other, or each spot's ``k`` nearest spots.
-  A radius can be given in the slide's own terms, as a multiple of its median nearest-neighbour
-  distance (:func:`median_spacing`), so one rule fits a slide in pixels, micrometres or array units;
-  a graph denser than ``max_mean_degree`` neighbours per spot is refused (a radius meant for other
-  units makes every spot neighbour every other).
+- :func:`spatial_connectivities`: spots within ``radius`` of each other, or each spot's ``k`` nearest
+  spots, as squidpy lays a spatial graph out (symmetric CSR, one entry per neighbour, no diagonal);
+  :func:`spatial_graph` is the same as a DGL graph. A graph denser than ``max_mean_degree``
+  neighbours per spot is refused (a radius meant for other units makes every spot neighbour every
+  other). Which radius or k a slide gets is its rule's (:mod:`semst.cluster.spatial`), e.g. a
+  multiple of the slide's median nearest-neighbour distance (:func:`median_spacing`).
 - :func:`expression_graph`: each spot's ``k`` nearest spots by cosine similarity of expression.
 
 Both are symmetric (an edge either way makes both), carry a self-loop on every spot, and have no
@@ -34,6 +35,41 @@ def _symmetric_graph(rows: np.ndarray, cols: np.ndarray, n: int):
     return g
 
 
+def symmetric_connectivities(rows: np.ndarray, cols: np.ndarray, n: int) -> sp.csr_matrix:
+    """The symmetric closure of the pairs (rows, cols) less self-pairs: squidpy's layout of a spatial
+    graph (CSR, float32 1 per neighbour, empty diagonal)."""
+    keep = rows != cols
+    adj = sp.coo_matrix((np.ones(int(keep.sum()), dtype=np.float32), (rows[keep], cols[keep])), shape=(n, n)).tocsr()
+    adj = (adj + adj.T).tocsr()
+    adj.data[:] = 1.0
+    return adj
+
+
+def connectivities_of(matrix) -> sp.csr_matrix:
+    """Any (n, n) adjacency (sparse or dense; weights, a diagonal or one direction only) as
+    :func:`symmetric_connectivities`: spots i and j neighbour each other where either entry is non-zero."""
+    adj = sp.coo_matrix(matrix)
+    nonzero = adj.data != 0
+    return symmetric_connectivities(adj.row[nonzero], adj.col[nonzero], adj.shape[0])
+
+
+def graph_from_connectivities(connectivities, self_loops: int = 1):
+    """The DGL graph SemST convolves over: every neighbour of ``connectivities`` both ways and each
+    spot's own edge ``self_loops`` times (its weight in the GCN's aggregation)."""
+    adj = sp.coo_matrix(connectivities)
+    return add_self_loops(_symmetric_graph(adj.row, adj.col, adj.shape[0]), self_loops - 1)
+
+
+def edge_distances(coords, connectivities) -> sp.csr_matrix:
+    """The Euclidean length of every edge of ``connectivities`` (squidpy's ``spatial_distances``)."""
+    adj = sp.csr_matrix(connectivities, copy=True)
+    coords = np.asarray(coords, dtype=np.float64)
+    rows = np.repeat(np.arange(adj.shape[0]), np.diff(adj.indptr))
+    adj = adj.astype(np.float64)
+    adj.data = np.linalg.norm(coords[rows] - coords[adj.indices], axis=1)
+    return adj
+
+
 def neighbour_pairs(g) -> tuple[np.ndarray, np.ndarray]:
     """Edges of ``g`` without self-loops, as (src, dst) arrays."""
     src, dst = (t.numpy() for t in g.edges())
@@ -52,7 +88,8 @@ def median_spacing(coords) -> float:
     spacing = float(np.median(dist[:, 1]))
     if not spacing > 0:
         raise GraphError("the median distance between neighbouring spots is 0 (most spots share their "
-                         "coordinates with another); use spatial_k instead of a radius")
+                         "coordinates with another); use the k nearest spots ([cluster.spatial] rule = \"knn\") "
+                         "instead of a radius")
     return spacing
 
 
@@ -60,8 +97,9 @@ def _dense_error(what: str, mean_degree: float, limit: float, coords) -> GraphEr
     return GraphError(
         f"the spatial graph ({what}) gives every spot {mean_degree:.0f} neighbours on average (more than "
         f"{limit:g}); this slide's median spot spacing is {median_spacing(coords):.4g} coordinate units, so the "
-        f"radius was probably meant for other units. Use radius_spacings = 2.0 (2 x the spacing, in any unit) "
-        f"or spatial_k in the dataset config, or set allow_dense_graph = true if this graph is intended")
+        f"radius was probably meant for other units. Use rule = \"radius_spacings\", spacings = 2.0 (2 x the "
+        f"spacing, in any unit) or rule = \"knn\" in [cluster.spatial] of the dataset config, or set "
+        f"allow_dense = true there if this graph is intended")
 
 
 MAX_ISOLATED_FRACTION = 0.01  # spots a radius may leave without a neighbour before it is refused
@@ -77,9 +115,10 @@ def isolated_spots(graph) -> int:
     return int((others == 0).sum())
 
 
-def spatial_graph(coords, radius: float | None = None, k: int | None = None,
-                  max_mean_degree: float | None = None):
-    """Spatial neighbour graph: within ``radius`` (coordinate units), or the ``k`` nearest spots.
+def spatial_connectivities(coords, radius: float | None = None, k: int | None = None,
+                           max_mean_degree: float | None = None) -> sp.csr_matrix:
+    """Spatial neighbours within ``radius`` (coordinate units), or the ``k`` nearest spots, in
+    squidpy's layout (:func:`symmetric_connectivities`).
 
     A radius that leaves up to ``MAX_ISOLATED_FRACTION`` of the spots without a neighbour keeps them
     with their own edge only (:func:`isolated_spots` counts them); more is refused as a unit mistake.
@@ -118,17 +157,23 @@ def spatial_graph(coords, radius: float | None = None, k: int | None = None,
         # radius graph (construction.py); many mean the radius is in the wrong units.
         if isolated > MAX_ISOLATED_FRACTION * n:
             raise GraphError(f"radius {radius} leaves {isolated} of {n} spots without any spatial neighbour "
-                             f"(at most {MAX_ISOLATED_FRACTION:.0%} may be); use a larger radius (or "
-                             f"radius_spacings) or spatial_k (k nearest spots) in the dataset config")
+                             f"(at most {MAX_ISOLATED_FRACTION:.0%} may be); use a larger radius, a radius in "
+                             f"spot spacings or the k nearest spots ([cluster.spatial] rule = \"radius_spacings\" "
+                             f"or \"knn\") in the dataset config")
         adj = adj.tocoo()
         rows, cols = adj.row, adj.col
-    keep = rows != cols
-    g = _symmetric_graph(rows[keep], cols[keep], n)
+    connectivities = symmetric_connectivities(rows, cols, n)
     if max_mean_degree is not None and k is not None:
-        mean_degree = (g.num_edges() - n) / n
+        mean_degree = connectivities.nnz / n
         if mean_degree > max_mean_degree:
             raise _dense_error(f"{k} nearest spots", mean_degree, max_mean_degree, coords)
-    return g
+    return connectivities
+
+
+def spatial_graph(coords, radius: float | None = None, k: int | None = None,
+                  max_mean_degree: float | None = None):
+    """:func:`spatial_connectivities` as a DGL graph with one self-loop per spot."""
+    return graph_from_connectivities(spatial_connectivities(coords, radius, k, max_mean_degree))
 
 
 EXACT_KNN_MAX = 50_000  # "auto": exact expression kNN up to this many spots, NN-descent above
@@ -200,7 +245,7 @@ def _nn_descent(X: np.ndarray, k: int, seed: int, progress: bool) -> np.ndarray:
     return np.asarray(idx[:, :k], dtype=np.int64)
 
 
-# -- unit-free spatial rules (the paper recipe; see shared/recipes.py) ---------------------------------
+# -- helpers of the spatial rules (semst.cluster.spatial) ----------------------------------------------
 
 def adaptive_radius(coords, k: int, step: float, min_neighbours: int = 2) -> float:
     """The authors' adaptive threshold (preprocess/construction.py lines 65-84, MBA and HBC).
@@ -230,35 +275,3 @@ def add_self_loops(g, extra: int):
     for _ in range(extra):
         g = dgl.add_self_loop(g)
     return g
-
-
-def spatial_graph_rule(coords, radius: float | None = None, k: int | None = None,
-                       radius_spacings: float | None = None, adaptive_k: int | None = None,
-                       adaptive_step_spacings: float = 5.0 / 137.0, self_loops: int = 1,
-                       max_mean_degree: float | None = None):
-    """The spatial graph of exactly one rule: ``adaptive_k`` (the authors' adaptive threshold, its
-    step in spacings), ``radius_spacings`` (radius = that many median nearest-neighbour distances),
-    ``k`` (k nearest spots) or ``radius`` (coordinate units). ``self_loops``: a spot's own weight.
-    Returns (graph, description). Which rule a config means is decided once, by the config's
-    precedence (cluster.runner.slide_spatial_graph), so this refuses two rules instead of keeping
-    a precedence of its own."""
-    given = [name for name, value in (("adaptive_k", adaptive_k), ("radius_spacings", radius_spacings),
-                                      ("k", k), ("radius", radius)) if value is not None]
-    if len(given) != 1:
-        raise GraphError(f"the spatial graph needs exactly one rule, got {', '.join(given) or 'none'}")
-    if adaptive_k is not None:
-        spacing = median_spacing(coords)
-        r = adaptive_radius(coords, adaptive_k, adaptive_step_spacings * spacing)
-        g, rule = spatial_graph(coords, radius=r, max_mean_degree=max_mean_degree), f"adaptive threshold k {adaptive_k}: radius {r:.4g} ({r / spacing:.3g} spacings)"
-    elif radius_spacings is not None:
-        spacing = median_spacing(coords)
-        r = radius_spacings * spacing
-        g, rule = spatial_graph(coords, radius=r, max_mean_degree=max_mean_degree), f"radius {radius_spacings} spacings = {r:.4g} (spacing {spacing:.4g})"
-    elif k is not None:
-        g, rule = spatial_graph(coords, k=k, max_mean_degree=max_mean_degree), f"{k} nearest spots"
-    else:
-        g, rule = spatial_graph(coords, radius=radius, max_mean_degree=max_mean_degree), f"radius {radius}"
-    if self_loops > 1:
-        g = add_self_loops(g, self_loops - 1)
-        rule += f", self weight {self_loops}"
-    return g, rule

@@ -23,8 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from semst.cluster.baselines import BaselineSettings, FixedLatent, graph_adjacency, pca_embedding, smooth_over_graph
-from semst.cluster.runner import (ClusterError, ClusterReport, Slide, check_neighbour_counts, load_slide, run_seeds,
-                                  spatial_rule)
+from semst.cluster.runner import ClusterError, ClusterReport, Slide, check_neighbour_counts, load_slide, run_seeds
 from semst.cluster.stagate import StagateConfig, StagateError
 from semst.shared.config import ClusterConfig, ConfigError
 
@@ -168,12 +167,13 @@ class SemST(Method):
     def __init__(self, slide: Slide, settings: Any = None, *, progress: bool = False, log=print,
                  semantic: np.ndarray | None = None, config_path=None):
         from semst.cluster.graphs import expression_graph, isolated_spots
+        from semst.cluster.spatial import GivenGraph
         from semst.cluster.train import resolve_minibatch
         from semst.shared.preprocess import check_gene_supply
 
         super().__init__(slide, settings, progress=progress, log=log)
         cfg = self.cfg
-        check_neighbour_counts(cfg, slide.adata.n_obs)  # SemST's graphs: more spots than neighbours
+        check_neighbour_counts(slide)  # SemST's graphs: more spots than neighbours
         check_gene_supply(slide.adata, cfg.preprocess)  # a recipe the slide cannot support stops here
         try:  # a forced mini-batch larger than the slide stops here, before any work
             resolve_minibatch(cfg, slide.adata.n_obs)
@@ -188,11 +188,13 @@ class SemST(Method):
         n = slide.adata.n_obs
         alone = isolated_spots(sgraph)
         log(f"{cfg.dataset}: {n} spots, {prep.n_vars} genes, {slide.n_domains} domains; spatial graph "
-            f"({spatial_rule(cfg, slide.coords)[2]}) {(sgraph.num_edges() - n) / n:.1f} neighbours per spot"
+            f"({slide.spatial.describe(slide.coords)}) {(sgraph.num_edges() - n) / n:.1f} neighbours per spot"
             + (f" ({alone} spots have none and keep only their own edge)" if alone else "") + ", "
             f"expression graph {self.expression_graph.num_edges()} edges ({graph_seconds:.1f} s); embedding "
             f"{self.semantic.source['embedding']}; {slide.threads} thread(s)")
         self.source = {**self.semantic.source, "threads": slide.threads}
+        if isinstance(slide.spatial, GivenGraph):  # not the config's rule: metrics.json says which graph
+            self.source["spatial_graph"] = slide.spatial.source
 
     @classmethod
     def describe(cls, own: dict) -> str:

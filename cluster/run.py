@@ -7,7 +7,6 @@ k-means and metrics are :mod:`semst.cluster.runner`'s, shared with STAGATE and t
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 import shlex
 from collections.abc import Callable
@@ -18,7 +17,7 @@ import pandas as pd
 
 from semst.cluster.outputs import check_free_space, prepare_run_folder, write_outputs
 from semst.cluster.runner import ClusterError, ClusterReport, load_slide, run_seeds
-from semst.shared.config import ClusterConfig, ConfigError
+from semst.shared.config import ClusterConfig, ConfigError, config_identity
 from semst.shared.hashing import json_hash
 
 
@@ -175,7 +174,7 @@ def _space_from_meta(meta: dict):
 def default_run_name(cfg: ClusterConfig) -> str:
     """Readable and unique per setting: fusion, embedding, and a hash of the whole config; always one
     plain folder name (anything but letters, digits and ``.+-_`` in the embedding's name becomes ``_``)."""
-    settings = dataclasses.asdict(cfg)
+    settings = config_identity(cfg)  # the names runs had before the spatial table, for the same settings
     settings.pop("seeds")  # seeds add rows to one run; they don't make another run
     settings.pop("threads")  # how fast, not what (recorded in metrics.json)
     embedding = "none" if cfg.fusion == "none" else re.sub(r"[^\w.+-]", "_", cfg.embedding, flags=re.ASCII)
@@ -184,7 +183,8 @@ def default_run_name(cfg: ClusterConfig) -> str:
 
 def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_name: str | None = None,
                     adata=None, progress: bool = True, log=print, write: bool = True,
-                    semantic: np.ndarray | None = None, config_path: str | Path | None = None) -> ClusterReport:
+                    semantic: np.ndarray | None = None, config_path: str | Path | None = None,
+                    spatial=None) -> ClusterReport:
     """Train SemST (:class:`semst.cluster.methods.SemST`) for every seed of ``cfg``, cluster, evaluate
     where annotated, and write outputs.
 
@@ -193,16 +193,20 @@ def cluster_dataset(cfg: ClusterConfig, out_dir: str | Path = "results", run_nam
     free or an earlier semst run (:func:`semst.cluster.outputs.prepare_run_folder`).
     ``semantic`` (spots x d) gives the semantic vectors directly (e.g. from ``semst.encode``)
     instead of reading them from the cache; ``cfg.embedding`` then only names them. ``config_path``:
-    the --config file ``cfg`` was loaded with (repeated in the `semst embed` hint if embeddings are missing).
+    the --config file ``cfg`` was loaded with (repeated in the `semst embed` hint if embeddings are missing). ``spatial`` (a
+    :class:`semst.cluster.spatial.SpatialRule`, e.g. a ``GivenGraph``) builds the spatial graph
+    instead of the config's rule, which is checked before anything else.
     """
     from semst.cluster.methods import SemST
+    from semst.cluster.spatial import spatial_rule
 
+    spatial = spatial or spatial_rule(cfg)
     name = default_run_name(cfg) if run_name is None else run_name
     if write:
         run_dir = prepare_run_folder(out_dir, cfg.dataset, name, log)
     else:  # nothing is written: the name only labels the report
         run_dir = Path(out_dir) / cfg.dataset / (name or default_run_name(cfg))
-    slide = load_slide(cfg, adata)
+    slide = load_slide(cfg, adata, spatial)
     if write:  # a disk too full for the outputs stops here, not after training
         check_free_space(run_dir, slide.adata, len(cfg.seeds), cfg.hidden2)
     method = SemST(slide, progress=progress, log=log, semantic=semantic, config_path=config_path)

@@ -16,13 +16,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from semst.cluster.domains import consensus_labels
 from semst.shared.config import AutoDomains, ClusterConfig, parse_n_domains
+
+if TYPE_CHECKING:  # imported where used: the graph modules load DGL
+    from semst.cluster.spatial import SpatialRule
 
 METRICS = ("ARI", "NMI", "ACC", "F1_macro", "F1_weighted")
 
@@ -83,40 +86,6 @@ def resolve_n_domains(cfg: ClusterConfig, ground_truth: pd.Series) -> int | Auto
     return n
 
 
-def spatial_rule(cfg: ClusterConfig, coords) -> tuple[float | None, int | None, str]:
-    """(radius in coordinate units, k, the rule in words) of the config's spatial graph on this slide:
-    ``spatial_k`` if set, else ``radius``, else ``radius_spacings`` x the slide's median spot spacing.
-    (The paper recipe's adaptive threshold is described by :func:`slide_spatial_graph`.)"""
-    from semst.cluster.graphs import median_spacing
-
-    if cfg.spatial_k is not None:
-        return None, cfg.spatial_k, f"{cfg.spatial_k} nearest spots"
-    if cfg.radius is not None:
-        return cfg.radius, None, f"radius {cfg.radius:g}"
-    if cfg.radius_spacings is None:
-        return None, None, f"the authors' adaptive threshold (k {cfg.spatial_adaptive_k})"
-    spacing = median_spacing(coords)
-    radius = cfg.radius_spacings * spacing
-    return radius, None, f"radius {cfg.radius_spacings:g} x spacing {spacing:.4g} = {radius:.4g}"
-
-
-def slide_spatial_graph(cfg: ClusterConfig, coords):
-    """The spatial graph the config asks for (:func:`spatial_rule`, or the authors' adaptive threshold
-    when ``spatial_adaptive_k`` is set; ``spatial_self_loops`` weights each spot itself), refused if
-    denser than ``MAX_MEAN_DEGREE`` neighbours per spot unless ``allow_dense_graph``."""
-    from semst.cluster.graphs import spatial_graph_rule
-    from semst.shared.config import MAX_MEAN_DEGREE
-
-    limit = None if cfg.allow_dense_graph else MAX_MEAN_DEGREE
-    if cfg.spatial_adaptive_k is not None:
-        return spatial_graph_rule(coords, adaptive_k=cfg.spatial_adaptive_k,
-                                  adaptive_step_spacings=cfg.adaptive_step_spacings,
-                                  self_loops=cfg.spatial_self_loops, max_mean_degree=limit)[0]
-    radius, k, _ = spatial_rule(cfg, coords)
-    return spatial_graph_rule(coords, radius=radius, k=k, self_loops=cfg.spatial_self_loops,
-                              max_mean_degree=limit)[0]
-
-
 @dataclass
 class Slide:
     """One slide, checked, with what every method reads; preprocessing and graphs are computed on
@@ -128,6 +97,7 @@ class Slide:
     truth: pd.Series
     n_domains: int | AutoDomains  # AutoDomains: chosen after training (run_seeds)
     threads: int  # the thread budget every pool runs with (semst.shared.threads)
+    spatial: SpatialRule  # the spatial-graph rule (the config's, or a graph given by the caller)
 
     @functools.cached_property
     def prep(self):
@@ -137,7 +107,7 @@ class Slide:
 
     @functools.cached_property
     def spatial_graph(self):
-        return slide_spatial_graph(self.cfg, self.coords)
+        return self.spatial.build(self.coords)
 
     @property
     def spot_ids(self) -> list[str]:
@@ -148,29 +118,38 @@ class Slide:
         return bool(self.truth.notna().any())
 
 
-def load_slide(cfg: ClusterConfig, adata=None) -> Slide:
+def load_slide(cfg: ClusterConfig, adata=None, spatial: SpatialRule | None = None) -> Slide:
     """The dataset of ``cfg`` (or ``adata``), checked (:func:`semst.shared.datasets.check_slide`) and
-    its number of domains fixed, with every thread pool bounded by ``cfg.threads`` first."""
+    its number of domains fixed, with every thread pool bounded by ``cfg.threads`` first. Its spatial
+    graph is built by ``spatial`` (e.g. a :class:`semst.cluster.spatial.GivenGraph`), else by the
+    config's rule (:func:`semst.cluster.spatial.spatial_rule`, checked first)."""
+    from semst.cluster.spatial import spatial_rule
     from semst.shared.datasets import check_slide, load_dataset
     from semst.shared.threads import apply_thread_budget
 
+    spatial = spatial or spatial_rule(cfg)
     threads = apply_thread_budget(cfg.threads)
     if adata is None:
         adata = load_dataset(cfg.dataset)
     coords = check_slide(adata, cfg.dataset, cfg.preprocess)
     truth = annotation(adata)
-    return Slide(cfg, adata, coords, truth, resolve_n_domains(cfg, truth), threads)
+    return Slide(cfg, adata, coords, truth, resolve_n_domains(cfg, truth), threads, spatial)
 
 
-def check_neighbour_counts(cfg: ClusterConfig, n_spots: int) -> None:
+def check_neighbour_counts(slide: Slide) -> None:
     """SemST's k-neighbour graphs need more spots than their k: refused before preprocessing (the
     baselines, which build neither graph, do not call this)."""
-    for key in ("spatial_k", "spatial_adaptive_k", "expr_k"):
-        k = getattr(cfg, key)
-        if k is not None and k >= n_spots:
-            raise ClusterError(f"{cfg.dataset} has {n_spots} spots, too few for {key} = {k} neighbours per spot "
-                               f"(at most {n_spots - 1}): set a smaller {key} in [cluster] of a --config file "
-                               f"(or {key}=... in semst.domains)")
+    from semst.cluster.graphs import GraphError
+
+    cfg, n_spots = slide.cfg, slide.adata.n_obs
+    try:
+        slide.spatial.check_spots(n_spots)
+    except GraphError as exc:
+        raise ClusterError(f"{cfg.dataset}: {exc} in a --config file (or spatial={{...}} in semst.domains)") from None
+    if cfg.expr_k >= n_spots:
+        raise ClusterError(f"{cfg.dataset} has {n_spots} spots, too few for expr_k = {cfg.expr_k} neighbours per spot "
+                           f"(at most {n_spots - 1}): set a smaller expr_k in [cluster] of a --config file "
+                           f"(or expr_k=... in semst.domains)")
 
 
 def run_seeds(slide: Slide, fit: Callable[[int], Any], run_dir: Path | None = None, log=print,

@@ -96,7 +96,8 @@ def encode(adata, *, dataset: str | None = None, key_added: str = LLM_KEY, progr
 
 def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: str = "film", use_rep: str = LLM_KEY,
             dataset: str | None = None, out_dir: str | Path | None = None, run_name: str | None = None,
-            key_added: str = DOMAIN_KEY, progress: bool = True, log=print, **cluster_options: Any) -> dict:
+            key_added: str = DOMAIN_KEY, connectivity_key: str | None = None, progress: bool = True, log=print,
+            **cluster_options: Any) -> dict:
     """Stage 2 on ``adata``: train SemST for each seed, cluster, and return the run's summary.
 
     Parameters
@@ -126,13 +127,17 @@ def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: st
         The run folder's name (one folder name; only with ``out_dir``).
     key_added
         The ``adata.obs`` key to write the domains to.
+    connectivity_key
+        Train on the graph in ``adata.obsp[connectivity_key]`` (e.g. ``"spatial_connectivities"``,
+        built by :func:`semst.gr.spatial_graph` or ``squidpy.gr.spatial_neighbors``) instead of
+        building the config's, with the config rule's self-loops added.
     progress
         Show progress bars.
     log
         Where progress lines go (a function taking one string).
     **cluster_options
-        ``ClusterConfig`` fields (``epochs``, ``spatial_k``, ``radius_spacings``, ``refine``,
-        ``auto_runs``, ...); every one not given comes from the config.
+        ``ClusterConfig`` fields (``epochs``, ``spatial={"rule": "knn", "k": 8}`` or the old
+        ``spatial_k``, ``refine``, ``auto_runs``, ...); every one not given comes from the config.
 
     Returns
     -------
@@ -166,6 +171,12 @@ def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: st
     # A slide whose config sets no spatial graph gets default.toml's rule (its 6 nearest spots), as in the CLI.
     overrides = {**cluster_options, "n_domains": n_domains, "seeds": _seed_list(seeds), "fusion": fusion}
     cfg = load_cluster_config(name, overrides)
+    spatial = None
+    if connectivity_key is not None:  # the user's graph, with the self-loops the config's rule would add
+        from semst.cluster.spatial import spatial_rule
+        from semst.experiments.gr import given_graph
+
+        spatial = given_graph(adata, connectivity_key, spatial_rule(cfg).self_loops)
     semantic = None
     if cfg.fusion != "none":
         if use_rep not in adata.obsm:
@@ -173,7 +184,8 @@ def domains(adata, *, n_domains: int | str | None = None, seeds=(0,), fusion: st
                               f"semst.encode(adata) first, or pass fusion='none' (SemST without the LLM)")
         semantic = np.asarray(adata.obsm[use_rep], dtype=np.float32)
     report = cluster_dataset(cfg, out_dir=out_dir or "results", run_name=run_name, adata=checked,
-                             progress=progress, log=log, write=out_dir is not None, semantic=semantic)
+                             progress=progress, log=log, write=out_dir is not None, semantic=semantic,
+                             spatial=spatial)
     first = cfg.seeds[0]
     # JSON text, as in the run folder's semst.h5ad: nested dicts of lists do not round-trip through .h5ad
     uns = {"config": config_to_toml(cfg), "summary": json.dumps(report.summary),

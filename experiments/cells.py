@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from semst.cluster.methods import method_class, run_method
-from semst.shared.config import ClusterConfig, load_cluster_config
+from semst.shared.config import ClusterConfig, config_identity, load_cluster_config, merge_cluster, spatial_from_legacy
 from semst.shared.hashing import json_hash
 
 if TYPE_CHECKING:
@@ -35,7 +35,9 @@ def cell_config(grid: Grid, variant: Variant, dataset: str, cache: str | Path | 
     """
     cache = cache if cache is not None else grid.cache
     embed_over = {**grid.embed, **variant.embed}
-    cluster_over = {**grid.cluster, **variant.cluster, "seeds": list(grid.seeds)}
+    # the variant's spatial table over the grid's as a file's over default.toml's (merge_spatial)
+    cluster_over = {**merge_cluster(spatial_from_legacy(grid.cluster), spatial_from_legacy(variant.cluster)),
+                    "seeds": list(grid.seeds)}
     if cache is not None:
         embed_over["cache"] = str(cache)
         cluster_over["cache"] = str(cache)
@@ -68,7 +70,7 @@ def uses_semantic(variant: Variant, cfg: ClusterConfig) -> bool:
 
 def cell_settings(grid: Grid, variant: Variant, cfg: ClusterConfig) -> dict:
     """What identifies a cell's result (everything but the cache's location): its hash decides reuse."""
-    settings = {"backbone": variant.backbone, "config": _without_cache(dataclasses.asdict(cfg))}
+    settings = {"backbone": variant.backbone, "config": _without_cache(config_identity(cfg))}
     key = method_class(variant.backbone).settings_key
     if key:
         settings[key] = dataclasses.asdict(cell_method_settings(grid, variant, cfg))

@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from semst.cluster.methods import DEFAULT_METHOD, METHODS, Method, method_class
-from semst.shared.config import ClusterConfig, ConfigError, EmbedConfig, available_configs, fits_type
+from semst.shared.config import ClusterConfig, ConfigError, EmbedConfig, available_configs, fits_type, section_hints
 
 
 class ExperimentError(ValueError):
@@ -121,7 +120,7 @@ def _check_overrides(values: Any, cls, what: str, path) -> dict:
     """``values`` as a table of ``cls``'s fields (a dataclass), each of its field's type."""
     if not isinstance(values, dict):
         raise ExperimentError(f"{_where(path)}: {what} must be a table of settings, got {values!r}")
-    hints = typing.get_type_hints(cls)
+    hints = section_hints(cls)  # for [cluster], the old spatial-graph keys too (read as [cluster.spatial])
     allowed = set(hints) - _FIXED
     fixed = sorted(set(values) & _FIXED)
     if fixed:
@@ -331,12 +330,15 @@ def _unique_names(specs: list, what: str, path: Path) -> None:
 
 def _resolve_every_cell(grid: Grid) -> None:
     """Every cell's configs and method settings must resolve now, not hours into the run."""
+    from semst.cluster.spatial import spatial_rule
     from semst.experiments.cells import cell_config, cell_method_settings
 
     for v in grid.variants:
         for ds in grid.datasets:
             try:
-                cell_method_settings(grid, v, cell_config(grid, v, ds))
+                cfg = cell_config(grid, v, ds)
+                spatial_rule(cfg)  # the [cluster.spatial] table is checked by its rule's class
+                cell_method_settings(grid, v, cfg)
             except (ConfigError, ValueError) as exc:
                 if isinstance(exc, ExperimentError):
                     raise

@@ -80,24 +80,12 @@ class ClusterConfig:
 
     dataset: str = ""
     # graphs
-    # The spatial graph: one rule (SPATIAL_RULE_KEYS). default.toml's rule (the 6 nearest spots) holds
-    # for a slide whose file sets none; a dataset file, a --config file, a recipe or an override that
-    # sets a rule replaces the rule below it whole (read_toml, shared.recipes.apply_recipe). Given
-    # together in one source (e.g. an old config file), spatial_k wins over radius, and radius over
-    # radius_spacings.
-    radius: float | None = None  # spatial graph radius in obsm["spatial"] units (absolute)
-    radius_spacings: float | None = None  # radius as a multiple of the slide's median nearest-neighbour distance
-    spatial_k: int | None = None  # k nearest spatial neighbours instead of a radius
-    # The paper's DLPFC radius of 560 px is ~4.1 spot spacings (radius_spacings = 4.1).
-    # The authors' adaptive threshold (MBA/HBC) with this k: the smallest multiple of
-    # adaptive_step_spacings spacings at which every spot has >= 2 neighbours and some spot > k - 1
-    # (see cluster.graphs.adaptive_radius). Used before every other rule when set.
-    spatial_adaptive_k: int | None = None
-    adaptive_step_spacings: float = 5.0 / 137.0  # the authors' 5 px step, in Visium spot spacings
-    spatial_self_loops: int = 1  # weight of a spot's own edge in the spatial graph (paper radius graph: 2)
-    # A graph with a mean degree above MAX_MEAN_DEGREE is refused (a radius in other units than the
-    # slide's coordinates makes every spot neighbour every other) unless this is true.
-    allow_dense_graph: bool = False
+    # The spatial graph: the [cluster.spatial] table, one rule and its settings as plain data, e.g.
+    # {"rule": "knn", "k": 6}; semst.cluster.spatial holds the rules, checks the table and builds the
+    # graph (spatial_rule). default.toml's rule (the 6 nearest spots) holds for a slide whose file sets
+    # none; a table that names a rule replaces the rule below it whole, one without `rule` changes the
+    # settings it names (merge_spatial). The old flat keys (LegacySpatialKeys) are read as this table.
+    spatial: dict[str, Any] = field(default_factory=dict)
     expr_k: int = 14  # k_n: cosine kNN expression graph
     # None: the expression graph's cosine kNN is exact over all genes (the paper's). An integer:
     # computed on that many truncated-SVD components instead (for slides of ~50k+ spots, where the
@@ -165,10 +153,27 @@ class ClusterConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
 
 
-SPATIAL_RULES = ("spatial_k", "radius", "radius_spacings")  # in order of precedence
-# The keys that choose the spatial graph: a source that sets any of them replaces the whole rule below it.
-SPATIAL_RULE_KEYS = (*SPATIAL_RULES, "spatial_adaptive_k")
-MAX_MEAN_DEGREE = 100  # spatial neighbours per spot above which a graph is refused (allow_dense_graph)
+@dataclass
+class LegacySpatialKeys:
+    """The [cluster] keys that set the spatial graph before the [cluster.spatial] table; still read
+    from files, overrides and semst.domains keywords, as the table (:func:`spatial_from_legacy`)."""
+
+    radius: float | None = None  # rule "radius", radius
+    radius_spacings: float | None = None  # rule "radius_spacings", spacings
+    spatial_k: int | None = None  # rule "knn", k
+    spatial_adaptive_k: int | None = None  # rule "adaptive", k
+    adaptive_step_spacings: float | None = None  # rule "adaptive", step_spacings
+    spatial_self_loops: int | None = None  # self_loops (any rule)
+    allow_dense_graph: bool | None = None  # allow_dense (any rule)
+
+
+# Old rule key -> (rule, its parameter). One source that sets several: the first listed wins (as the
+# old code's precedence had it: the adaptive threshold, then spatial_k, radius, radius_spacings).
+LEGACY_RULES = {"spatial_adaptive_k": ("adaptive", "k"), "spatial_k": ("knn", "k"), "radius": ("radius", "radius"),
+                "radius_spacings": ("radius_spacings", "spacings")}
+# Old setting key -> (the rule it belongs to, or None for any rule; its parameter; its old default).
+LEGACY_SETTINGS = {"adaptive_step_spacings": ("adaptive", "step_spacings", 5.0 / 137.0),
+                   "spatial_self_loops": (None, "self_loops", 1), "allow_dense_graph": (None, "allow_dense", False)}
 # "auto" without a range: 3-15. Two clusters are always stable, and a slide with fewer than three
 # domains rarely needs a domain analysis; 15 is above the annotations of the usual benchmarks
 # (DLPFC 5-7, mouse olfactory bulb 5-7, STARmap 4, osmFISH 11).
@@ -229,8 +234,17 @@ SECTIONS: dict[str, type] = {"preprocess": PreprocessConfig, "embed": EmbedConfi
 
 
 def _section_fields(cls) -> set[str]:
-    """The keys a file may set in ``cls``'s section: its fields, less the nested sections."""
-    return {f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS}
+    """The keys a file may set in ``cls``'s section: its fields, less the nested sections (and, in
+    [cluster], the old spatial-graph keys)."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS}
+    return fields | {f.name for f in dataclasses.fields(LegacySpatialKeys)} if cls is ClusterConfig else fields
+
+
+def section_hints(cls) -> dict[str, Any]:
+    """The type of every key ``cls``'s section takes: its fields' type hints, and for [cluster] those
+    of the old spatial-graph keys (:class:`LegacySpatialKeys`)."""
+    hints = typing.get_type_hints(cls)
+    return {**hints, **typing.get_type_hints(LegacySpatialKeys)} if cls is ClusterConfig else hints
 
 
 def fits_type(value: Any, hint: Any) -> bool:
@@ -246,6 +260,8 @@ def fits_type(value: Any, hint: Any) -> bool:
     if origin is list:
         (inner,) = typing.get_args(hint) or (Any,)
         return isinstance(value, list) and all(fits_type(v, inner) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -269,7 +285,7 @@ def _expected(hint: Any) -> str:
     if origin is list:
         (inner,) = typing.get_args(hint) or (Any,)
         return "a list" if inner is Any else "a list of " + _expected(inner).split(" ", 1)[1] + "s"
-    if dataclasses.is_dataclass(hint):
+    if dataclasses.is_dataclass(hint) or origin is dict or hint is dict:
         return "a table of settings"
     return _KINDS.get(hint, getattr(hint, "__name__", str(hint)))
 
@@ -330,19 +346,79 @@ def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
     except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     _check_file_layout(data, f"config file {path}: ")
+    if "cluster" in data:  # the old spatial-graph keys, read as the [cluster.spatial] table
+        data["cluster"] = spatial_from_legacy(data["cluster"], f"config file {path}: ")
     return data
 
 
+# -- the spatial graph's table: old keys read as it, merged source over source -------------------------
+
+def check_spatial_table(table: Any, where: str = "") -> dict[str, Any]:
+    """``table`` if it can be a [cluster.spatial] table: keys with plain values (numbers, strings,
+    true/false) and, if set, a rule name. What each rule takes is its own class's to check
+    (semst.cluster.spatial, when stage 2 starts)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}[cluster] spatial must be a table of settings ([cluster.spatial] rule = \"knn\", "
+                          f"k = 6), got {_shown(table)}")
+    for key, value in table.items():
+        if not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"{where}[cluster.spatial] {key} must be a number, a string or true/false, got "
+                              f"{_shown(value)} ({type(value).__name__})")
+    if "rule" in table and not (isinstance(table["rule"], str) and table["rule"]):
+        raise ConfigError(f"{where}[cluster.spatial] rule must be a rule's name (e.g. \"knn\"), got "
+                          f"{_shown(table['rule'])}")
+    return table
+
+
+def spatial_from_legacy(values: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """One source's [cluster] values with the old spatial-graph keys read as the [cluster.spatial]
+    table (``spatial``). A source that sets an old key and the table is refused, naming both."""
+    old = {k: v for k, v in values.items() if k in LEGACY_RULES or k in LEGACY_SETTINGS}
+    rest = {k: v for k, v in values.items() if k not in old}
+    if "spatial" in rest and rest["spatial"] is not None:
+        if old:
+            raise ConfigError(f"{where}[cluster] sets {', '.join(old)} and the [cluster.spatial] table: write the "
+                              f"spatial graph once, in [cluster.spatial] (e.g. rule = \"knn\", k = 6)")
+        check_spatial_table(rest["spatial"], where)
+    old = {k: v for k, v in old.items() if v is not None}  # None: unset, as for every other key
+    if not old:
+        return rest
+    check_types(LegacySpatialKeys, old, "cluster", where)
+    table: dict[str, Any] = {}
+    rule_key = next((k for k in LEGACY_RULES if k in old), None)
+    if rule_key is not None:
+        rule, param = LEGACY_RULES[rule_key]
+        table = {"rule": rule, param: old[rule_key]}
+    for key, (owner, param, _) in LEGACY_SETTINGS.items():
+        # A setting of another rule than the one this source names was never used: dropped, as before.
+        if key in old and (owner is None or table.get("rule", owner) == owner):
+            table[param] = old[key]
+    return {**rest, "spatial": table}
+
+
+def merge_spatial(below: dict[str, Any], above: dict[str, Any]) -> dict[str, Any]:
+    """``above`` over ``below``: a table that names a rule replaces the rule below it whole (a
+    file's radius never mixes with default.toml's k); one without ``rule`` changes the settings it names."""
+    return dict(above) if "rule" in above else {**below, **above}
+
+
+def merge_cluster(below: dict[str, Any], above: dict[str, Any]) -> dict[str, Any]:
+    """Two sources' [cluster] values (old keys read as the table), ``above`` winning; the spatial
+    table merged by :func:`merge_spatial`."""
+    merged = {**below, **above}
+    if isinstance(below.get("spatial"), dict) and isinstance(above.get("spatial"), dict):
+        merged["spatial"] = merge_spatial(below["spatial"], above["spatial"])
+    elif isinstance(merged.get("spatial"), dict):
+        merged["spatial"] = dict(merged["spatial"])  # a config's own copy, never a recipe's or a file's
+    return merged
+
+
 def merge_sections(base: dict[str, dict], own: dict[str, dict]) -> dict[str, dict]:
-    """``own`` over ``base``, section by section. The spatial rule is one unit: if ``own`` sets any
-    of SPATIAL_RULE_KEYS, ``base``'s rule is dropped instead of combined with it (a file's radius
-    must not lose to default.toml's spatial_k)."""
+    """``own`` over ``base``, section by section; [cluster] by :func:`merge_cluster`."""
     merged: dict[str, dict] = {}
     for section in SECTIONS:
         below, above = dict(base.get(section, {})), own.get(section, {})
-        if section == "cluster" and set(above) & set(SPATIAL_RULE_KEYS):
-            below = {k: v for k, v in below.items() if k not in SPATIAL_RULE_KEYS}
-        merged[section] = {**below, **above}
+        merged[section] = merge_cluster(below, above) if section == "cluster" else {**below, **above}
     return merged
 
 
@@ -399,13 +475,14 @@ def load_cluster_config(dataset: str, overrides: dict[str, Any] | None = None,
     from semst.shared.recipes import apply_recipe, check_recipe
 
     raw = read_toml(dataset, path)
-    explicit = {**_user_file(path).get("cluster", {}), **_drop_none(overrides)}
+    explicit = merge_cluster(_user_file(path).get("cluster", {}),
+                             spatial_from_legacy(_drop_none(overrides)))
     recipe = check_recipe(explicit.get("recipe", raw.get("cluster", {}).get("recipe", "semst")))
     # The prompts follow the cluster recipe unless the embed settings name their own.
     embed_overrides = {"recipe": recipe, **_drop_none(embed_overrides)}
     emb = load_embed_config(dataset, embed_overrides, path)
     # The recipe's spatial rule replaces the files' rule, and a rule the user sets replaces both
-    # (shared.recipes.apply_recipe), so one rule is left whatever the sources.
+    # (merge_spatial, in shared.recipes.apply_recipe), so one rule is left whatever the sources.
     values = {**apply_recipe(recipe, dataset, "cluster", raw.get("cluster", {}), explicit),
               "recipe": recipe, "dataset": dataset}
     cfg = _build(ClusterConfig, {**values, "preprocess": emb.preprocess, "embed": emb}, "cluster")
@@ -478,15 +555,10 @@ FUSIONS = ("film", "concat", "add", "cross-attention", "none")
 def validate_cluster_config(cfg: ClusterConfig) -> None:
     if cfg.fusion not in FUSIONS:
         raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got {cfg.fusion!r}")
-    if all(getattr(cfg, rule) is None for rule in SPATIAL_RULES) and cfg.spatial_adaptive_k is None:
-        raise ConfigError("the spatial graph needs one of radius_spacings, radius or spatial_k "
-                          "(or spatial_adaptive_k) in [cluster]")
-    if cfg.radius is not None and cfg.radius <= 0:
-        raise ConfigError(f"radius must be > 0, got {cfg.radius}")
-    if cfg.radius_spacings is not None and cfg.radius_spacings <= 0:
-        raise ConfigError(f"radius_spacings must be > 0, got {cfg.radius_spacings}")
-    if cfg.spatial_k is not None and cfg.spatial_k < 1:
-        raise ConfigError(f"spatial_k must be >= 1, got {cfg.spatial_k}")
+    check_spatial_table(cfg.spatial)
+    if "rule" not in cfg.spatial:
+        raise ConfigError("the spatial graph needs a rule: [cluster.spatial] rule = \"knn\", k = 6 (or the old "
+                          "spatial_k, radius, radius_spacings or spatial_adaptive_k in [cluster])")
     parse_n_domains(cfg.n_domains)
     if cfg.auto_runs < 2:
         raise ConfigError(f"auto_runs must be >= 2 (stability compares runs), got {cfg.auto_runs}")
@@ -517,12 +589,7 @@ def _validate_recipe_fields(cfg: ClusterConfig) -> None:
                           ("gcn_init", ("xavier", "uniform")), ("spatial_loss", ("sampled", "all-pairs")),
                           ("cr_similarity", ("pearson", "cosine")), ("zinb_target", ("counts", "scaled"))):
         _choice(cfg, name, allowed)
-    for name in ("radius_spacings", "adaptive_step_spacings"):
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{name} must be > 0, got {value}")
-    for name, low in (("spatial_adaptive_k", 1), ("spatial_exact_below", 1), ("spatial_samples_per_spot", 1),
-                      ("spatial_self_loops", 1)):
+    for name, low in (("spatial_exact_below", 1), ("spatial_samples_per_spot", 1)):
         value = getattr(cfg, name)
         if value is not None and value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
@@ -556,15 +623,38 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
+def config_identity(cfg: ClusterConfig) -> dict[str, Any]:
+    """The config as a dict for the hashes that name a run folder and decide a grid cell's reuse:
+    ``asdict(cfg)`` with a spatial table the old keys can say written as they were (with their old
+    defaults), so a run keeps the name and a cell the hash it had before the table existed."""
+    values = dataclasses.asdict(cfg)
+    table = dict(values["spatial"])
+    rule_key = next((k for k, (rule, _) in LEGACY_RULES.items() if rule == table.get("rule")), None)
+    settings = {param: (key, default) for key, (_, param, default) in LEGACY_SETTINGS.items()}
+    own = LEGACY_RULES[rule_key][1] if rule_key else None
+    if rule_key is None or own not in table or set(table) - {"rule", own, *settings}:
+        return values
+    flat = {key: None for key in LEGACY_RULES} | {key: default for key, default in settings.values()}
+    flat[rule_key] = table[own]
+    flat.update({settings[param][0]: value for param, value in table.items() if param in settings})
+    del values["spatial"]
+    return {**values, **flat}
+
+
 def config_to_toml(cfg) -> str:
     """Render a resolved config as a TOML file that ``--config`` loads back to the same config.
 
-    Unset (None) values are written as comments: TOML has no null, and absent means "default".
+    Unset (None) values are written as comments: TOML has no null, and absent means "default". A
+    table (the spatial graph's) follows its section's keys as ``[section.key]``.
     """
     lines: list[str] = []
     for section, values in config_sections(cfg).items():
         lines.append(f"[{section}]")
+        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
         for k, v in values.items():
-            lines.append(f"# {k} = (unset)" if v is None else f"{k} = {_toml_value(v)}")
+            if k not in tables:
+                lines.append(f"# {k} = (unset)" if v is None else f"{k} = {_toml_value(v)}")
         lines.append("")
+        for k, table in tables.items():
+            lines += [f"[{section}.{k}]", *(f"{tk} = {_toml_value(tv)}" for tk, tv in table.items()), ""]
     return "\n".join(lines)

@@ -58,10 +58,9 @@ _DLPFC = {  # config/DLPFC.ini
                 "expr_k": 14,  # line 5 (k)
                 # line 6: radius = 560 full-resolution pixels (self included, ~50 neighbours;
                 # construction.py lines 38-62), i.e. ~4.1 spot spacings: unit-free here.
-                "radius": None, "spatial_k": None, "radius_spacings": 4.1, "spatial_adaptive_k": None,
                 # construction.py lines 45-49 (the radius query returns the spot itself) + train.py
                 # line 40 (+ I): the spot's own weight is 2 in the spatial adjacency.
-                "spatial_self_loops": 2,
+                "spatial": {"rule": "radius_spacings", "spacings": 4.1, "self_loops": 2},
                 "hidden1": 256, "hidden2": 128, "fsm_hidden_ratio": 1.2, "dropout": 0.0,  # lines 7-10
                 "zinb_weight": 1.0, "lambda_s": 0.1, "gamma": 0.1},  # lines 11-13 (alpha, gamma, beta)
 }
@@ -72,8 +71,7 @@ _MBA = {  # config/Mouse_Brain_Anterior.ini
                 "expr_k": 15,  # line 5
                 # line 6 (radius = 15) is the k of construction.py's adaptive threshold
                 # (spatial_construct_graph, lines 65-97, called with k = config.radius by preprocess/MBA_generate_data.py)
-                "radius": None, "spatial_k": None, "radius_spacings": None, "spatial_adaptive_k": 15,
-                "spatial_self_loops": 1,
+                "spatial": {"rule": "adaptive", "k": 15},
                 "hidden1": 128, "hidden2": 64, "fsm_hidden_ratio": 0.5, "dropout": 0.0,  # lines 7-10
                 "zinb_weight": 1.0, "lambda_s": 0.1, "gamma": 0.1},  # lines 11-13
 }
@@ -82,8 +80,7 @@ _HBC = {  # config/Human_Breast_Cancer.ini
     "preprocess": {"min_cells": 100, "n_top_genes": 2000, "require_top_genes": True},  # line 19 (fdim 2000)
     "cluster": {"epochs": 600, "lr": 1e-4, "weight_decay": 5e-4,  # lines 2-4
                 "expr_k": 15,  # line 5
-                "radius": None, "spatial_k": None, "radius_spacings": None, "spatial_adaptive_k": 15,  # line 6
-                "spatial_self_loops": 1,
+                "spatial": {"rule": "adaptive", "k": 15},  # line 6
                 "hidden1": 256, "hidden2": 128, "fsm_hidden_ratio": 0.5, "dropout": 0.0,  # lines 7-10
                 "zinb_weight": 1.0, "lambda_s": 0.1, "gamma": 0.1},  # lines 11-13
 }
@@ -94,8 +91,7 @@ _MVC = {  # config/MVC.ini
                 "expr_k": 5,  # line 5
                 # line 6 (radius = 15) is the k of the symmetric kNN graph (construction.py lines
                 # 11-35, spatial_construct_graph2, called with k = config.radius by preprocess/MVC_generate_data.py)
-                "radius": None, "spatial_k": 15, "radius_spacings": None, "spatial_adaptive_k": None,
-                "spatial_self_loops": 1,
+                "spatial": {"rule": "knn", "k": 15},
                 "hidden1": 128, "hidden2": 64, "fsm_hidden_ratio": 0.5, "dropout": 0.0,  # lines 7-10
                 "zinb_weight": 1.0, "lambda_s": 1.0, "gamma": 1.0},  # lines 11-13
 }
@@ -104,8 +100,7 @@ _EMBRYO = {  # config/Embryo.ini
     "preprocess": {"min_cells": 100, "n_top_genes": 3000, "require_top_genes": True},  # line 19
     "cluster": {"epochs": 500, "lr": 1e-3, "weight_decay": 5e-4,  # lines 2-4
                 "expr_k": 15,  # line 5
-                "radius": None, "spatial_k": 15, "radius_spacings": None, "spatial_adaptive_k": None,  # line 6
-                "spatial_self_loops": 1,
+                "spatial": {"rule": "knn", "k": 15},  # line 6
                 "hidden1": 256, "hidden2": 128, "fsm_hidden_ratio": 0.5, "dropout": 0.0,  # lines 7-10
                 "zinb_weight": 1.0, "lambda_s": 1.0, "gamma": 1.0},  # lines 11-13
 }
@@ -121,11 +116,6 @@ _OTHER = {
 
 PAPER_DATASETS = {"DLPFC": _DLPFC, "Mouse_Brain_Anterior": _MBA, "Human_Breast_Cancer": _HBC,
                   "MVC": _MVC, "Embryo": _EMBRYO}
-
-# Fields the recipe sets as one group: a user who sets any of them sets the spatial graph rule, and
-# none of the recipe's spatial-graph values is applied then.
-SPATIAL_RULE_FIELDS = ("radius", "spatial_k", "radius_spacings", "spatial_adaptive_k", "spatial_self_loops")
-
 
 def paper_config_name(dataset: str) -> str | None:
     """The authors' config/*.ini a dataset uses (train.py: the config_name choice), or None."""
@@ -157,17 +147,12 @@ def recipe_values(recipe: str, dataset: str, section: str) -> dict:
 def apply_recipe(recipe: str, dataset: str, section: str, from_files: dict, explicit: dict) -> dict:
     """``from_files`` < the recipe's values < ``explicit`` (what the user set), as one dict.
 
-    The spatial graph rule is one group (:data:`SPATIAL_RULE_FIELDS`): a source that sets a rule
-    replaces the rule of the sources below it, so one rule is left. If the user sets any of its
-    fields, neither the recipe's nor the files' rule is kept; else a recipe rule replaces the files'.
+    The spatial graph is one table (``spatial``): a recipe's rule replaces the files' rule whole,
+    and a rule the user sets replaces both (:func:`semst.shared.config.merge_spatial`).
     """
+    from semst.shared.config import merge_cluster
+
     values = dict(recipe_values(recipe, dataset, section))
     if section == "cluster":
-        group = set(SPATIAL_RULE_FIELDS)
-        rules = group - {"spatial_self_loops"}  # the fields that choose a rule
-        if set(explicit) & rules:
-            values = {k: v for k, v in values.items() if k not in group}
-            from_files = {k: v for k, v in from_files.items() if k not in group}
-        elif set(values) & rules:
-            from_files = {k: v for k, v in from_files.items() if k not in group}
+        return merge_cluster(merge_cluster(from_files, values), explicit)
     return {**from_files, **values, **explicit}

@@ -13,7 +13,7 @@ def test_every_dataset_config_loads_for_both_stages():
     for name in names:
         cfg = load_cluster_config(name)
         assert cfg.dataset == name and cfg.embed.dataset == name
-        assert any(v is not None for v in (cfg.radius, cfg.radius_spacings, cfg.spatial_k))
+        assert isinstance(cfg.spatial.get("rule"), str)
 
 
 def test_overrides_replace_single_fields_and_none_means_keep():
@@ -33,13 +33,13 @@ def test_a_config_without_a_spatial_rule_gets_the_6_nearest_spots_of_default_tom
     path = tmp_path / "nograph.toml"
     path.write_text("[cluster]\nepochs = 3\n")
     for cfg in (load_cluster_config("whatever", path=path), load_cluster_config("an-unregistered-slide")):
-        assert (cfg.spatial_k, cfg.radius, cfg.radius_spacings, cfg.spatial_adaptive_k) == (6, None, None, None)
+        assert cfg.spatial == {"rule": "knn", "k": 6}
 
 
 def test_a_cluster_config_with_every_rule_unset_is_refused():
     from semst.shared.config import ClusterConfig, validate_cluster_config
 
-    with pytest.raises(ConfigError, match="one of radius_spacings, radius or spatial_k"):
+    with pytest.raises(ConfigError, match=r"the spatial graph needs a rule: \[cluster.spatial\] rule"):
         validate_cluster_config(ClusterConfig())
 
 
@@ -112,14 +112,17 @@ def test_auto_n_domains_in_a_config_file_loads_back_from_the_printed_config(tmp_
 
 def test_a_spatial_rule_given_as_override_replaces_the_files_rule():
     dlpfc = load_cluster_config("dlpfc-151507")  # the file gives radius_spacings
-    assert (dlpfc.radius_spacings, dlpfc.radius, dlpfc.spatial_k) == (1.9, None, None)
-    assert load_cluster_config("dlpfc-151507", {"radius": 300.0}).radius_spacings is None
-    assert load_cluster_config("dlpfc-151673", {"radius_spacings": 2.5}).spatial_k is None
+    assert dlpfc.spatial == {"rule": "radius_spacings", "spacings": 1.9}
+    assert load_cluster_config("dlpfc-151507", {"radius": 300.0}).spatial == {"rule": "radius", "radius": 300.0}
+    assert load_cluster_config("dlpfc-151673", {"radius_spacings": 2.5}).spatial == {"rule": "radius_spacings",
+                                                                                   "spacings": 2.5}
 
 
 def test_radius_spacings_must_be_positive():
-    with pytest.raises(ConfigError, match="radius_spacings must be > 0"):
-        load_cluster_config("dlpfc-151507", {"radius_spacings": 0.0})
+    from semst.cluster.spatial import spatial_rule
+
+    with pytest.raises(ConfigError, match=r"\[cluster.spatial\] spacings must be > 0 \(rule 'radius_spacings'\)"):
+        spatial_rule(load_cluster_config("dlpfc-151507", {"radius_spacings": 0.0}))
 
 
 LOCAL_SLIDES = ["dlpfc-151673", "dlpfc-151510", "mob", "starmap-mpfc", "osmfish", "seqfish-cortex"]
@@ -130,10 +133,10 @@ def test_every_local_slide_gets_a_few_neighbours_per_spot_from_its_shipped_confi
     import anndata as ad
     import numpy as np
 
-    from semst.cluster.runner import slide_spatial_graph
+    from semst.cluster.spatial import spatial_rule
 
     coords = np.asarray(ad.read_h5ad(shared_data_dir / f"{dataset}.h5ad", backed="r").obsm["spatial"], dtype=float)
-    g = slide_spatial_graph(load_cluster_config(dataset), coords)
+    g = spatial_rule(load_cluster_config(dataset)).build(coords)
     assert 4 <= (g.num_edges() - len(coords)) / len(coords) <= 20
 
 
@@ -143,24 +146,21 @@ def test_a_visium_config_holds_for_the_slide_in_any_unit(shared_data_dir):
     import anndata as ad
     import numpy as np
 
-    from semst.cluster.runner import slide_spatial_graph
+    from semst.cluster.spatial import spatial_rule
 
     coords = np.asarray(ad.read_h5ad(shared_data_dir / "dlpfc-151510.h5ad", backed="r").obsm["spatial"], dtype=float)
-    cfg = load_cluster_config("dlpfc-151507")
-    edges = [slide_spatial_graph(cfg, coords * scale).num_edges() for scale in (1.0, 137.0 / 6.21)]
+    rule = spatial_rule(load_cluster_config("dlpfc-151507"))
+    edges = [rule.build(coords * scale).num_edges() for scale in (1.0, 137.0 / 6.21)]
     assert edges[0] == edges[1] and 10 <= (edges[0] - len(coords)) / len(coords) <= 13
 
 
 # -- the spatial rule is one unit: default.toml's 6 nearest spots only where nothing sets a rule --------
 
-RULE_KEYS = ("spatial_k", "radius", "radius_spacings", "spatial_adaptive_k")
-
-
 def test_a_files_own_spatial_rule_replaces_the_default_rule_whole(tmp_path):
     path = tmp_path / "radius.toml"
     path.write_text("[cluster]\nradius = 2.0\n")
     cfg = load_cluster_config("whatever", path=path)
-    assert (cfg.radius, cfg.spatial_k) == (2.0, None)  # not spatial_k = 6 winning over the file's radius
+    assert cfg.spatial == {"rule": "radius", "radius": 2.0}  # not default.toml's k = 6 winning over the radius
 
 
 @pytest.mark.parametrize("name", available_configs())
@@ -169,18 +169,15 @@ def test_every_shipped_config_keeps_exactly_its_own_spatial_rule(name, recipe):
     from semst.shared.config import CONFIG_DIR
     from semst.shared.recipes import recipe_values
 
-    own = tomllib.loads((CONFIG_DIR / f"{name}.toml").read_text()).get("cluster", {})
-    from_recipe = recipe_values(recipe, name, "cluster")
-    source = from_recipe if any(k in from_recipe for k in RULE_KEYS) else own
-    expected = {k: source.get(k) for k in RULE_KEYS} if any(k in source for k in RULE_KEYS) else \
-        {"spatial_k": 6, "radius": None, "radius_spacings": None, "spatial_adaptive_k": None}
-    cfg = load_cluster_config(name, {"recipe": recipe})
-    assert {k: getattr(cfg, k) for k in RULE_KEYS} == expected
+    own = tomllib.loads((CONFIG_DIR / f"{name}.toml").read_text()).get("cluster", {}).get("spatial")
+    from_recipe = recipe_values(recipe, name, "cluster").get("spatial")
+    expected = from_recipe or own or {"rule": "knn", "k": 6}
+    assert load_cluster_config(name, {"recipe": recipe}).spatial == expected
 
 
 def test_an_override_of_the_rule_replaces_the_default_rule_for_an_unregistered_slide():
     cfg = load_cluster_config("an-unregistered-slide", {"radius_spacings": 2.5})
-    assert (cfg.radius_spacings, cfg.spatial_k) == (2.5, None)
+    assert cfg.spatial == {"rule": "radius_spacings", "spacings": 2.5}
 
 
 # -- every value type-checked from the dataclass type hints ------------------------------------------------
@@ -211,7 +208,7 @@ def test_an_integer_is_fine_for_a_number(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[cluster]\nlr = 1\nradius = 2\n[preprocess]\ntarget_sum = 10000\n")
     cfg = load_cluster_config("x", path=path)
-    assert (cfg.lr, cfg.radius, cfg.preprocess.target_sum) == (1, 2, 10000)
+    assert (cfg.lr, cfg.spatial["radius"], cfg.preprocess.target_sum) == (1, 2, 10000)
 
 
 def test_a_nested_section_in_cluster_is_refused_as_an_unknown_key(tmp_path):

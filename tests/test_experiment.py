@@ -136,7 +136,8 @@ def test_a_cell_keeps_the_datasets_config_under_grid_and_variant_overrides():
                                            d["variant"][0].update(cluster={"lr": 0.02}, embed={"k_genes": 10}))), "g.toml")
     semst = cell_config(grid, grid.variant("semst"), "mob", cache="/tmp/c.zarr")
     wo = cell_config(grid, grid.variant("wo-llm"), "mob")
-    assert (semst.epochs, semst.radius, semst.lr, semst.embed.k_genes) == (100, 1.9, 0.02, 10)
+    assert (semst.epochs, semst.spatial, semst.lr, semst.embed.k_genes) == (100, {"rule": "radius", "radius": 1.9},
+                                                                          0.02, 10)
     assert (wo.lr, wo.embed.k_genes, wo.fusion, wo.seeds) == (0.01, 20, "none", [0, 1])
     assert semst.cache == semst.embed.cache == "/tmp/c.zarr"
 

@@ -23,7 +23,8 @@ def slide():
 
 
 def train(slide, fusion: str, **kw):
-    cfg = ClusterConfig(dataset="toy", spatial_k=4, hidden1=16, hidden2=8, epochs=3, fusion=fusion, **kw)
+    cfg = ClusterConfig(dataset="toy", spatial={"rule": "knn", "k": 4}, hidden1=16, hidden2=8, epochs=3, fusion=fusion,
+                        **kw)
     return train_semst(slide["features"], slide["counts"], slide["size_factors"], slide["spatial"],
                        slide["expression"], slide["semantic"], cfg, 0, progress=False)
 

@@ -137,7 +137,7 @@ def test_a_radius_meant_for_other_units_is_refused_before_any_edge_is_built():
         spatial_graph(grid, radius=275.0, max_mean_degree=100)
     message = str(err.value)
     assert "neighbours on average (more than 100)" in message and "median spot spacing is 6.2" in message
-    assert "radius_spacings" in message and "allow_dense_graph = true" in message
+    assert 'rule = "radius_spacings"' in message and "allow_dense = true" in message
     assert spatial_graph(grid, radius=275.0).num_nodes() == 900  # allowed when the caller asks for it
 
 

@@ -227,9 +227,9 @@ def test_an_unregistered_slide_runs_from_the_cli_on_the_6_nearest_spots_like_the
                                        "--out", str(out), "--run-name", "r", "--cache", str(env["cache"])])
     assert result.exit_code == 0, result.output
     cli_config = (out / "myslide" / "r" / "config.toml").read_text()
-    assert "spatial_k = 6\n" in cli_config and "\nradius = " not in cli_config
+    assert '[cluster.spatial]\nrule = "knn"\nk = 6\n' in cli_config and "\nradius = " not in cli_config
     semst.domains(slide, fusion="none", n_domains=2, epochs=2, progress=False, log=lambda *a, **k: None)
-    assert "spatial_k = 6\n" in slide.uns["semst"]["config"]
+    assert '[cluster.spatial]\nrule = "knn"\nk = 6\n' in slide.uns["semst"]["config"]
 
 
 # -- the grid ----------------------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from semst.cluster.graphs import (adaptive_radius, median_spacing, neighbour_pairs, spatial_graph,
-                                  spatial_graph_rule)
+from semst.cluster.graphs import adaptive_radius, median_spacing, neighbour_pairs, spatial_graph
+from semst.cluster.spatial import spatial_rule
 from semst.cluster.losses import all_pairs_spatial_loss, correlation_reduction_loss, zinb_loss
 from semst.cluster.fusion import FSM
 from semst.cluster.model import GCNBranch, SemST
 from semst.shared.cache import embedding_tag, model_label
-from semst.shared.config import (ConfigError, EmbedConfig, PreprocessConfig, config_to_toml,
+from semst.shared.config import (ConfigError, EmbedConfig, PreprocessConfig, config_identity, config_to_toml,
                                  load_cluster_config, load_embed_config)
 from semst.shared.hashing import json_hash
 from semst.shared.preprocess import check_gene_supply, preprocess, top_k_genes
@@ -53,7 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 ])
 def test_the_paper_recipe_takes_each_datasets_settings_from_the_authors_ini(dataset, expected):
     cfg = load_cluster_config(dataset, {"recipe": "paper"})
-    assert {k: getattr(cfg, k) for k in expected} == expected
+    flat = config_identity(cfg)  # the spatial table in the old keys, which the .ini notes above use
+    assert {k: flat[k] for k in expected} == expected
     # the choices every paper dataset shares (train.py, utils.py, models.py, llm_generate_embedding.py)
     assert (cfg.zinb_target, cfg.zinb_ridge, cfg.spatial_loss, cfg.cr_similarity, cfg.gcn_norm, cfg.gcn_init,
             cfg.fsm_mode) == ("scaled", 0.05, "all-pairs", "cosine", "right", "uniform", "paper")
@@ -66,7 +67,7 @@ def test_the_paper_recipe_takes_each_datasets_settings_from_the_authors_ini(data
 def test_the_semst_recipe_is_todays_behaviour():
     cfg = load_cluster_config("dlpfc-151673")
     assert cfg.recipe == "semst" and cfg.embed.recipe == "semst"
-    assert (cfg.spatial_k, cfg.radius_spacings, cfg.embed.k_genes, cfg.embed.gene_ranking) == (6, None, 20, "counts")
+    assert (cfg.spatial, cfg.embed.k_genes, cfg.embed.gene_ranking) == ({"rule": "knn", "k": 6}, 20, "counts")
     assert (cfg.zinb_target, cfg.zinb_ridge, cfg.spatial_loss, cfg.cr_similarity, cfg.gcn_norm, cfg.gcn_init,
             cfg.fsm_mode) == ("counts", 0.0, "sampled", "pearson", "both", "xavier", "zero-init")
     assert load_cluster_config("dlpfc-151673", {"recipe": "semst"}) == cfg
@@ -78,7 +79,8 @@ def test_a_field_the_user_sets_beats_the_recipe_and_the_spatial_rule_is_one_grou
     assert (cfg.epochs, cfg.cr_similarity, cfg.embed.k_genes, cfg.embed.gene_ranking) == (7, "pearson", 20, "scaled")
     assert cfg.lr == 1e-3 and cfg.zinb_target == "scaled"  # the rest stays the paper's
     knn = load_cluster_config("dlpfc-151673", {"recipe": "paper", "spatial_k": 8})
-    assert (knn.spatial_k, knn.radius_spacings, knn.spatial_self_loops) == (8, None, 1)
+    assert knn.spatial == {"rule": "knn", "k": 8}  # the recipe's self weight 2 went with its rule
+    assert spatial_rule(knn).self_loops == 1
 
 
 def test_the_prompts_follow_the_cluster_recipe_unless_the_embed_settings_name_their_own():
@@ -105,7 +107,6 @@ def test_an_unknown_recipe_is_refused_naming_the_known_ones():
 @pytest.mark.parametrize("field,value,message", [
     ("fsm_mode", "gate", "fsm_mode must be one of"), ("gcn_norm", "left", "gcn_norm must be one of"),
     ("spatial_loss", "exact", "spatial_loss must be one of"), ("zinb_ridge", -1.0, "zinb_ridge must be >= 0"),
-    ("radius_spacings", 0.0, "radius_spacings must be > 0"), ("spatial_adaptive_k", 0, "spatial_adaptive_k must be >= 1"),
 ])
 def test_bad_recipe_fields_are_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -192,33 +193,30 @@ def test_the_authors_knn_graph_is_the_symmetrised_k_nearest_other_spots():
     for i in range(30):
         A[i, np.argsort(dist[i])[1:16]] = 1
     A = np.minimum(A + A.T, 1) + np.eye(30)
-    g, _ = spatial_graph_rule(coords, k=15)
+    g = spatial_rule({"rule": "knn", "k": 15}).build(coords)
     np.testing.assert_array_equal(_dense_adjacency(g, 30), A)
 
 
-def test_the_graph_builder_takes_exactly_one_spatial_rule():
-    from semst.cluster.graphs import GraphError
-
-    coords = np.stack(np.meshgrid(np.arange(4.0), np.arange(4.0)), -1).reshape(-1, 2)
-    with pytest.raises(GraphError, match="exactly one rule, got radius_spacings, k"):
-        spatial_graph_rule(coords, k=6, radius_spacings=1.5)
-    with pytest.raises(GraphError, match="exactly one rule, got none"):
-        spatial_graph_rule(coords)
+def test_a_spatial_table_names_exactly_one_rule_and_only_its_parameters():
+    with pytest.raises(ConfigError, match="rule 'knn' takes self_loops, allow_dense, k; not spacings"):
+        spatial_rule({"rule": "knn", "k": 6, "spacings": 1.5})
+    with pytest.raises(ConfigError, match="names no rule"):
+        spatial_rule({"k": 6})
 
 
 def test_a_radius_in_spacings_is_the_same_graph_in_any_coordinate_unit():
     rng = np.random.default_rng(2)
     coords = np.stack(np.meshgrid(np.arange(10.0), np.arange(10.0)), -1).reshape(-1, 2) + rng.normal(0, 0.02, (100, 2))
     assert median_spacing(coords) == pytest.approx(1.0, abs=0.05)
-    g1, _ = spatial_graph_rule(coords, radius_spacings=2.1)
-    g2, _ = spatial_graph_rule(coords * 137.0, radius_spacings=2.1)
+    rule = spatial_rule({"rule": "radius_spacings", "spacings": 2.1})
+    g1, g2 = rule.build(coords), rule.build(coords * 137.0)
     edges = lambda g: set(zip(*(t.tolist() for t in g.edges())))  # noqa: E731
     assert edges(g1) == edges(g2) == edges(spatial_graph(coords, radius=2.1 * median_spacing(coords)))
 
 
 def test_the_authors_radius_graph_weighs_the_spot_itself_twice():
     coords = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [5.0, 0.0], [6.0, 0.0]])
-    g, _ = spatial_graph_rule(coords, radius=1.5, self_loops=2)
+    g = spatial_rule({"rule": "radius", "radius": 1.5, "self_loops": 2}).build(coords)
     assert g.in_degrees().tolist() == [3, 4, 3, 3, 3]  # neighbours + 2 self-loops
     src, dst = neighbour_pairs(g)
     assert sorted(zip(src.tolist(), dst.tolist())) == [(0, 1), (1, 0), (1, 2), (2, 1), (3, 4), (4, 3)]
@@ -236,7 +234,7 @@ def test_right_normalisation_is_row_normalised_adjacency(self_loops):
     """GCN layer of the authors: D^-1 (A + I) X W + b, with A their spatial matrix (train.py 38-41)."""
     rng = np.random.default_rng(3)
     coords = rng.uniform(0, 5, (25, 2))
-    g, _ = spatial_graph_rule(coords, k=3, self_loops=self_loops)
+    g = spatial_rule({"rule": "knn", "k": 3, "self_loops": self_loops}).build(coords)
     A = _dense_adjacency(g, 25)  # symmetric neighbours + self_loops on the diagonal
     branch = GCNBranch(6, 4, 3, 0.0, norm="right", init="uniform")
     x = torch.from_numpy(rng.normal(size=(25, 6)).astype(np.float32))
@@ -391,7 +389,8 @@ def test_the_gate_moves_in_training_and_is_reported_per_run():
     coords = np.stack(np.meshgrid(np.arange(8.0), np.arange(6.0)), -1).reshape(-1, 2)
     counts = rng.poisson(3.0, size=(48, 12)).astype(np.float32)
     feats = (counts / counts.std(0)).astype(np.float32)
-    cfg = ClusterConfig(dataset="toy", spatial_k=4, hidden1=16, hidden2=8, epochs=5, fsm_mode="gated")
+    cfg = ClusterConfig(dataset="toy", spatial={"rule": "knn", "k": 4}, hidden1=16, hidden2=8, epochs=5,
+                        fsm_mode="gated")
     result = train_semst(feats, sp.csr_matrix(counts), np.ones(48), spatial_graph(coords, k=4),
                          expression_graph(feats, 4), rng.normal(size=(48, 10)).astype(np.float32), cfg, 0,
                          progress=False)
@@ -406,10 +405,11 @@ def test_the_paper_recipe_trains_end_to_end_on_a_toy_slide():
 
     slide = two_domain_slide()
     prep = preprocess(slide, PreprocessConfig(min_cells=1, n_top_genes=20))
-    cfg = ClusterConfig(dataset="toy", radius_spacings=1.5, spatial_self_loops=2, hidden1=16, hidden2=8, epochs=3,
+    cfg = ClusterConfig(dataset="toy", spatial={"rule": "radius_spacings", "spacings": 1.5, "self_loops": 2},
+                        hidden1=16, hidden2=8, epochs=3,
                         zinb_target="scaled", zinb_ridge=0.05, spatial_loss="all-pairs", cr_similarity="cosine",
                         gcn_norm="right", gcn_init="uniform")
-    g, _ = spatial_graph_rule(slide.obsm["spatial"], radius_spacings=1.5, self_loops=2)
+    g = spatial_rule(cfg).build(slide.obsm["spatial"])
     result = train_semst(prep.X, None, None, g, expression_graph(prep.X, 4),
                          np.random.default_rng(0).normal(size=(80, 6)).astype(np.float32), cfg, 0, progress=False)
     assert result.latent.shape == (80, 8) and all(np.isfinite(v).all() for v in result.history.values())

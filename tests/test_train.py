@@ -28,7 +28,7 @@ def slide():
 
 
 def cfg(**kw):
-    base = dict(dataset="synthetic", spatial_k=4, hidden1=16, hidden2=8, epochs=4, decoder_batch=50)
+    base = dict(dataset="synthetic", spatial={"rule": "knn", "k": 4}, hidden1=16, hidden2=8, epochs=4, decoder_batch=50)
     return ClusterConfig(**{**base, **kw})
 
 

@@ -49,12 +49,16 @@ from semst.shared.config import load_cluster_config
 from semst.shared.datasets import load_dataset
 from semst.shared.preprocess import preprocess
 from semst.cluster.graphs import expression_graph
-from semst.cluster.runner import slide_spatial_graph
 from semst.cluster.train import train_semst
 cfg = load_cluster_config("dlpfc-151673", {{"fusion": "film", "epochs": {epochs}}})
 a = load_dataset("dlpfc-151673")
 prep = preprocess(a, cfg.preprocess)
-sg = slide_spatial_graph(cfg, np.asarray(a.obsm["spatial"], float))
+try:
+    from semst.cluster.spatial import spatial_rule
+    sg = spatial_rule(cfg).build(np.asarray(a.obsm["spatial"], float))
+except ImportError:  # a revision before the spatial-graph rules
+    from semst.cluster.runner import slide_spatial_graph
+    sg = slide_spatial_graph(cfg, np.asarray(a.obsm["spatial"], float))
 fg = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs)
 sem = np.random.default_rng(0).normal(size=(a.n_obs, 576)).astype(np.float32)
 kw = {{"coords": a.obsm["spatial"]}} if "coords" in inspect.signature(train_semst).parameters else {{}}

@@ -542,6 +542,23 @@ def cases() -> list[Case]:
         config_case("[clusterr]\nepochs = 5\n", "an unknown section"),
         config_case("[embed]\nk_genes = 2.5\n", "a float for an integer field (embed)", stage="embed"),
         config_case("[preprocess]\nmin_cells = -1\n", "a negative min_cells"),
+        # -- the spatial graph ([cluster.spatial], semst.cluster.spatial) ------------------------------------
+        config_case('[cluster.spatial]\nrule = "delaunay"\n', "an unknown spatial rule"),
+        config_case('[cluster.spatial]\nrule = "knn"\n', "a rule without its parameter"),
+        config_case('[cluster.spatial]\nrule = "knn"\nk = 6\nradius = 2.0\n', "a parameter of another rule"),
+        config_case('[cluster.spatial]\nrule = "knn"\nk = "six"\n', "a string for the rule's k"),
+        config_case('[cluster.spatial]\nrule = "knn"\nk = 0\n', "k = 0"),
+        config_case('[cluster.spatial]\nrule = "knn"\nk = 500\n', "k above the slide's spots"),
+        config_case('[cluster.spatial]\nrule = "radius"\nradius = -1.0\n', "a negative radius"),
+        config_case('[cluster.spatial]\nrule = "radius"\nradius = 0.5\n', "a radius that isolates every spot"),
+        config_case('[cluster.spatial]\nrule = "radius_spacings"\nspacings = 0\n', "spacings = 0"),
+        config_case('[cluster.spatial]\nrule = "knn"\nk = 6\nself_loops = 0\n', "self_loops = 0"),
+        config_case('[cluster]\nspatial_k = 6\n[cluster.spatial]\nrule = "knn"\nk = 8\n',
+                    "an old key and the table at once"),
+        config_case("[cluster]\nspatial = 5\n", "the spatial table not a table"),
+        config_case('[cluster]\nspatial_k = "six"\n', "an old key of the wrong type"),
+        config_case("[cluster]\nspatial_adaptive_k = 0\n", "an old key with a bad value"),
+        config_case('[cluster.spatial]\nrule = "knn"\nk = 6\nallow_dense = "yes"\n', "a string for allow_dense"),
         # -- outputs ------------------------------------------------------------------------------------
         _run_name_case("..", "--run-name .."),
         _run_name_case("../elsewhere", "--run-name ../elsewhere"),
@@ -619,6 +636,13 @@ SAYS = {
     "--out is a file": "out", "read-only cache (bind mount)": "read-only",
     "disk full during embed (a tmpfs just larger than the cache)": "disk|space", "--k-genes larger than the slide's genes": "k",
     "cluster before embed (k_g never embedded)": "--cache",
+    "an unknown spatial rule": "delaunay", "a rule without its parameter": "needs k",
+    "a parameter of another rule": "radius", "a string for the rule's k": "k must be an integer",
+    "k = 0": "k must be >= 1", "k above the slide's spots": "k = 500", "a negative radius": "radius must be > 0",
+    "a radius that isolates every spot": "without any spatial neighbour", "spacings = 0": "spacings must be > 0",
+    "self_loops = 0": "self_loops", "an old key and the table at once": "spatial_k and the [cluster.spatial]",
+    "the spatial table not a table": "spatial", "an old key of the wrong type": "spatial_k",
+    "an old key with a bad value": "k must be >= 1", "a string for allow_dense": "allow_dense",
 }
 
 
