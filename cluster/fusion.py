@@ -117,7 +117,7 @@ def fsm_modulate(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> to
 def film_stats(change_squares: float, input_squares: float, gate=None) -> dict[str, float]:
     """The FSM's relative change ||FSM(z) - z|| / ||z|| (and its gate), from the two squared norms."""
     change = (change_squares / max(input_squares, 1e-24)) ** 0.5
-    return {"film_change": change, **({"film_gate": float(gate)} if gate is not None else {})}
+    return {"film_change": change, **({"film_gate": float(gate.detach())} if gate is not None else {})}
 
 
 FSM_MODES = ("paper", "zero-init", "gated")
