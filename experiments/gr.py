@@ -64,7 +64,10 @@ def given_graph(adata, connectivity_key: str, self_loops: int = 1):
     from semst.cluster.spatial import GivenGraph
     from semst.shared.config import ConfigError
 
-    if not isinstance(connectivity_key, str) or connectivity_key not in adata.obsp:
+    if not isinstance(connectivity_key, str):
+        raise ConfigError(f"connectivity_key must name a graph in adata.obsp (e.g. \"spatial_connectivities\"), got "
+                          f"a {type(connectivity_key).__name__}")
+    if connectivity_key not in adata.obsp:
         have = ", ".join(map(repr, adata.obsp.keys())) or "nothing"
         raise ConfigError(f"connectivity_key={connectivity_key!r}: adata.obsp has no such graph (it holds {have}); "
                           f"build one with semst.gr.spatial_graph(adata) or squidpy.gr.spatial_neighbors(adata)")

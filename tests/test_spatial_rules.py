@@ -381,6 +381,15 @@ def test_a_missing_or_unusable_given_graph_is_refused_before_any_work(tmp_path, 
     assert message in str(err.value) and "semst_domain" not in slide.obs
 
 
+def test_connectivity_key_takes_the_graphs_name_not_the_matrix(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEMST_HOME", str(tmp_path))
+    slide = two_domain_slide()
+    semst.gr.spatial_graph(slide)
+    with pytest.raises(ConfigError, match=r'^connectivity_key must name a graph in adata.obsp \(e.g. '
+                                          r'"spatial_connectivities"\), got a csr_matrix$'):
+        semst.domains(slide, connectivity_key=slide.obsp["spatial_connectivities"], progress=False, log=quiet, **SMALL)
+
+
 def test_a_given_graph_of_another_slide_is_refused_naming_both_sizes():
     from semst.cluster.spatial import GivenGraph
 
