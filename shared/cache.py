@@ -559,14 +559,18 @@ class EmbeddingCache:
         try:
             return np.asarray(vectors[lo:hi])
         except Exception as exc:  # noqa: BLE001 - which chunk? read them one by one to say
-            step = vectors.chunks[0]
-            bad = [self._chunk_file(space, vectors, c) for c in range(lo // step, (hi - 1) // step + 1)
-                   if not self._decodes(vectors, c)]
+            bad = self._undecodable_chunks(space, vectors, lo, hi)
             if not bad:
                 raise
             raise CacheError(f"chunk file {_few(bad, 3)} of space {space.space_id} in {self.path} cannot be decoded "
                              f"({_short(exc)}): run `semst cache repair --cache {self.path}`, then `semst embed` "
                              f"again to recompute its rows") from None
+
+    def _undecodable_chunks(self, space: EmbeddingSpace, vectors, lo: int, hi: int) -> list[str]:
+        """The chunk files covering rows [lo, hi) that do not decode (read one by one to say which)."""
+        step = vectors.chunks[0]
+        return [self._chunk_file(space, vectors, c) for c in range(lo // step, (hi - 1) // step + 1)
+                if not self._decodes(vectors, c)]
 
     def _check_rows(self, space: EmbeddingSpace, index: _Index, vectors, block: np.ndarray, lo: int,
                     rows: np.ndarray) -> None:
@@ -629,9 +633,7 @@ class EmbeddingCache:
                 exc.filename = exc.filename or str(self.path / "spaces" / space.space_id / "vectors")
                 raise
             except Exception as exc:  # noqa: BLE001 - Zarr decodes a chunk it fills in part: a damaged one?
-                bad = [self._chunk_file(space, array, c) for c in range(start // array.chunks[0],
-                                                                       (stop - 1) // array.chunks[0] + 1)
-                       if not self._decodes(array, c)]
+                bad = self._undecodable_chunks(space, array, start, stop)
                 if not bad:
                     raise
                 raise CacheError(f"cannot add rows to space {space.space_id} in {self.path}: chunk file "
