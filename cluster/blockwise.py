@@ -37,7 +37,7 @@ import torch
 
 from semst.cluster.dgl_compat import dgl
 from semst.cluster.losses import correlation_reduction_loss
-from semst.cluster.model import SparseFeatures
+from semst.cluster.network import SparseFeatures
 
 
 class NormalisedAdjacency:

@@ -1,10 +1,10 @@
 """Stage-2 methods: what turns one slide into the latent that k-means clusters, one class per method.
 
-A method is built from the slide (:class:`semst.cluster.runner.Slide`: the checked AnnData, its
+A method is built from the slide (:class:`semst.cluster.seeds.Slide`: the checked AnnData, its
 ``ClusterConfig`` as ``slide.cfg``, preprocessing and spatial graph, computed once) and its own
 settings (an instance of ``settings_class``, filled from the grid's table named ``settings_key``,
 e.g. ``[stagate]``); ``fit(seed)`` returns what the per-seed runner
-(:func:`semst.cluster.runner.run_seeds`) needs: an object with ``latent`` (spots x d) and,
+(:func:`semst.cluster.seeds.run_seeds`) needs: an object with ``latent`` (spots x d) and,
 optionally, ``history`` (per-epoch losses) and ``report`` (extras recorded per seed). Work shared
 by every seed is done once in the constructor and its time put in ``fixed_seconds``.
 
@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from semst.cluster.baselines import BaselineSettings, FixedLatent, graph_adjacency, pca_embedding, smooth_over_graph
-from semst.cluster.runner import ClusterError, ClusterReport, Slide, check_neighbour_counts, load_slide, run_seeds
+from semst.cluster.seeds import ClusterError, ClusterReport, Slide, check_neighbour_counts, load_slide, run_seeds
 from semst.cluster.stagate import StagateConfig, StagateError
 from semst.shared.config import ClusterConfig, ConfigError
 

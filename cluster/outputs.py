@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from semst.cluster.runner import ClusterError
+from semst.cluster.seeds import ClusterError
 from semst.shared.config import config_to_toml
 from semst.shared.io import TEMP_PREFIX, atomic_directory, clean_stale_temporaries
 
@@ -215,7 +215,7 @@ def metrics_document(report, cfg, ground_truth: pd.Series, source: dict) -> dict
 
 
 def write_outputs(report, cfg, adata, ground_truth: pd.Series, source: dict):
-    """Write a finished :class:`semst.cluster.runner.ClusterReport` into ``report.run_dir``, which
+    """Write a finished :class:`semst.cluster.seeds.ClusterReport` into ``report.run_dir``, which
     :func:`prepare_run_folder` checked; an I/O failure is one ClusterError and changes nothing there."""
     run_dir = Path(report.run_dir)
     latent_dim = next(iter(report.latents.values())).shape[1] if report.latents else 0

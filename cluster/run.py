@@ -3,7 +3,7 @@
 Stage 2 never runs an LLM. It joins the dataset's spots with the spot -> prompt-hash table that
 `semst embed` wrote, reads the vectors from the shared cache, and fails with the exact `make embed`
 call to run when they are absent or were written for another embedding setting. The per-seed loop,
-k-means and metrics are :mod:`semst.cluster.runner`'s, shared with STAGATE and the baselines.
+k-means and metrics are :mod:`semst.cluster.seeds`'s, shared with STAGATE and the baselines.
 """
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 
 from semst.cluster.outputs import check_free_space, prepare_run_folder, write_outputs
-from semst.cluster.runner import ClusterError, ClusterReport, load_slide, run_seeds
+from semst.cluster.seeds import ClusterError, ClusterReport, load_slide, run_seeds
 from semst.shared.config import ClusterConfig, ConfigError, config_identity
 from semst.shared.hashing import json_hash
-
 
 # The `semst embed` options that change which embeddings are written, in the order they are worked
 # out: the recipe first, since it supplies the defaults of the others.

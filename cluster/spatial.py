@@ -22,8 +22,14 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from semst.cluster.graphs import (GraphError, adaptive_radius, connectivities_of, graph_from_connectivities,
-                                  median_spacing, spatial_connectivities)
+from semst.cluster.graphs import (
+    GraphError,
+    adaptive_radius,
+    connectivities_of,
+    graph_from_connectivities,
+    median_spacing,
+    spatial_connectivities,
+)
 from semst.shared.config import ClusterConfig, ConfigError, check_types
 
 MAX_MEAN_DEGREE = 100  # spatial neighbours per spot above which a graph is refused (unless allow_dense)

@@ -18,7 +18,7 @@ the input is semst's preprocessed expression (``shared.preprocess``: HVG, librar
 scaled) rather than STAGATE's log-normalised HVGs; and domains come from the same seeded k-means as
 every semst method (STAGATE used mclust), so the comparison isolates the network.
 
-Plug-and-play (the paper's Table 3): with ``fsm=True`` the FSM of :mod:`semst.cluster.model` modulates
+Plug-and-play (the paper's Table 3): with ``fsm=True`` the FSM of :mod:`semst.cluster.network` modulates
 the embedding with the spot's semantic vector, ``Z' = (1 + alpha) * Z + beta`` with
 ``alpha, beta = FSM(P(e))``, before the decoder; Z' is what is clustered. Everything else is equal,
 so before/after differ only by the FSM.
@@ -34,7 +34,7 @@ from torch import nn
 
 from semst.cluster.dgl_compat import dgl, dglnn
 from semst.cluster.fusion import FSM
-from semst.cluster.model import SemanticProjection
+from semst.cluster.network import SemanticProjection
 
 
 class StagateError(ValueError):
@@ -159,7 +159,7 @@ def stagate_dataset(cfg, stagate: StagateConfig | None = None, adata=None, progr
     """STAGATE (``cfg.fusion == "none"``) or STAGATE + FSM (``"film"``) on ``cfg.dataset``, every seed.
 
     Uses the dataset's preprocessing, spatial graph, number of domains and, with the FSM, the same
-    semantic embeddings SemST would (``cfg.embedding``); returns a :class:`semst.cluster.runner.ClusterReport`.
+    semantic embeddings SemST would (``cfg.embedding``); returns a :class:`semst.cluster.seeds.ClusterReport`.
     The method itself is :class:`semst.cluster.methods.STAGATE`.
     """
     from semst.cluster.methods import run_method

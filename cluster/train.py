@@ -36,9 +36,14 @@ import torch
 from semst.cluster.blockwise import NormalisedAdjacency, add_to_grad, blockwise_epoch
 from semst.cluster.fusion import fusion_class
 from semst.cluster.graphs import neighbour_pairs
-from semst.cluster.losses import (all_pairs_spatial_loss, correlation_reduction_loss, pair_keys, sample_negatives,
-                                  spatial_regularisation_loss)
-from semst.cluster.model import SPARSE_INPUT_DENSITY, SemST, SparseFeatures
+from semst.cluster.losses import (
+    all_pairs_spatial_loss,
+    correlation_reduction_loss,
+    pair_keys,
+    sample_negatives,
+    spatial_regularisation_loss,
+)
+from semst.cluster.network import SPARSE_INPUT_DENSITY, SemST, SparseFeatures
 from semst.cluster.zinb import SparseCounts, block_rows, zinb_nll_and_grad
 from semst.shared.threads import resolve_threads
 
@@ -103,7 +108,7 @@ class _SpatialPairs:
     keys: np.ndarray  # pair_keys of the pairs, for negative sampling
 
     @classmethod
-    def of(cls, graph) -> "_SpatialPairs":
+    def of(cls, graph) -> _SpatialPairs:
         src, dst = neighbour_pairs(graph)
         return cls(src, dst, pair_keys(graph.num_nodes(), src, dst))
 

@@ -3,7 +3,7 @@
 The decoder's three heads give, per spot and gene, logits ``a`` (dropout), ``b`` (dispersion) and
 ``c`` (mean). The loss is the DCA / Spatial-MGCN negative log-likelihood of
 :func:`semst.cluster.losses.zinb_loss`, with the activations and clamps of
-:class:`semst.cluster.model.ZINBDecoder`:
+:class:`semst.cluster.network.ZINBDecoder`:
 
     pi = sigmoid(a),  theta = clamp(softplus(b), 1e-4, 1e4),  mu = clamp(exp(c), 1e-5, 1e6) * s_i
 

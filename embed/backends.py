@@ -97,8 +97,7 @@ class _TokenizingBackend:
     def space(self):
         """The cache partition these vectors belong to; identical for both backends."""
         if self._space is None:
-            from semst.shared.cache import EmbeddingSpace
-            from semst.shared.cache import model_label
+            from semst.shared.cache import EmbeddingSpace, model_label
             from semst.shared.hashing import weights_fingerprint
 
             self._space = EmbeddingSpace(model=model_label(self.model_dir),
@@ -287,7 +286,7 @@ class TransformersBackend(_TokenizingBackend):
 def load_backend(name: str, model: str, pooling: str = "mean", dtype: str = "float32", batch_size: int = 64,
                  max_tokens: int = MAX_TOKENS) -> Backend:
     """Load ``model`` ("default", a checkpoint directory or a cached HF id) into backend ``name``."""
-    from semst.embed.models import resolve_model
+    from semst.embed.checkpoints import resolve_model
 
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} "

@@ -68,9 +68,9 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     """Fill the cache with the embeddings of every spot of ``cfg.dataset`` and write its spot table."""
     from transformers import AutoTokenizer
 
-    from semst.shared.cache import EmbeddingCache
-    from semst.embed.models import resolve_model
+    from semst.embed.checkpoints import resolve_model
     from semst.embed.prompts import render_prompts
+    from semst.shared.cache import EmbeddingCache
     from semst.shared.datasets import check_slide, load_dataset
 
     t0 = time.perf_counter()

@@ -117,8 +117,8 @@ def load_encoder(model_dir: Path):
 def encode_dataset_sentence(cfg: EmbedConfig, encoder: str = DEFAULT_ENCODER, adata=None,
                             batch_size: int | None = None, log=print):
     """Fill the cache with ``encoder``'s vectors of every spot's gene text; an EmbedReport."""
-    from semst.shared.cache import EmbeddingCache
     from semst.embed.run import EmbedReport, spot_gene_lists
+    from semst.shared.cache import EmbeddingCache
     from semst.shared.datasets import load_dataset
 
     t0 = time.perf_counter()

@@ -35,7 +35,7 @@ def write_experiment_report(grid: Grid, out: Path, cells: list, skipped: dict[st
             data.notes.append(f"Grid-wide [{section}] overrides, applied to every method: "
                               + ", ".join(f"{k} = {v}" for k, v in values.items()) + ".")
     data.notes.append("Cells run with write=False: each cell keeps its metrics, timings and domains in "
-                      f"`cells/<dataset>/<variant>.json` and `.domains.parquet` beside this report.")
+                      "`cells/<dataset>/<variant>.json` and `.domains.parquet` beside this report.")
     ran = [d.name for d in datasets if d.skipped is None]
     for spec in grid.figures:
         figures, problems = draw_figure(spec, grid, out, ran, cells, cache, log)

@@ -24,12 +24,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ("semst.shared.download", ("DownloadError",)),
         ("semst.shared.preprocess", ("PreprocessError",)),
         ("semst.shared.cache", ("CacheError",)),
-        ("semst.embed.models", ("ModelNotFoundError",)),
+        ("semst.embed.checkpoints", ("ModelNotFoundError",)),
         ("semst.embed.backends", ("BackendError",)),
         ("semst.embed.prompts", ("PromptError",)),
         ("semst.embed.run", ("EmbedError",)),
         ("semst.cluster.graphs", ("GraphError",)),
-        ("semst.cluster.runner", ("ClusterError",)),
+        ("semst.cluster.seeds", ("ClusterError",)),
         ("semst.experiments.grid", ("ExperimentError",)),
         ("semst.experiments.prompt_information", ("PromptInformationError",)),
         ("semst.cluster.baselines", ("BaselineError",)),
@@ -115,8 +115,8 @@ def data_cmd(dataset, list_only, mirror):
 def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, template, batch_size, max_spots,
               recipe, gene_ranking):
     """Stage 1: embed DATASET's top-k gene prompts into the shared cache."""
-    from semst.shared.config import config_to_toml, load_embed_config
     from semst.embed.run import embed_dataset
+    from semst.shared.config import config_to_toml, load_embed_config
 
     _find(dataset)
     cfg = load_embed_config(dataset, {"cache": str(cache) if cache else None, "model": model,
@@ -159,7 +159,7 @@ def _find(dataset: str) -> None:
 
 def _run_name(ctx, param, value: str | None) -> str | None:
     from semst.cluster.outputs import check_run_name
-    from semst.cluster.runner import ClusterError
+    from semst.cluster.seeds import ClusterError
 
     if value is None:
         return None
@@ -204,8 +204,8 @@ def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, 
                 model, k_genes, pooling, template, run_name, threads, minibatch, batch_spots, recipe,
                 gene_ranking, fsm_mode):
     """Stage 2: train SemST on cached embeddings and find spatial domains."""
-    from semst.shared.config import config_to_toml, load_cluster_config
     from semst.cluster.run import cluster_dataset
+    from semst.shared.config import config_to_toml, load_cluster_config
 
     _find(dataset)
     cfg = load_cluster_config(

@@ -30,11 +30,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from semst.experiments.assemble import describe_variant, write_experiment_report
-from semst.experiments.cells import (EmbedStep, cell_config, cell_method_settings, cell_settings, embedding_identity,
-                                     encoder_name, now, run_cell, uses_semantic)
+from semst.experiments.cells import (
+    EmbedStep,
+    cell_config,
+    cell_method_settings,
+    cell_settings,
+    embedding_identity,
+    encoder_name,
+    now,
+    run_cell,
+    uses_semantic,
+)
 from semst.experiments.figures import draw_figure
-from semst.experiments.schema import (FIGURE_KINDS, ExperimentError, FigureSpec, Grid, TableSpec, Variant, load_grid,
-                                      parse_grid, restrict_datasets, restrict_variants)
+from semst.experiments.schema import (
+    FIGURE_KINDS,
+    ExperimentError,
+    FigureSpec,
+    Grid,
+    TableSpec,
+    Variant,
+    load_grid,
+    parse_grid,
+    restrict_datasets,
+    restrict_variants,
+)
 from semst.experiments.store import load_cell, save_cell, write_spots
 from semst.shared.config import ClusterConfig
 from semst.shared.hashing import json_hash
@@ -85,7 +104,7 @@ def run_experiment(grid: str | Path | Grid, cache: str | Path | None = None, out
     overrides ``[grid] out``. With ``resume`` a cell already finished with identical settings by an
     earlier run is reused (the report says so); otherwise every cell runs again.
     """
-    from semst.cluster.runner import annotation
+    from semst.cluster.seeds import annotation
 
     if not isinstance(grid, Grid):
         grid = load_grid(grid)

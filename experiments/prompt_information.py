@@ -87,7 +87,7 @@ def prompt_information(dataset: str, recipes=("semst",), rankings=("counts",), k
                        seeds=(0, 1, 2), n_components: int = 30, cache: str | None = None, adata=None,
                        log=print) -> list[InformationRow]:
     """One :class:`InformationRow` per (recipe, ranking, k_g) setting; see the module docstring."""
-    from semst.cluster.runner import annotation
+    from semst.cluster.seeds import annotation
     from semst.embed.run import spot_gene_lists
     from semst.shared.cache import embedding_tag
     from semst.shared.config import load_embed_config

@@ -90,7 +90,7 @@ class CellResult:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CellResult":
+    def from_dict(cls, d: dict) -> CellResult:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

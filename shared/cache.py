@@ -1062,8 +1062,8 @@ def format_repair(report: dict) -> list[str]:
     for rel in report["spot_tables_removed"]:
         lines.append(f"removed the unreadable spot table {rel}")
     if report["marked_with_holes"]:
-        lines.append(f"marked the cache as format version 2 (its rows now have holes): semst releases without row "
-                     f"checksums refuse it")
+        lines.append("marked the cache as format version 2 (its rows now have holes): semst releases without row "
+                     "checksums refuse it")
     if not lines:
         lines.append("nothing to repair")
     for t in report.get("to_embed_again", []):

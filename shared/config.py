@@ -195,7 +195,7 @@ def parse_n_domains(value: Any) -> int | AutoDomains | None:
     """None, an integer >= 2, or "auto" / "auto:LO-HI" (2 <= LO <= HI); a ConfigError otherwise.
 
     Whether k fits the slide (k, or HI + 1 for "auto", at most its number of spots) is checked when
-    the slide is loaded (:func:`semst.cluster.runner.resolve_n_domains`), before anything is trained.
+    the slide is loaded (:func:`semst.cluster.seeds.resolve_n_domains`), before anything is trained.
     """
     if value is None:
         return None

@@ -144,7 +144,7 @@ def _dataset_file(folder: Path, name: str) -> Path | None:
     return None
 
 
-def load_dataset(name: str, path: str | Path | None = None) -> "anndata.AnnData":  # noqa: F821
+def load_dataset(name: str, path: str | Path | None = None) -> anndata.AnnData:  # noqa: F821
     """Load and check a dataset by name (see the module docstring for what is returned).
 
     ``path`` loads that file or folder instead of searching (e.g. a download being verified)."""

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_model import HIDDEN, build_tiny_model
+from toy_slides import SYMBOLS, two_domain_slide
 
 import semst
 from semst.shared.config import ConfigError
 from semst.shared.datasets import DatasetError
-from tiny_model import HIDDEN, build_tiny_model
-from toy_slides import SYMBOLS, two_domain_slide
 
 EMBED = {"backend": "transformers", "k_genes": 5, "batch_size": 8, "genes_from": "all"}
 SMALL = {"epochs": 3, "hidden1": 16, "hidden2": 8, "expr_k": 5}

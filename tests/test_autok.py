@@ -1,7 +1,6 @@
 """Label-free domains: the number of domains by stability, consensus over seeds, spatial refinement."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import anndata as ad
@@ -12,7 +11,7 @@ from sklearn.datasets import make_blobs
 
 from semst.cluster.autok import choose_k, stability_curve
 from semst.cluster.domains import align_labels, consensus_labels, refine_labels
-from semst.cluster.runner import load_slide, run_seeds
+from semst.cluster.seeds import load_slide, run_seeds
 from semst.shared.config import load_cluster_config
 
 

@@ -5,17 +5,17 @@ engine is loaded once per module and shared by the tests that need it.
 """
 from __future__ import annotations
 
-from pathlib import Path
 import gc
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_model import HIDDEN, build_tiny_model
 
 from semst.embed.backends import BackendError, load_backend
 from semst.embed.prompts import render_prompts
-from tiny_model import HIDDEN, build_tiny_model
 
 GENE_LISTS = [
     [],
@@ -196,11 +196,10 @@ def test_vllm_loads_after_numba_is_imported(tiny_model_dir):
     import subprocess
     import sys
 
-    code = ("import numba, sys; sys.path.insert(0, {repo!r})\n"
+    code = (f"import numba, sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
             "from semst.embed.backends import load_backend\n"
-            "b = load_backend('vllm', {model!r}, batch_size=2)\n"
-            "print(b.embed(['hello there']).shape)").format(
-        repo=str(Path(__file__).resolve().parents[1]), model=str(tiny_model_dir))
+            f"b = load_backend('vllm', {str(tiny_model_dir)!r}, batch_size=2)\n"
+            "print(b.embed(['hello there']).shape)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "(1, 128)"

@@ -21,8 +21,8 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from semst.experiments.cli import main
 import semst.shared.cache as cache_module
+from semst.experiments.cli import main
 from semst.shared.cache import FORMAT, CacheError, EmbeddingCache, EmbeddingSpace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,7 +209,7 @@ def test_a_changed_digit_in_a_spot_table_s_run_metadata_is_found(cache):
 
 def test_stage_2_gets_a_cluster_error_saying_repair_then_embed(cache):
     from semst.cluster.run import cached_vectors
-    from semst.cluster.runner import ClusterError
+    from semst.cluster.seeds import ClusterError
 
     zarr.open_array(str(cache.path / "spaces" / SPACE.space_id / "vectors"), mode="r+")[7] = np.nan
     with pytest.raises(ClusterError, match="semst cache repair.*semst embed"):
@@ -476,9 +476,10 @@ def test_check_writable_names_the_fault_before_anything_is_computed(cache, monke
 
 
 def test_embed_reports_a_read_only_cache_before_it_loads_any_model(tmp_path, monkeypatch):
+    from toy_slides import two_domain_slide
+
     from semst.embed.run import embed_dataset
     from semst.shared.config import load_embed_config
-    from toy_slides import two_domain_slide
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "emb.zarr" / ".tmp-writable-x"))
@@ -488,7 +489,7 @@ def test_embed_reports_a_read_only_cache_before_it_loads_any_model(tmp_path, mon
 
     EmbeddingCache(tmp_path / "emb.zarr")
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    monkeypatch.setattr("semst.embed.models.resolve_model", lambda model: tmp_path / "some-model")
+    monkeypatch.setattr("semst.embed.checkpoints.resolve_model", lambda model: tmp_path / "some-model")
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", no_model)
     monkeypatch.setattr("semst.embed.backends.load_backend", no_model)
     cfg = load_embed_config("toy", {"cache": str(tmp_path / "emb.zarr"), "model": "default", "k_genes": 5,
@@ -498,10 +499,11 @@ def test_embed_reports_a_read_only_cache_before_it_loads_any_model(tmp_path, mon
 
 
 def test_a_model_that_does_not_exist_leaves_no_new_cache_behind(tmp_path):
-    from semst.embed.models import ModelNotFoundError
+    from toy_slides import two_domain_slide
+
+    from semst.embed.checkpoints import ModelNotFoundError
     from semst.embed.run import embed_dataset
     from semst.shared.config import load_embed_config
-    from toy_slides import two_domain_slide
 
     cfg = load_embed_config("toy", {"cache": str(tmp_path / "new.zarr"), "model": str(tmp_path / "no-such-model"),
                                     "k_genes": 5, "genes_from": "all", "backend": "transformers"})

@@ -6,10 +6,10 @@ import hashlib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from semst.shared.cache import EmbeddingCache, EmbeddingSpace
-from semst.experiments.cli import main
 from toy_slides import two_domain_slide
+
+from semst.experiments.cli import main
+from semst.shared.cache import EmbeddingCache, EmbeddingSpace
 
 SPACE = EmbeddingSpace(model="tiny", weights="a" * 64, pooling="mean", dtype="float32", dim=3)
 

@@ -14,9 +14,8 @@ import pandas as pd
 import pytest
 
 from semst.cluster.run import cluster_dataset
-from semst.cluster.runner import ClusterError
-from semst.shared.cache import EmbeddingCache, EmbeddingSpace
-from semst.shared.cache import embedding_tag
+from semst.cluster.seeds import ClusterError
+from semst.shared.cache import EmbeddingCache, EmbeddingSpace, embedding_tag
 from semst.shared.config import load_cluster_config
 from semst.shared.hashing import prompt_hash
 
@@ -225,7 +224,7 @@ def test_a_radius_in_other_units_is_refused_before_training(slide, tmp_path):
     cfg = grid_cfg(slide, fusion="none", radius=300.0)  # the slide's spacing is 1
     with pytest.raises(Exception, match="neighbours on average"):
         cluster_dataset(cfg, out_dir=tmp_path / "r", progress=False, log=quiet)
-    from semst.cluster.runner import load_slide
+    from semst.cluster.seeds import load_slide
 
     allowed = load_slide(grid_cfg(slide, fusion="none", radius=300.0, allow_dense_graph=True))
     assert allowed.spatial_graph.num_edges() == 120 * 120  # every spot neighbours every other, as asked

@@ -3,8 +3,7 @@ import tomllib
 
 import pytest
 
-from semst.shared.config import (ConfigError, available_configs, config_to_toml, load_cluster_config,
-                           load_embed_config)
+from semst.shared.config import ConfigError, available_configs, config_to_toml, load_cluster_config, load_embed_config
 
 
 def test_every_dataset_config_loads_for_both_stages():

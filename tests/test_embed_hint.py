@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tiny_model import build_tiny_model
+from toy_slides import two_domain_slide
 
 import semst.cluster.run as cluster_run
 from semst.experiments.cli import main
 from semst.shared.cache import embedding_tag
-from tiny_model import build_tiny_model
-from toy_slides import two_domain_slide
 
 REPO = Path(__file__).resolve().parents[1]
 

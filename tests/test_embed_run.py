@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import re
 import signal
@@ -15,12 +14,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-
-from semst.shared.cache import EmbeddingCache
-from semst.embed.run import embed_dataset
-from semst.shared.cache import embedding_tag
-from semst.shared.config import load_embed_config
 from tiny_model import build_tiny_model
+
+from semst.embed.run import embed_dataset
+from semst.shared.cache import EmbeddingCache, embedding_tag
+from semst.shared.config import load_embed_config
 
 REPO = Path(__file__).resolve().parents[1]
 SYMBOLS = ["SNAP25", "GFAP", "MBP", "PLP1", "NRGN", "CALM2", "MOBP", "PCP4", "NEFL", "SCGB2A2",
@@ -170,7 +168,6 @@ def test_a_run_killed_with_sigkill_resumes_computing_only_what_is_missing(env):
            "transformers", "--model", env["model"], "--k-genes", "8", "--batch-size", "4"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **vars_}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    index = None
     deadline = time.time() + 300
     while time.time() < deadline:  # kill as soon as a few batches are committed
         parts = list(env["cache"].glob("index/*/part-*.parquet"))

@@ -9,9 +9,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from tiny_model import build_tiny_model
 
 from semst.experiments.grid import ExperimentError, cell_config, load_grid, parse_grid, run_experiment
-from tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

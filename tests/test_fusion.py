@@ -6,7 +6,7 @@ import torch
 
 from semst.cluster.fusion import FUSIONS, Fusion, UnknownFusionError, fusion_class, register_fusion
 from semst.cluster.graphs import expression_graph, spatial_graph
-from semst.cluster.model import SemST
+from semst.cluster.network import SemST
 from semst.cluster.train import train_semst
 from semst.shared.config import ClusterConfig
 

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from toy_slides import two_domain_slide
 
 from semst.experiments.cli import main
-from toy_slides import two_domain_slide
 
 REPO = Path(__file__).resolve().parents[1]
 

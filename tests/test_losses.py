@@ -5,8 +5,13 @@ import numpy as np
 import torch
 from scipy.special import gammaln
 
-from semst.cluster.losses import (correlation_reduction_loss, pair_keys, sample_negatives, spatial_regularisation_loss,
-                            zinb_loss)
+from semst.cluster.losses import (
+    correlation_reduction_loss,
+    pair_keys,
+    sample_negatives,
+    spatial_regularisation_loss,
+    zinb_loss,
+)
 
 
 def test_zinb_loss_is_the_zero_inflated_negative_binomial_nll():

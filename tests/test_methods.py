@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toy_slides import two_domain_slide
 
 from semst.cluster.methods import METHODS, Method, method_class, register_method
-from semst.cluster.runner import load_slide, run_seeds
-from toy_slides import two_domain_slide
+from semst.cluster.seeds import load_slide, run_seeds
 
 N_SPOTS = 120
 # The built-ins' own settings kept small so the contract runs in seconds; any other method runs its defaults.

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from toy_slides import two_domain_slide
 
 from semst.cluster.outputs import RUN_MARKER, check_run_name, is_semst_run, prepare_run_folder
 from semst.cluster.run import cluster_dataset
-from semst.cluster.runner import ClusterError
+from semst.cluster.seeds import ClusterError
 from semst.experiments.cli import main
 from semst.shared import io
 from semst.shared.config import load_cluster_config
 from semst.shared.io import OWNER_FILE, atomic_directory, clean_stale_temporaries
-from toy_slides import two_domain_slide
 
 SMALL = "[preprocess]\nmin_cells = 1\n[cluster]\nradius = 1.5\nexpr_k = 5\nepochs = 2\nhidden1 = 8\nhidden2 = 4\n"
 BAD_NAMES = ["", ".", "..", "/tmp/elsewhere", "a/b", "../mob", ".hidden", ".tmp-x", "a\0b", "tab\there",

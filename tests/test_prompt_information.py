@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from semst.experiments.prompt_information import (PromptInformationError, gene_list_features, kmeans_ari,
-                                                  prompt_information)
 from toy_slides import two_domain_slide
+
+from semst.experiments.prompt_information import (
+    PromptInformationError,
+    gene_list_features,
+    kmeans_ari,
+    prompt_information,
+)
 
 
 def test_gene_lists_that_name_the_domain_score_100_and_lists_that_do_not_score_about_0():

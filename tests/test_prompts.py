@@ -4,10 +4,10 @@ from __future__ import annotations
 import copy
 
 import pytest
+from tiny_model import QWEN3_STYLE_TEMPLATE, smollm2_tokenizer
 
 from semst.embed.prompts import TEMPLATES, PromptError, render_prompt, render_prompts
 from semst.shared.hashing import prompt_hash
-from tiny_model import QWEN3_STYLE_TEMPLATE, smollm2_tokenizer
 
 SEMST_SYSTEM = ("You are an expert in bioinformatics. Represent the biological state of a cell characterized "
                 "by the following highly expressed genes. Focus on capturing the functional essence relevant "

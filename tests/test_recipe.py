@@ -6,26 +6,31 @@ Every reference below is written here from the equations of the paper / the auth
 from __future__ import annotations
 
 import math
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
+from toy_slides import two_domain_slide
 
-from semst.cluster.graphs import adaptive_radius, median_spacing, neighbour_pairs, spatial_graph
-from semst.cluster.spatial import spatial_rule
-from semst.cluster.losses import all_pairs_spatial_loss, correlation_reduction_loss, zinb_loss
 from semst.cluster.fusion import FSM
-from semst.cluster.model import GCNBranch, SemST
+from semst.cluster.graphs import adaptive_radius, median_spacing, neighbour_pairs, spatial_graph
+from semst.cluster.losses import all_pairs_spatial_loss, correlation_reduction_loss, zinb_loss
+from semst.cluster.network import GCNBranch, SemST
+from semst.cluster.spatial import spatial_rule
 from semst.shared.cache import embedding_tag, model_label
-from semst.shared.config import (ConfigError, EmbedConfig, PreprocessConfig, config_identity, config_to_toml,
-                                 load_cluster_config, load_embed_config)
+from semst.shared.config import (
+    ConfigError,
+    EmbedConfig,
+    PreprocessConfig,
+    config_identity,
+    config_to_toml,
+    load_cluster_config,
+    load_embed_config,
+)
 from semst.shared.hashing import json_hash
 from semst.shared.preprocess import check_gene_supply, preprocess, top_k_genes
-from toy_slides import two_domain_slide
 
 REPO = Path(__file__).resolve().parents[1]
 

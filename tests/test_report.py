@@ -4,9 +4,23 @@ from __future__ import annotations
 import numpy as np
 
 from semst.cluster.plots import match_to_annotation, plot_domain_maps
-from semst.experiments.report import (NO_SELECTION_STATEMENT, CellResult, DatasetInfo, FigureInfo, ReportData,
-                                      TableInfo, VariantInfo, format_mean_sd, plot_sweep, plot_umaps, render_models,
-                                      render_report, render_table, render_wall_times, write_report)
+from semst.experiments.report import (
+    NO_SELECTION_STATEMENT,
+    CellResult,
+    DatasetInfo,
+    FigureInfo,
+    ReportData,
+    TableInfo,
+    VariantInfo,
+    format_mean_sd,
+    plot_sweep,
+    plot_umaps,
+    render_models,
+    render_report,
+    render_table,
+    render_wall_times,
+    write_report,
+)
 
 WEIGHTS = "ab" * 32
 

@@ -6,10 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from semst.shared.cache import EmbeddingCache
-from semst.shared.cache import embedding_tag
-from semst.embed.sentence_encoder import (SentenceEncoderError, encode_dataset_sentence, embed_dataset_sentence,
-                                    encoder_dir, encoder_space, load_encoder, sentence_tag, sentence_texts)
+from semst.embed.sentence_encoder import (
+    SentenceEncoderError,
+    embed_dataset_sentence,
+    encode_dataset_sentence,
+    encoder_dir,
+    encoder_space,
+    load_encoder,
+    sentence_tag,
+    sentence_texts,
+)
+from semst.shared.cache import EmbeddingCache, embedding_tag
 from semst.shared.config import load_cluster_config, load_embed_config
 from semst.shared.hashing import prompt_hash, weights_fingerprint
 

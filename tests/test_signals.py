@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_embed_run import write_slide
+from tiny_model import build_tiny_model
+from toy_slides import two_domain_slide
 
 from semst.experiments.cli import main
 from semst.shared import interrupt
 from semst.shared.cache import EmbeddingCache
-from test_embed_run import write_slide
-from tiny_model import build_tiny_model
-from toy_slides import two_domain_slide
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_CLI = Path(__file__).with_name("slow_cli.py")

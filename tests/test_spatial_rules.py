@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
+from toy_slides import two_domain_slide
 
 import semst
 from semst.cluster.graphs import GraphError, spatial_graph
 from semst.cluster.run import default_run_name
 from semst.cluster.spatial import SPATIAL_RULES, SpatialRule, register_spatial_rule, spatial_rule
 from semst.shared.config import ConfigError, config_to_toml, load_cluster_config
-from toy_slides import two_domain_slide
 
 SMALL = {"epochs": 3, "hidden1": 16, "hidden2": 8, "expr_k": 5, "n_domains": 2, "fusion": "none"}
 

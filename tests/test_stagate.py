@@ -91,8 +91,7 @@ def test_bad_hyper_parameters_are_refused():
 @pytest.fixture
 def toy(tmp_path, monkeypatch):
     """The grid slide as raw counts on the search path (as 'grid'), a config, fake cached embeddings."""
-    from semst.shared.cache import EmbeddingCache, EmbeddingSpace
-    from semst.shared.cache import embedding_tag
+    from semst.shared.cache import EmbeddingCache, EmbeddingSpace, embedding_tag
     from semst.shared.config import load_cluster_config
     from semst.shared.hashing import prompt_hash
 

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
+from toy_slides import two_domain_slide
 
 import semst
 from semst.cluster.autok import StabilityCurve
 from semst.cluster.plots import annotation_palette
 from semst.shared.config import ConfigError
-from toy_slides import two_domain_slide
 
 SMALL = {"epochs": 3, "hidden1": 16, "hidden2": 8, "expr_k": 5}
 ROOT = Path(semst.__file__).resolve().parent

@@ -4,7 +4,6 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from semst.cluster.dgl_compat import dgl
 from semst.cluster.domains import kmeans_domains
 from semst.cluster.graphs import expression_graph, spatial_graph
 from semst.cluster.train import resolve_minibatch, train_semst
@@ -105,7 +104,7 @@ def test_sparse_input_trains_the_same_model_as_dense_input(slide, monkeypatch):
     s = {**slide, "features": sparse_features}
     dense = run(s, cfg(epochs=3), 4)
     monkeypatch.setattr("semst.cluster.train.SPARSE_INPUT_DENSITY", 0.5)
-    monkeypatch.setattr("semst.cluster.model.TRANSPOSE_BLOCK_SPOTS", 50)
+    monkeypatch.setattr("semst.cluster.network.TRANSPOSE_BLOCK_SPOTS", 50)
     sparse = run(s, cfg(epochs=3), 4)
     assert "sparse input" in sparse.mode and "sparse" not in dense.mode
     np.testing.assert_allclose(sparse.latent, dense.latent, rtol=1e-3, atol=2e-4)  # summation order only

@@ -8,10 +8,10 @@ import anndata as ad
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-
-from semst.cluster.runner import METRICS
-from semst.experiments.cli import main
 from tiny_model import build_tiny_model
+
+from semst.cluster.seeds import METRICS
+from semst.experiments.cli import main
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from semst.cluster.losses import zinb_loss
 from semst.cluster import zinb
+from semst.cluster.losses import zinb_loss
 from semst.cluster.zinb import SMALL_COUNT, SparseCounts, block_rows, zinb_nll_and_grad
 
 

@@ -39,7 +39,7 @@ QWEN3_STYLE_TEMPLATE = (
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from semst.embed.models import default_gguf_path, gguf_tokenizer, is_complete
+    from semst.embed.checkpoints import default_gguf_path, gguf_tokenizer, is_complete
     from semst.shared.paths import default_model_dir
 
     if is_complete(default_model_dir()):
@@ -52,7 +52,7 @@ def build_tiny_model(dest: Path, arch: str = "llama", seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-    from semst.embed.models import save_tokenizer
+    from semst.embed.checkpoints import save_tokenizer
 
     tokenizer = smollm2_tokenizer()
     shape = dict(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,

@@ -57,7 +57,7 @@ try:
     from semst.cluster.spatial import spatial_rule
     sg = spatial_rule(cfg).build(np.asarray(a.obsm["spatial"], float))
 except ImportError:  # a revision before the spatial-graph rules
-    from semst.cluster.runner import slide_spatial_graph
+    from semst.cluster.seeds import slide_spatial_graph
     sg = slide_spatial_graph(cfg, np.asarray(a.obsm["spatial"], float))
 fg = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs)
 sem = np.random.default_rng(0).normal(size=(a.n_obs, 576)).astype(np.float32)
@@ -233,7 +233,6 @@ def _bench_sizes(sizes, genes, epochs, cores, irregular, fusion, spatial_k, mini
 def bench_million_end_to_end(epochs: int, cores: str, n: int = 1_000_000, genes: int = 500) -> None:
     """A whole ``semst cluster`` on 1M synthetic cells (fusion none: no LLM stage), outputs written."""
     import anndata as ad
-    import numpy as np
     import pandas as pd
 
     work = Path(tempfile.mkdtemp(prefix="semst-million-"))

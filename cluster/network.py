@@ -21,7 +21,6 @@ from torch import nn
 from semst.cluster.dgl_compat import dglnn
 from semst.cluster.fusion import fusion_class
 
-
 # Measured (one and two threads, 3639 and 100k spots x 3000 genes, random sparsity, the first layer's
 # product + weight gradient): CSR is ~3x faster than the dense GEMM at 5% non-zeros, 1.3-2x at 10%,
 # level at 15% and slower above; on the real dlpfc-151673 input (15%) neither wins consistently.

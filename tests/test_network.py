@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from semst.cluster.dgl_compat import dgl
-from semst.cluster.graphs import expression_graph, spatial_graph
 from semst.cluster.fusion import FSM, fsm_modulate
-from semst.cluster.model import SemST, SparseFeatures, ZINBDecoder
+from semst.cluster.graphs import expression_graph, spatial_graph
+from semst.cluster.network import SemST, SparseFeatures, ZINBDecoder
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_the_decoder_body_on_the_slides_own_statistics_is_the_body_in_training_m
 def test_the_sparse_inputs_product_and_weight_gradient_are_the_dense_ones(monkeypatch, block_spots):
     """CSR input: ``X @ W`` and dL/dW = X^T dL/d(XW), the transpose kept in blocks of spots (7: five
     blocks, the last of 2; 30 and 64: one block)."""
-    monkeypatch.setattr("semst.cluster.model.TRANSPOSE_BLOCK_SPOTS", block_spots)
+    monkeypatch.setattr("semst.cluster.network.TRANSPOSE_BLOCK_SPOTS", block_spots)
     rng = np.random.default_rng(0)
     x = np.where(rng.random((30, 20)) < 0.8, 0.0, rng.normal(size=(30, 20))).astype(np.float32)
     features = SparseFeatures(x)
