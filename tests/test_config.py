@@ -252,3 +252,29 @@ def test_bad_preprocess_values_are_refused(tmp_path, field, value, message):
     path.write_text(f"[preprocess]\n{field} = {value!r}\n".replace("'", '"'))
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_embed_config("x", path=path)
+
+
+# Pinned on the code before the config became sections (issue 21): run-folder names and grid cell
+# hashes come from config_identity, so the same settings must keep the same identity.
+PINNED_IDENTITIES = [
+    ("starmap-mpfc", {}, "4b166e00908b59a8", "film-llm-0830dbde"),
+    ("mob", {"recipe": "paper"}, "8e3e8b5416f1f0ce", "film-llm-e7b0771e"),
+    ("dlpfc-151673", {}, "08b7edee13c119d3", "film-llm-bd59636c"),
+    ("hbc", {"recipe": "paper"}, "7d234cfb15d7f378", "film-llm-3598cbad"),
+    ("an-unregistered-slide", {"epochs": 5, "fusion": "concat", "spatial_k": 8, "n_domains": "auto", "seeds": [0, 1]},
+     "9b0b0ee2819db8f5", "concat-llm-190b3128"),
+    ("mob", {"fsm_mode": "gated", "minibatch": "on", "batch_spots": 300, "radius_spacings": 2.0, "threads": 2},
+     "27bea93620dc1c01", "film-llm-6158f257"),
+]
+
+
+@pytest.mark.parametrize("dataset,overrides,identity_hash,run_name", PINNED_IDENTITIES)
+def test_config_identity_and_run_name_are_those_of_before_the_sections(dataset, overrides, identity_hash, run_name):
+    from semst.cluster.run import default_run_name
+    from semst.shared.config import config_identity
+    from semst.shared.hashing import json_hash
+
+    cache = {"cache": "/pinned/cache.zarr"}
+    cfg = load_cluster_config(dataset, {**overrides, **cache}, embed_overrides=cache)
+    assert json_hash(config_identity(cfg), 16) == identity_hash
+    assert default_run_name(cfg) == run_name
