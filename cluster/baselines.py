@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from semst.shared.errors import SemstError
+
 DEFAULT_N_PCS = 30
 PCA_SEED = 0  # the PCA is part of the method, not of the seed being varied
 
 
-class BaselineError(ValueError):
+class BaselineError(SemstError, ValueError):
     """A baseline cannot run as asked; the message says what to change."""
 
 

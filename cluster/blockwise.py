@@ -123,11 +123,13 @@ def _views_backward(model, adjacency, x, views, grads, dropout_masks) -> None:
     add_to_grad(model.expression.weight1, g_f.contiguous())
 
 
-def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, decode, spatial_loss) -> dict:
+def blockwise_epoch(model, adjacency, x, sem, dropout: float, loss_cfg, block_spots: int, clock, decode,
+                    spatial_loss) -> dict:
     """One full-batch epoch's losses and gradients (added to the parameters' ``.grad``), computed in
     blocks of ``block_spots`` spots (steps 1-6 of the module docstring).
 
-    ``adjacency``: the two views' :class:`NormalisedAdjacency`; ``x``: the whole slide's input
+    ``adjacency``: the two views' :class:`NormalisedAdjacency`; ``dropout``: the network's; ``loss_cfg``: the
+    loss's weights (a ClusterConfig's ``loss`` section); ``x``: the whole slide's input
     (dense tensor or SparseFeatures); ``decode(inputs, body, start, share) -> (zinb, dL/dinputs)``:
     the decoder and ZINB of the spots from ``start`` on, ``body(inputs)`` being the heads' input
     (train's ``_decode``); ``spatial_loss(z)``: L_s of the whole slide, as full batch computes it.
@@ -137,8 +139,8 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
     bounds = list(range(0, n, block_spots)) + [n]
     blocks = list(zip(bounds[:-1], bounds[1:]))
     masks, block_seeds = [None, None], [None] * len(blocks)
-    if cfg.dropout > 0:
-        keep = 1.0 - cfg.dropout
+    if dropout > 0:
+        keep = 1.0 - dropout
         masks = [torch.empty(n, w).bernoulli_(keep).div_(keep) for w in model.branch_widths()]
         block_seeds = torch.randint(0, 2 ** 62, (len(blocks),)).tolist()
     dec = model.decoder
@@ -171,11 +173,11 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
     # 3: L_cr and L_s on the whole slide, and their gradients for every spot
     for t in (z_s, z_f, z):
         t.requires_grad_(True)
-    l_cr = correlation_reduction_loss(z_s, z_f, cfg.cr_similarity)
+    l_cr = correlation_reduction_loss(z_s, z_f, loss_cfg.cr_similarity)
     clock.lap("cr")
     l_s = spatial_loss(z)
     clock.lap("spatial")
-    (cfg.gamma * l_cr + cfg.lambda_s * l_s).backward()
+    (loss_cfg.gamma * l_cr + loss_cfg.lambda_s * l_s).backward()
     grad_s, grad_f, grad_z = z_s.grad, z_f.grad, z.grad
     z_s, z_f = z_s.detach(), z_f.detach()
     clock.lap("backward")
@@ -211,7 +213,7 @@ def blockwise_epoch(model, adjacency, x, sem, cfg, block_spots: int, clock, deco
     del z, linear, grad_linear, grad_z
     _views_backward(model, adjacency, x, views, (grad_s, grad_f), masks)
     clock.lap("backward")
-    rest = cfg.gamma * l_cr.item() + cfg.lambda_s * l_s.item()
+    rest = loss_cfg.gamma * l_cr.item() + loss_cfg.lambda_s * l_s.item()
     fusion_stats = model.fuse.stats_from_parts(fusion_parts)
-    return {"total": cfg.zinb_weight * zinb + rest, "zinb": zinb, "cr": l_cr.item(), "spatial": l_s.item(),
+    return {"total": loss_cfg.zinb_weight * zinb + rest, "zinb": zinb, "cr": l_cr.item(), "spatial": l_s.item(),
             **fusion_stats}

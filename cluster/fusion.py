@@ -18,6 +18,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from semst.shared.errors import ConfigError
+
 FUSIONS: dict[str, type[Fusion]] = {}
 
 
@@ -29,8 +31,8 @@ def register_fusion(cls: type[Fusion]) -> type[Fusion]:
     return cls
 
 
-class UnknownFusionError(ValueError):
-    """A fusion name that no class is registered under."""
+class UnknownFusionError(ConfigError):
+    """A fusion name that no class is registered under (a ConfigError: a config or --fusion names it)."""
 
 
 def fusion_class(name: str) -> type[Fusion]:

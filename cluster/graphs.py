@@ -19,9 +19,10 @@ import scipy.sparse as sp
 import torch
 
 from semst.cluster.dgl_compat import dgl
+from semst.shared.errors import SemstError
 
 
-class GraphError(ValueError):
+class GraphError(SemstError, ValueError):
     """A graph cannot be built as configured; the message says why and what to change."""
 
 

@@ -92,7 +92,7 @@ class Method:
     @classmethod
     def uses_semantic(cls, cfg: ClusterConfig) -> bool:
         """Whether this method reads semantic vectors with ``cfg`` (so the grid embeds them first)."""
-        return cls.reads_semantic and cfg.fusion != "none"
+        return cls.reads_semantic and cfg.model.fusion != "none"
 
     @classmethod
     def describe(cls, own: dict) -> str:
@@ -134,7 +134,7 @@ class SemanticVectors:
         from semst.cluster.run import check_embed_possible, semantic_embeddings
 
         self.cfg, self.spot_ids, self.config_path = cfg, spot_ids, config_path
-        if given is not None and cfg.fusion != "none":
+        if given is not None and cfg.model.fusion != "none":
             given = np.asarray(given, dtype=np.float32)
             if given.ndim != 2 or given.shape[0] != len(spot_ids):
                 raise ClusterError(f"semantic vectors of shape {given.shape} for {len(spot_ids)} spots")
@@ -142,12 +142,12 @@ class SemanticVectors:
         else:
             if adata is not None:  # a setting no `semst embed` could satisfy is refused, not hinted at
                 check_embed_possible(cfg, adata)
-            self.first, self.source = semantic_embeddings(cfg, spot_ids, cfg.seeds[0], config_path)
+            self.first, self.source = semantic_embeddings(cfg, spot_ids, cfg.clustering.seeds[0], config_path)
 
     def for_seed(self, seed: int) -> np.ndarray | None:
         from semst.cluster.run import semantic_embeddings
 
-        if self.cfg.embedding == "random" and self.first is not None and seed != self.cfg.seeds[0]:
+        if self.cfg.model.embedding == "random" and self.first is not None and seed != self.cfg.clustering.seeds[0]:
             return semantic_embeddings(self.cfg, self.spot_ids, seed, self.config_path)[0]
         return self.first
 
@@ -176,14 +176,15 @@ class SemST(Method):
         check_neighbour_counts(slide)  # SemST's graphs: more spots than neighbours
         check_gene_supply(slide.adata, cfg.preprocess)  # a recipe the slide cannot support stops here
         try:  # a forced mini-batch larger than the slide stops here, before any work
-            resolve_minibatch(cfg, slide.adata.n_obs)
+            resolve_minibatch(cfg.train, slide.adata.n_obs)
         except ValueError as exc:
             raise ClusterError(str(exc)) from None
         # Embeddings first: their absence is the most common mistake and the cheapest to report.
         self.semantic = SemanticVectors(cfg, slide.spot_ids, semantic, slide.adata, config_path)
         prep, sgraph = slide.prep, slide.spatial_graph
         started = time.perf_counter()
-        self.expression_graph = expression_graph(prep.X, cfg.expr_k, cfg.expr_pcs, cfg.expr_knn, progress=progress)
+        graph = cfg.graph
+        self.expression_graph = expression_graph(prep.X, graph.expr_k, graph.expr_pcs, graph.expr_knn, progress=progress)
         graph_seconds = time.perf_counter() - started
         n = slide.adata.n_obs
         alone = isolated_spots(sgraph)
@@ -205,12 +206,12 @@ class SemST(Method):
 
         cfg, prep = self.cfg, self.slide.prep
         result = train_semst(prep.X, prep.layers["counts"], prep.obs["size_factor"].to_numpy(),
-                             self.slide.spatial_graph, self.expression_graph, self.semantic.for_seed(seed), cfg,
-                             seed, progress=self.progress)
+                             self.slide.spatial_graph, self.expression_graph, self.semantic.for_seed(seed),
+                             cfg.model, cfg.loss, cfg.train, seed, progress=self.progress)
         self.source["training"] = result.mode
         trained = sum(v for k, v in result.seconds.items() if k != "graphs")
-        self.log(f"seed {seed}: {result.mode}, {cfg.epochs} epochs in {trained:.1f} s "
-                 f"({trained / max(cfg.epochs, 1):.2f} s/epoch) after {result.seconds.get('graphs', 0.0):.1f} s of set-up")
+        self.log(f"seed {seed}: {result.mode}, {cfg.train.epochs} epochs in {trained:.1f} s "
+                 f"({trained / max(cfg.train.epochs, 1):.2f} s/epoch) after {result.seconds.get('graphs', 0.0):.1f} s of set-up")
         return result
 
 
@@ -236,13 +237,13 @@ class STAGATE(Method):
     @classmethod
     def configure(cls, cfg: ClusterConfig, values: dict | None = None) -> StagateConfig:
         # The FSM's hidden width follows the config's, as SemST's does, unless [stagate] sets it.
-        return super().configure(cfg, {"fsm_hidden_ratio": cfg.fsm_hidden_ratio, **(values or {})})
+        return super().configure(cfg, {"fsm_hidden_ratio": cfg.model.fsm_hidden_ratio, **(values or {})})
 
     @classmethod
     def check(cls, cfg: ClusterConfig, settings: Any) -> None:
-        if cfg.fusion not in ("film", "none"):
+        if cfg.model.fusion not in ("film", "none"):
             raise StagateError(f"STAGATE takes the FSM or nothing: fusion must be 'film' (STAGATE + FSM) or "
-                               f"'none' (STAGATE), got {cfg.fusion!r}")
+                               f"'none' (STAGATE), got {cfg.model.fusion!r}")
 
     @classmethod
     def describe(cls, own: dict) -> str:

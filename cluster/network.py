@@ -20,6 +20,9 @@ from torch import nn
 
 from semst.cluster.dgl_compat import dglnn
 from semst.cluster.fusion import fusion_class
+from semst.shared.config import ModelConfig
+
+_MODEL = ModelConfig()  # the network's defaults
 
 # Measured (one and two threads, 3639 and 100k spots x 3000 genes, random sparsity, the first layer's
 # product + weight gradient): CSR is ~3x faster than the dense GEMM at 5% non-zeros, 1.3-2x at 10%,
@@ -169,9 +172,11 @@ class SemST(nn.Module):
     """The full network; ``fusion`` names a registered fusion (:mod:`semst.cluster.fusion`): film |
     concat | add | cross-attention | none, or one of the user's own."""
 
-    def __init__(self, n_genes: int, emb_dim: int | None, hidden1: int = 256, hidden2: int = 128,
-                 dropout: float = 0.0, fusion: str = "film", fsm_hidden_ratio: float = 1.2,
-                 fsm_mode: str = "paper", gcn_norm: str = "both", gcn_init: str = "xavier"):
+    # The defaults are the config's (ModelConfig): one source, so SemST(...) is the network `semst cluster` trains.
+    def __init__(self, n_genes: int, emb_dim: int | None, hidden1: int = _MODEL.hidden1, hidden2: int = _MODEL.hidden2,
+                 dropout: float = _MODEL.dropout, fusion: str = _MODEL.fusion,
+                 fsm_hidden_ratio: float = _MODEL.fsm_hidden_ratio, fsm_mode: str = _MODEL.fsm_mode,
+                 gcn_norm: str = _MODEL.gcn_norm, gcn_init: str = _MODEL.gcn_init):
         super().__init__()
         fusion_cls = fusion_class(fusion)
         if fusion_cls.uses_semantic and not emb_dim:
@@ -186,6 +191,12 @@ class SemST(nn.Module):
         self.W = nn.Sequential(nn.Linear(self.fuse.output_width, hidden1), nn.ReLU(), nn.Dropout(dropout),
                                nn.Linear(hidden1, hidden2))
         self.decoder = ZINBDecoder(hidden2, hidden1, n_genes)
+
+    @classmethod
+    def from_config(cls, n_genes: int, emb_dim: int | None, model_cfg: ModelConfig) -> SemST:
+        """The network of a config's [cluster.model] section."""
+        return cls(n_genes, emb_dim, model_cfg.hidden1, model_cfg.hidden2, model_cfg.dropout, model_cfg.fusion,
+                   model_cfg.fsm_hidden_ratio, model_cfg.fsm_mode, model_cfg.gcn_norm, model_cfg.gcn_init)
 
     def fuse_views(self, z_gcn, semantic):
         return self.fuse(z_gcn, None if self.project is None else self.project(semantic))

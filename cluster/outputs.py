@@ -191,16 +191,17 @@ def run_marker(cfg, run_name: str) -> dict:
 def domains_title(report, cfg) -> str:
     """What the main labelling is, in words: the consensus of N seeds, or the one seed."""
     if report.consensus is not None:
-        return f"consensus of seeds {','.join(map(str, cfg.seeds))}"
-    return f"seed {cfg.seeds[0]}"
+        return f"consensus of seeds {','.join(map(str, cfg.clustering.seeds))}"
+    return f"seed {cfg.clustering.seeds[0]}"
 
 
 def metrics_document(report, cfg, ground_truth: pd.Series, source: dict) -> dict:
+    n_domains = cfg.clustering.n_domains
     doc = {
         "dataset": cfg.dataset, "n_spots": report.n_spots, "n_domains": report.n_domains,
-        "n_domains_setting": "annotation" if cfg.n_domains is None else str(cfg.n_domains),
-        "n_labelled": int(ground_truth.notna().sum()), "fusion": cfg.fusion, "source": source,
-        "refine": cfg.refine, "domain": domains_title(report, cfg),
+        "n_domains_setting": "annotation" if n_domains is None else str(n_domains),
+        "n_labelled": int(ground_truth.notna().sum()), "fusion": cfg.model.fusion, "source": source,
+        "refine": cfg.clustering.refine, "domain": domains_title(report, cfg),
         "selection": ("none: last-epoch embedding, k-means with a fixed number of domains" if report.auto is None
                       else "none: last-epoch embedding, k-means with the number of domains chosen by stability "
                            "of the embeddings alone") + "; labels only used to compute these metrics",
@@ -247,7 +248,7 @@ def _fill_run_folder(tmp: Path, report, cfg, adata, ground_truth: pd.Series, sou
     np.savez_compressed(tmp / "embedding.npz", **{f"seed{s}": z for s, z in report.latents.items()})
     out = adata.copy()
     out.obs["semst_domain"] = pd.Categorical(main.astype(str))
-    out.obsm["X_semst"] = report.latents[cfg.seeds[0]]
+    out.obsm["X_semst"] = report.latents[cfg.clustering.seeds[0]]
     out.uns["semst"] = {"config": config_to_toml(cfg), "summary": json.dumps(report.summary),
                         "embedding": json.dumps(source)}
     out.write_h5ad(tmp / "semst.h5ad")
@@ -257,7 +258,7 @@ def _fill_run_folder(tmp: Path, report, cfg, adata, ground_truth: pd.Series, sou
         sub = f" (ARI {scores['ARI']:.1f}, NMI {scores['NMI']:.1f})"
     k_text = f"{report.n_domains} domains" + (" (auto)" if report.auto is not None else "")
     plot_domain_maps(tmp / "domains.png", coords, ground_truth, [(f"SemST, {k_text}{sub}", main)],
-                     title=f"{cfg.dataset}: SemST ({cfg.fusion}, {domains_title(report, cfg)})")
+                     title=f"{cfg.dataset}: SemST ({cfg.model.fusion}, {domains_title(report, cfg)})")
     plot_losses(report.histories, tmp / "loss.png", title=f"{cfg.dataset}: training losses")
     if report.auto is not None:
         from semst.cluster.autok import plot_stability

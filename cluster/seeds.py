@@ -23,6 +23,7 @@ import pandas as pd
 
 from semst.cluster.domains import consensus_labels
 from semst.shared.config import AutoDomains, ClusterConfig, parse_n_domains
+from semst.shared.errors import SemstError
 
 if TYPE_CHECKING:  # imported where used: the graph modules load DGL
     from semst.cluster.spatial import SpatialRule
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # imported where used: the graph modules load DGL
 METRICS = ("ARI", "NMI", "ACC", "F1_macro", "F1_weighted")
 
 
-class ClusterError(RuntimeError):
+class ClusterError(SemstError, RuntimeError):
     """Stage 2 cannot run as asked; the message says why and what to do."""
 
 
@@ -67,7 +68,7 @@ def resolve_n_domains(cfg: ClusterConfig, ground_truth: pd.Series) -> int | Auto
     """The number of domains for this slide: the config's k, its "auto" range (checked against the
     number of spots, before anything is trained), or the number of annotated domains."""
     n_spots = len(ground_truth)
-    n = cfg.n_domains
+    n = cfg.clustering.n_domains
     if not (isinstance(n, int) and not isinstance(n, bool)):
         n = parse_n_domains(n)
     if isinstance(n, AutoDomains):
@@ -120,15 +121,18 @@ class Slide:
 
 def load_slide(cfg: ClusterConfig, adata=None, spatial: SpatialRule | None = None) -> Slide:
     """The dataset of ``cfg`` (or ``adata``), checked (:func:`semst.shared.datasets.check_slide`) and
-    its number of domains fixed, with every thread pool bounded by ``cfg.threads`` first. Its spatial
+    its number of domains fixed, with every thread pool bounded by ``cfg.train.threads`` first; the fusion must be
+    a registered one (an UnknownFusionError, a ConfigError, names the known ones). Its spatial
     graph is built by ``spatial`` (e.g. a :class:`semst.cluster.spatial.GivenGraph`), else by the
     config's rule (:func:`semst.cluster.spatial.spatial_rule`, checked first)."""
+    from semst.cluster.fusion import fusion_class
     from semst.cluster.spatial import spatial_rule
     from semst.shared.datasets import check_slide, load_dataset
     from semst.shared.threads import apply_thread_budget
 
+    fusion_class(cfg.model.fusion)  # the registry's names (shared, below it, cannot check them): before any work
     spatial = spatial or spatial_rule(cfg)
-    threads = apply_thread_budget(cfg.threads)
+    threads = apply_thread_budget(cfg.train.threads)
     if adata is None:
         adata = load_dataset(cfg.dataset)
     coords = check_slide(adata, cfg.dataset, cfg.preprocess)
@@ -146,8 +150,9 @@ def check_neighbour_counts(slide: Slide) -> None:
         slide.spatial.check_spots(n_spots)
     except GraphError as exc:
         raise ClusterError(f"{cfg.dataset}: {exc} in a --config file (or spatial={{...}} in semst.domains)") from None
-    if cfg.expr_k >= n_spots:
-        raise ClusterError(f"{cfg.dataset} has {n_spots} spots, too few for expr_k = {cfg.expr_k} neighbours per spot "
+    if cfg.graph.expr_k >= n_spots:
+        raise ClusterError(f"{cfg.dataset} has {n_spots} spots, too few for expr_k = {cfg.graph.expr_k} neighbours "
+                           f"per spot "
                            f"(at most {n_spots - 1}): set a smaller expr_k in [cluster] of a --config file "
                            f"(or expr_k=... in semst.domains)")
 
@@ -173,7 +178,7 @@ def run_seeds(slide: Slide, fit: Callable[[int], Any], run_dir: Path | None = No
         log(f"{cfg.dataset}: no annotation (obs['ground_truth']), so no metrics")
     pending: dict[int, float] = {}
     extras: dict[int, dict] = {}
-    for seed in cfg.seeds:
+    for seed in cfg.clustering.seeds:
         t0 = time.perf_counter()
         result = fit(seed)
         report.latents[seed] = result.latent
@@ -183,23 +188,24 @@ def run_seeds(slide: Slide, fit: Callable[[int], Any], run_dir: Path | None = No
         if not auto:
             _label_seed(slide, report, seed, pending.pop(seed), log, extras[seed])
     if auto:
-        curve = stability_curve([report.latents[s] for s in cfg.seeds], auto.lo, auto.hi, cfg.auto_runs)
+        clustering = cfg.clustering
+        curve = stability_curve([report.latents[s] for s in clustering.seeds], auto.lo, auto.hi, clustering.auto_runs)
         report.auto = curve
         report.n_domains = curve.chosen
         log(f"number of domains: {curve.chosen} chosen in {auto} by stability over {curve.runs} k-means runs "
             f"({curve.mean[curve.chosen]:.3f}; peaks at {', '.join(map(str, curve.peaks)) or 'none'}; "
             f"{curve.seconds:.1f} s)")
-        for seed in cfg.seeds:
+        for seed in cfg.clustering.seeds:
             _label_seed(slide, report, seed, pending.pop(seed), log, extras[seed])
     report.summary = summarise(report.per_seed)
     if report.summary:
-        log("mean +- sd over seeds " + ",".join(map(str, cfg.seeds)) + ": " + ", ".join(
+        log("mean +- sd over seeds " + ",".join(map(str, cfg.clustering.seeds)) + ": " + ", ".join(
             f"{k} {v['mean']:.2f} +- {v['sd']:.2f}" for k, v in report.summary.items()))
-    if len(cfg.seeds) > 1:
-        report.consensus = consensus_labels([report.labels[s] for s in cfg.seeds])
+    if len(cfg.clustering.seeds) > 1:
+        report.consensus = consensus_labels([report.labels[s] for s in cfg.clustering.seeds])
         if slide.annotated:
             report.consensus_metrics = _metrics(slide, report.consensus)
-            log("consensus of seeds " + ",".join(map(str, cfg.seeds)) + ": " + ", ".join(
+            log("consensus of seeds " + ",".join(map(str, cfg.clustering.seeds)) + ": " + ", ".join(
                 f"{k} {report.consensus_metrics[k]:.2f}" for k in METRICS))
     if auto and slide.annotated:
         report.auto_comparison = _compare_with_annotation(slide, report)
@@ -221,7 +227,7 @@ def _domains(slide: Slide, latent: np.ndarray, k: int, seed: int) -> np.ndarray:
     from semst.cluster.graphs import neighbour_pairs
 
     labels = kmeans_domains(latent, k, seed)
-    if slide.cfg.refine:
+    if slide.cfg.clustering.refine:
         labels = refine_labels(labels, *neighbour_pairs(slide.spatial_graph))
     return labels
 
@@ -246,7 +252,7 @@ def _ari_text(entry: dict) -> str:
 def _compare_with_annotation(slide: Slide, report: ClusterReport) -> dict:
     """What not knowing the number of domains cost: ARI at the chosen and at the annotated k (the
     annotated k clustered here for this report only; the chosen k never depends on it)."""
-    seeds = slide.cfg.seeds
+    seeds = slide.cfg.clustering.seeds
     annotated_k = int(slide.truth.dropna().astype(str).nunique())
     curve = report.auto
 

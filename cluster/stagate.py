@@ -35,9 +35,10 @@ from torch import nn
 from semst.cluster.dgl_compat import dgl, dglnn
 from semst.cluster.fusion import FSM
 from semst.cluster.network import SemanticProjection
+from semst.shared.errors import SemstError
 
 
-class StagateError(ValueError):
+class StagateError(SemstError, ValueError):
     """STAGATE cannot run as asked; the message says what to change."""
 
 

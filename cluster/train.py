@@ -45,6 +45,7 @@ from semst.cluster.losses import (
 )
 from semst.cluster.network import SPARSE_INPUT_DENSITY, SemST, SparseFeatures
 from semst.cluster.zinb import SparseCounts, block_rows, zinb_nll_and_grad
+from semst.shared.config import LossConfig, ModelConfig, TrainConfig
 from semst.shared.threads import resolve_threads
 
 PARTS = ("graphs", "statistics", "encoder", "decoder", "zinb", "cr", "spatial", "backward", "optimiser")
@@ -113,39 +114,42 @@ class _SpatialPairs:
         return cls(src, dst, pair_keys(graph.num_nodes(), src, dst))
 
 
-def resolve_minibatch(cfg, n_spots: int) -> bool:
+def resolve_minibatch(train_cfg: TrainConfig, n_spots: int) -> bool:
     """Whether this slide trains in mini-batches: forced by ``minibatch`` "on"/"off", else above
     ``minibatch_above`` spots. A forced mini-batch larger than the slide is an error."""
-    if cfg.minibatch == "on":
-        if cfg.batch_spots >= n_spots:
-            raise ValueError(f"minibatch = \"on\" with batch_spots = {cfg.batch_spots} but the slide has only "
+    if train_cfg.minibatch == "on":
+        if train_cfg.batch_spots >= n_spots:
+            raise ValueError(f"minibatch = \"on\" with batch_spots = {train_cfg.batch_spots} but the slide has only "
                              f"{n_spots} spots: use a smaller batch_spots or minibatch = \"off\"")
         return True
-    if cfg.minibatch == "off":
+    if train_cfg.minibatch == "off":
         return False
-    return n_spots > cfg.minibatch_above and cfg.batch_spots < n_spots
+    return n_spots > train_cfg.minibatch_above and train_cfg.batch_spots < n_spots
 
 
-def train_semst(features, counts, size_factors, spatial, expression, semantic, cfg, seed: int,
-                progress: bool = True) -> TrainResult:
+def train_semst(features, counts, size_factors, spatial, expression, semantic, model_cfg: ModelConfig,
+                loss_cfg: LossConfig, train_cfg: TrainConfig, seed: int, progress: bool = True) -> TrainResult:
     """Train SemST on one slide and return the last epoch's Z_final.
 
     features: (n, g) preprocessed expression; counts: (n, g) raw counts of the same genes (CSR ok);
-    size_factors: (n,) (with ``cfg.zinb_target = "scaled"`` the ZINB reconstructs ``features`` with
-    scale factor 1 instead, the authors' choice, and these two are not used); spatial, expression: DGL graphs with self-loops; semantic: (n, d) or None
-    (only with ``cfg.fusion == "none"``); cfg: ClusterConfig; seed: seeds weights, dropout, sampling.
+    size_factors: (n,) (with ``loss_cfg.zinb_target = "scaled"`` the ZINB reconstructs ``features`` with
+    scale factor 1 instead, the authors' choice, and these two are not used); spatial, expression: DGL graphs with
+    self-loops; semantic: (n, d) or None (only with ``model_cfg.fusion == "none"``); model_cfg, loss_cfg,
+    train_cfg: the network, loss and training sections of a ClusterConfig (``cfg.model``, ``cfg.loss``,
+    ``cfg.train``); seed: seeds weights, dropout, sampling.
     """
     with deterministic_torch():
-        return _train_semst(features, counts, size_factors, spatial, expression, semantic, cfg, seed,
-                            progress)
+        return _train_semst(features, counts, size_factors, spatial, expression, semantic, model_cfg, loss_cfg,
+                            train_cfg, seed, progress)
 
 
-def _train_semst(features, counts, size_factors, spatial, expression, semantic, cfg, seed, progress) -> TrainResult:
+def _train_semst(features, counts, size_factors, spatial, expression, semantic, model_cfg, loss_cfg, train_cfg,
+                 seed, progress) -> TrainResult:
     from tqdm import tqdm
 
-    uses_semantic = fusion_class(cfg.fusion).uses_semantic
+    uses_semantic = fusion_class(model_cfg.fusion).uses_semantic
     if uses_semantic and semantic is None:
-        raise ValueError(f"fusion {cfg.fusion!r} needs semantic embeddings; use fusion 'none' without them")
+        raise ValueError(f"fusion {model_cfg.fusion!r} needs semantic embeddings; use fusion 'none' without them")
     clock = _Clock()
     n, g = np.shape(features)
     sem = None
@@ -153,8 +157,8 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
         sem = torch.from_numpy(np.ascontiguousarray(semantic, dtype=np.float32))
         if sem.shape[0] != n:
             raise ValueError(f"semantic embeddings have {sem.shape[0]} rows for {n} spots")
-    minibatch = resolve_minibatch(cfg, n)
-    if cfg.zinb_target == "scaled":  # the authors' train.py line 53
+    minibatch = resolve_minibatch(train_cfg, n)
+    if loss_cfg.zinb_target == "scaled":  # the authors' train.py line 53
         counts, size_factors = features, np.ones(n, dtype=np.float32)
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     sparse_input = bool(x.numel()) and np.count_nonzero(x.numpy()) / x.numel() <= SPARSE_INPUT_DENSITY
@@ -164,40 +168,39 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
     x_in = SparseFeatures(x.numpy()) if sparse_input else x
     adjacency = None
     if minibatch:
-        adjacency = [NormalisedAdjacency(graph, cfg.gcn_norm) for graph in (spatial, expression)]
+        adjacency = [NormalisedAdjacency(graph, model_cfg.gcn_norm) for graph in (spatial, expression)]
     clock.lap("graphs")
 
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     emb_dim = None if sem is None else sem.shape[1]
-    model = SemST(g, emb_dim, cfg.hidden1, cfg.hidden2, cfg.dropout, cfg.fusion, cfg.fsm_hidden_ratio,
-                  cfg.fsm_mode, cfg.gcn_norm, cfg.gcn_init)
+    model = SemST.from_config(g, emb_dim, model_cfg)
     # fused: one kernel for all parameters; the same update (to float rounding), 10x faster on CPU than
     # the default per-tensor ops (4.3M parameters: 32 -> 3 ms per step, one core)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    rows = block_rows(g) if cfg.decoder_batch is None else cfg.decoder_batch
+    opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=True)
+    rows = block_rows(g) if train_cfg.decoder_batch is None else train_cfg.decoder_batch
     # The run's budget itself rather than torch's current count, which is only as good as the last
     # set_num_threads (in-process vLLM had made that a no-op until embed.backends put it back).
-    threads = resolve_threads(cfg.threads)
+    threads = resolve_threads(train_cfg.threads)
     history: dict[str, list[float]] = {"total": [], "zinb": [], "cr": [], "spatial": []}
     history.update({key: [] for key in model.fuse.history_keys()})  # e.g. how far the FSM moved from the identity
-    n_blocks = -(-n // cfg.batch_spots)
-    mode = f"mini-batch ({n_blocks} blocks of <= {cfg.batch_spots} spots)" if minibatch else "full batch"
+    n_blocks = -(-n // train_cfg.batch_spots)
+    mode = f"mini-batch ({n_blocks} blocks of <= {train_cfg.batch_spots} spots)" if minibatch else "full batch"
     mode += ", sparse input" if sparse_input else ""
-    bar = tqdm(range(cfg.epochs), desc=f"training ({mode})", unit="epoch", disable=not progress)
+    bar = tqdm(range(train_cfg.epochs), desc=f"training ({mode})", unit="epoch", disable=not progress)
 
     def decode(inputs, body, start, share):
-        return _decode(model, inputs, body, sparse_counts, sf, start, cfg, rows, clock, threads, share)
+        return _decode(model, inputs, body, sparse_counts, sf, start, loss_cfg, rows, clock, threads, share)
 
     clock.restart()
     for _ in bar:
         model.train()
         opt.zero_grad(set_to_none=True)
         if minibatch:
-            step = blockwise_epoch(model, adjacency, x_in, sem, cfg, cfg.batch_spots, clock, decode,
-                                   lambda z: spatial_loss(z, pairs, cfg, rng))
+            step = blockwise_epoch(model, adjacency, x_in, sem, model_cfg.dropout, loss_cfg, train_cfg.batch_spots,
+                                   clock, decode, lambda z: spatial_loss(z, pairs, loss_cfg, rng))
         else:
-            step = _forward_backward(model, spatial, expression, x_in, sem, pairs, cfg, rng, clock, decode)
+            step = _forward_backward(model, spatial, expression, x_in, sem, pairs, loss_cfg, rng, clock, decode)
         opt.step()
         clock.lap("optimiser")
         for key in history:
@@ -213,7 +216,7 @@ def _train_semst(features, counts, size_factors, spatial, expression, semantic, 
                        seconds={k: round(v, 3) for k, v in clock.seconds.items()}, report=report)
 
 
-def _heads_and_zinb(h_data, weight, bias, counts: SparseCounts, sf, offset: int, g: int, rows: int, cfg,
+def _heads_and_zinb(h_data, weight, bias, counts: SparseCounts, sf, offset: int, g: int, rows: int, loss_cfg: LossConfig,
                     grad_h, clock, threads: int = 1, share: float = 1.0) -> tuple[float, torch.Tensor, torch.Tensor]:
     """The three decoder heads and the fused ZINB loss/gradient over blocks of ``rows`` spots:
     returns the ZINB loss (mean over spots x genes), the heads' weight and bias gradients, and
@@ -225,7 +228,7 @@ def _heads_and_zinb(h_data, weight, bias, counts: SparseCounts, sf, offset: int,
     two threads (30k spots x 3000 genes: 4.6 vs 3.1-3.5 s).
     """
     m = h_data.shape[0]
-    scale = cfg.zinb_weight * share / (m * g)  # the loss is the mean over spots x genes
+    scale = loss_cfg.zinb_weight * share / (m * g)  # the loss is the mean over spots x genes
     nll_sum, grad_w, grad_b = 0.0, torch.zeros_like(weight), torch.zeros_like(bias)
     # one buffer for every block's logits instead of a fresh (rows x 3 genes) tensor per block, paged
     # in each time (100k x 3000: torch.profiler put 1.7 s of an epoch on writing the bias into fresh
@@ -237,7 +240,7 @@ def _heads_and_zinb(h_data, weight, bias, counts: SparseCounts, sf, offset: int,
         logits = torch.addmm(bias, hb, weight.T, out=logits_buffer[:e - s])
         clock.lap("decoder")
         nll, grad = zinb_nll_and_grad(logits, counts.block(offset + s, offset + e), sf[offset + s:offset + e],
-                                      cfg.zinb_ridge, threads)
+                                      loss_cfg.zinb_ridge, threads)
         clock.lap("zinb")
         nll_sum += nll / (m * g)
         torch.mm(grad, weight, out=grad_h[s:e]).mul_(scale)  # scaling the (rows x 256) products, not grad
@@ -247,7 +250,8 @@ def _heads_and_zinb(h_data, weight, bias, counts: SparseCounts, sf, offset: int,
     return nll_sum, grad_w, grad_b
 
 
-def _decode(model, inputs, body, counts: SparseCounts, sf, start: int, cfg, rows: int, clock, threads: int,
+def _decode(model, inputs, body, counts: SparseCounts, sf, start: int, loss_cfg: LossConfig, rows: int, clock,
+            threads: int,
             share: float = 1.0) -> tuple[float, torch.Tensor]:
     """The decoder and the ZINB loss of the spots from ``start`` on: ``body(inputs)`` gives the heads'
     input (full batch: the decoder body on Z_final; mini-batch: the body after its Linear, on the
@@ -260,7 +264,7 @@ def _decode(model, inputs, body, counts: SparseCounts, sf, start: int, cfg, rows
     h_data = h.detach()
     weight, bias = (t.detach() for t in model.decoder.heads())
     grad_h = torch.empty_like(h_data)
-    zinb, grad_w, grad_b = _heads_and_zinb(h_data, weight, bias, counts, sf, start, g, rows, cfg, grad_h, clock,
+    zinb, grad_w, grad_b = _heads_and_zinb(h_data, weight, bias, counts, sf, start, g, rows, loss_cfg, grad_h, clock,
                                             threads, share)
     dec = model.decoder
     for head, gw, gb in zip((dec.pi, dec.disp, dec.mean), grad_w.chunk(3), grad_b.chunk(3)):
@@ -271,30 +275,31 @@ def _decode(model, inputs, body, counts: SparseCounts, sf, start: int, cfg, rows
     return zinb, leaf.grad
 
 
-def spatial_loss(z, pairs: _SpatialPairs, cfg, rng):
-    """L_s of the slide's Z_final (``cfg.spatial_loss``: sampled negatives or all pairs)."""
-    if cfg.spatial_loss == "all-pairs":  # the authors' mean over N^2 pairs
+def spatial_loss(z, pairs: _SpatialPairs, loss_cfg: LossConfig, rng):
+    """L_s of the slide's Z_final (``loss_cfg.spatial_loss``: sampled negatives or all pairs)."""
+    if loss_cfg.spatial_loss == "all-pairs":  # the authors' mean over N^2 pairs
         return all_pairs_spatial_loss(z, torch.from_numpy(pairs.src), torch.from_numpy(pairs.dst),
-                                      cfg.spatial_exact_below, cfg.spatial_samples_per_spot, rng)
-    neg_src, neg_dst = sample_negatives(z.shape[0], pairs.src, pairs.dst, cfg.n_negatives, rng, pairs.keys)
+                                      loss_cfg.spatial_exact_below, loss_cfg.spatial_samples_per_spot, rng)
+    neg_src, neg_dst = sample_negatives(z.shape[0], pairs.src, pairs.dst, loss_cfg.n_negatives, rng, pairs.keys)
     if not len(pairs.src):
         return z.sum() * 0.0
     return spatial_regularisation_loss(z, torch.from_numpy(pairs.src), torch.from_numpy(pairs.dst),
                                        torch.from_numpy(neg_src), torch.from_numpy(neg_dst))
 
 
-def _forward_backward(model, spatial, expression, x, sem, pairs: _SpatialPairs, cfg, rng, clock, decode) -> dict:
+def _forward_backward(model, spatial, expression, x, sem, pairs: _SpatialPairs, loss_cfg: LossConfig, rng, clock,
+                      decode) -> dict:
     """A full-batch epoch's losses, their gradients added to the parameters' gradients."""
     z_s, z_f, z = model.encode(spatial, expression, x, sem)
     clock.lap("encoder")
     zinb, grad_z = decode(z, model.decoder.body, 0, 1.0)
     fusion_stats = model.fuse.stats()
-    l_cr = correlation_reduction_loss(z_s, z_f, cfg.cr_similarity)
+    l_cr = correlation_reduction_loss(z_s, z_f, loss_cfg.cr_similarity)
     clock.lap("cr")
-    l_s = spatial_loss(z, pairs, cfg, rng)
+    l_s = spatial_loss(z, pairs, loss_cfg, rng)
     clock.lap("spatial")
-    rest = cfg.gamma * l_cr + cfg.lambda_s * l_s
+    rest = loss_cfg.gamma * l_cr + loss_cfg.lambda_s * l_s
     torch.autograd.backward([z, rest], [grad_z, None])
     clock.lap("backward")
-    total = cfg.zinb_weight * zinb + rest.item()
+    total = loss_cfg.zinb_weight * zinb + rest.item()
     return {"total": total, "zinb": zinb, "cr": l_cr.item(), "spatial": l_s.item(), **fusion_stats}

@@ -29,13 +29,15 @@ from typing import Protocol
 
 import numpy as np
 
+from semst.shared.errors import SemstError
+
 POOLINGS = ("mean", "last")
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("vllm", "transformers")
 MAX_TOKENS = 2048  # longest prompt accepted (a 20-gene SemST prompt is ~145 SmolLM2 tokens)
 
 
-class BackendError(RuntimeError):
+class BackendError(SemstError, RuntimeError):
     """A backend cannot be loaded or run as asked; the message says why and what to do."""
 
 

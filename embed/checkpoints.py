@@ -20,6 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from semst.shared.errors import SemstError
 from semst.shared.hashing import file_sha256
 from semst.shared.paths import default_model_dir
 
@@ -29,7 +30,7 @@ MANIFEST = "semst-conversion.json"  # written last into a converted directory: i
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(SemstError, FileNotFoundError):
     """The requested model is not available locally; the message says how to provide it."""
 
 

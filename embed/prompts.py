@@ -28,11 +28,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from semst.shared.errors import SemstError
+
 GENE_SEPARATOR = ", "
 EMPTY_GENE_TEXT = "none"  # the gene text of a spot without any expressed ranked gene
 
 
-class PromptError(ValueError):
+class PromptError(SemstError, ValueError):
     """A prompt cannot be rendered as asked; the message says why and what to do."""
 
 

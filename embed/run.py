@@ -15,10 +15,11 @@ import numpy as np
 
 from semst.shared.cache import embedding_tag, model_label
 from semst.shared.config import EmbedConfig
+from semst.shared.errors import SemstError
 from semst.shared.hashing import prompt_hash
 
 
-class EmbedError(RuntimeError):
+class EmbedError(SemstError, RuntimeError):
     """Stage 1 cannot run as asked; the message says why and what to do."""
 
 

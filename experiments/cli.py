@@ -7,41 +7,13 @@ SIGTERM stop any command cleanly (semst.shared.interrupt) with exit 130 and 143.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from semst.shared.config import ConfigError
+from semst.shared.errors import SemstError
 from semst.shared.paths import default_cache
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Exception classes that mean 'bad input or missing prerequisite', not 'bug'."""
-    errors: list[type[BaseException]] = [ConfigError]
-    for module, names in (
-        ("semst.shared.datasets", ("DatasetError",)),
-        ("semst.shared.download", ("DownloadError",)),
-        ("semst.shared.preprocess", ("PreprocessError",)),
-        ("semst.shared.cache", ("CacheError",)),
-        ("semst.embed.checkpoints", ("ModelNotFoundError",)),
-        ("semst.embed.backends", ("BackendError",)),
-        ("semst.embed.prompts", ("PromptError",)),
-        ("semst.embed.run", ("EmbedError",)),
-        ("semst.cluster.graphs", ("GraphError",)),
-        ("semst.cluster.seeds", ("ClusterError",)),
-        ("semst.experiments.grid", ("ExperimentError",)),
-        ("semst.experiments.prompt_information", ("PromptInformationError",)),
-        ("semst.cluster.baselines", ("BaselineError",)),
-        ("semst.cluster.stagate", ("StagateError",)),
-        ("semst.embed.sentence_encoder", ("SentenceEncoderError",)),
-    ):
-        mod = sys.modules.get(module)
-        for name in names:
-            cls = getattr(mod, name, None) if mod else None
-            if isinstance(cls, type) and issubclass(cls, BaseException):
-                errors.append(cls)
-    return tuple(errors)
 
 
 class SemstGroup(click.Group):
@@ -60,7 +32,7 @@ class SemstGroup(click.Group):
         except click.ClickException:
             raise
         except Exception as exc:  # only the expected ones are turned into a clean message
-            if isinstance(exc, _expected_errors()):
+            if isinstance(exc, SemstError):  # expected: bad input or a missing prerequisite
                 click.echo(f"error: {exc}", err=True)
                 ctx.exit(2)
             raise
@@ -74,6 +46,15 @@ RECIPE_HELP = ("Defaults of every setting not given: 'semst' (this repository's)
                "code, choice by choice; see the README's recipe table).")
 config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
                              help="TOML config to use instead of the dataset's own.")
+
+
+def set_option(sections: str):
+    return click.option("--set", "assignments", multiple=True, metavar="SECTION.FIELD=VALUE",
+                        help=f"Set one config field (repeatable), the value as in a TOML file, e.g. "
+                             f"--set train.epochs=5 --set graph.expr_k=10. Sections: {sections}.")
+
+
+CLUSTER_SET_SECTIONS = ("graph", "model", "loss", "train", "clustering", "cluster", "embed")
 
 
 @click.group(cls=SemstGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,17 +93,19 @@ def data_cmd(dataset, list_only, mirror):
 @click.option("--recipe", default=None, help=RECIPE_HELP)
 @click.option("--gene-ranking", "gene_ranking", default=None,
               help="Rank a spot's genes by raw 'counts' (semst) or by the 'scaled' preprocessed matrix (paper).")
+@set_option("embed")
 def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, template, batch_size, max_spots,
-              recipe, gene_ranking):
+              recipe, gene_ranking, assignments):
     """Stage 1: embed DATASET's top-k gene prompts into the shared cache."""
     from semst.embed.run import embed_dataset
-    from semst.shared.config import config_to_toml, load_embed_config
+    from semst.shared.config import config_to_toml, load_embed_config, parse_assignments, with_assignments
 
+    assigned = parse_assignments(assignments, ("embed",))
     _find(dataset)
-    cfg = load_embed_config(dataset, {"cache": str(cache) if cache else None, "model": model,
-                                      "k_genes": k_genes, "pooling": pooling, "backend": backend,
-                                      "template": template, "batch_size": batch_size, "recipe": recipe,
-                                      "gene_ranking": gene_ranking}, config_path)
+    flags = {"cache": str(cache) if cache else None, "model": model, "k_genes": k_genes, "pooling": pooling,
+             "backend": backend, "template": template, "batch_size": batch_size, "recipe": recipe,
+             "gene_ranking": gene_ranking}
+    cfg = load_embed_config(dataset, with_assignments(flags, assigned["embed"]), config_path)
     click.echo("# semst embed config\n" + config_to_toml(cfg))
     embed_dataset(cfg, max_spots=max_spots)
 
@@ -180,7 +163,8 @@ def _run_name(ctx, param, value: str | None) -> str | None:
 @click.option("--n-domains", "n_domains", default=None,
               help="Number of domains: K, 'auto' (chosen by stability in 3-15, never from labels) or 'auto:LO-HI' "
                    "(default: the number of annotated domains).")
-@click.option("--fusion", type=click.Choice(["film", "concat", "add", "cross-attention", "none"]), default=None)
+@click.option("--fusion", default=None,
+              help="A registered fusion: film (default), concat, add, cross-attention, none, or one of your own.")
 @click.option("--embedding", default=None, help="llm (default), random, or an embedding tag from `semst cache info`.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--model", default=None, help="Which model's cached embeddings to use (as given to `semst embed`).")
@@ -200,22 +184,23 @@ def _run_name(ctx, param, value: str | None) -> str | None:
               help="Which prompts' embeddings to read: genes ranked by 'counts' or by the 'scaled' matrix.")
 @click.option("--fsm-mode", "fsm_mode", default=None,
               help="FiLM start: paper | zero-init | gated (starts as the identity; the gate is reported).")
+@set_option(", ".join(CLUSTER_SET_SECTIONS))
 def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, embedding, epochs,
                 model, k_genes, pooling, template, run_name, threads, minibatch, batch_spots, recipe,
-                gene_ranking, fsm_mode):
+                gene_ranking, fsm_mode, assignments):
     """Stage 2: train SemST on cached embeddings and find spatial domains."""
     from semst.cluster.run import cluster_dataset
-    from semst.shared.config import config_to_toml, load_cluster_config
+    from semst.shared.config import config_to_toml, load_cluster_config, parse_assignments, with_assignments
 
+    assigned = parse_assignments(assignments, CLUSTER_SET_SECTIONS)
     _find(dataset)
-    cfg = load_cluster_config(
-        dataset,
-        {"cache": str(cache) if cache else None, "seeds": _parse_seeds(seeds), "n_domains": n_domains,
-         "fusion": fusion, "embedding": embedding, "epochs": epochs, "threads": threads,
-         "minibatch": minibatch, "batch_spots": batch_spots, "recipe": recipe, "fsm_mode": fsm_mode},
-        config_path,
-        embed_overrides={"cache": str(cache) if cache else None, "model": model, "k_genes": k_genes,
-                         "pooling": pooling, "template": template, "gene_ranking": gene_ranking})
+    flags = {"cache": str(cache) if cache else None, "seeds": _parse_seeds(seeds), "n_domains": n_domains,
+             "fusion": fusion, "embedding": embedding, "epochs": epochs, "threads": threads,
+             "minibatch": minibatch, "batch_spots": batch_spots, "recipe": recipe, "fsm_mode": fsm_mode}
+    embed_flags = {"cache": str(cache) if cache else None, "model": model, "k_genes": k_genes,
+                   "pooling": pooling, "template": template, "gene_ranking": gene_ranking}
+    cfg = load_cluster_config(dataset, with_assignments(flags, assigned["cluster"]), config_path,
+                              embed_overrides=with_assignments(embed_flags, assigned["embed"]))
     click.echo("# semst cluster config\n" + config_to_toml(cfg))
     cluster_dataset(cfg, out_dir=out_dir, run_name=run_name, config_path=config_path)
 

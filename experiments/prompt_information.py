@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from semst.shared.errors import SemstError
 
-class PromptInformationError(RuntimeError):
+
+class PromptInformationError(SemstError, RuntimeError):
     """The measurement cannot run on this slide (e.g. it has no annotation to score against)."""
 
 

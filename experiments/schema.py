@@ -17,9 +17,10 @@ from typing import Any
 
 from semst.cluster.methods import DEFAULT_METHOD, METHODS, Method, method_class
 from semst.shared.config import ClusterConfig, ConfigError, EmbedConfig, available_configs, fits_type, section_hints
+from semst.shared.errors import SemstError
 
 
-class ExperimentError(ValueError):
+class ExperimentError(SemstError, ValueError):
     """The grid cannot be run as written; the message says what is wrong and what to change."""
 
 

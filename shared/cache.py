@@ -62,6 +62,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from semst.shared.errors import SemstError
 from semst.shared.hashing import json_hash
 from semst.shared.io import atomic_write, fsync_dir
 from semst.shared.paths import DEFAULT_MODEL_NAME
@@ -95,7 +96,7 @@ _WRITE_FAULTS = {errno.ENOSPC: ("disk full", "free space or use another --cache"
                  errno.EPERM: ("operation not permitted", "use another --cache, or get write permission on it")}
 
 
-class CacheError(RuntimeError):
+class CacheError(SemstError, RuntimeError):
     """The cache cannot do what was asked; the message says what is wrong and what to do."""
 
 

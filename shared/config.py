@@ -5,18 +5,32 @@ dataset file overrides). A file has three sections:
 
 - ``[preprocess]`` -> :class:`PreprocessConfig` (used by both stages),
 - ``[embed]``      -> :class:`EmbedConfig` (stage 1),
-- ``[cluster]``    -> :class:`ClusterConfig` (stage 2).
+- ``[cluster]``    -> :class:`ClusterConfig` (stage 2), itself in sections: ``[cluster.graph]``
+  (:class:`GraphConfig`, with the spatial rule's table), ``[cluster.model]``, ``[cluster.loss]``,
+  ``[cluster.train]`` and ``[cluster.clustering]``. Every field name is unique across them, so the old
+  flat layout (``[cluster] epochs = 5``) still loads: a flat key names its section. Overrides (the
+  CLI's options, ``--set``, the API's keywords, the grids) stay flat dicts keyed by field name.
+
+One source of defaults: the dataclasses. A field's default is written once, beside its type and its
+comment; ``default.toml`` holds only what is not a field default (the spatial graph's rule for a slide
+whose file sets none, which the rule-replaces-rule merging needs as data below the files). So a
+setting added to a dataclass has its default everywhere (files, API, code that builds a config) and
+``SemST()``'s network defaults are :class:`ModelConfig`'s.
 
 Command-line options override single fields (``overrides``); the resolved config is printed with
-every run (:func:`config_to_toml`) and saved beside the results, so a run can be repeated exactly.
+every run (:func:`config_to_toml`, in the nested layout) and saved beside the results, so a run can be
+repeated exactly.
 
 Every file is parsed and checked before use (:func:`read_config_file`): a TOML error names the file
 and line, and each section, key and value is checked against the dataclasses (their type hints, via
-:func:`check_types`; overrides too), so a wrong value is one line naming the field, the type expected
-and the value got, never a traceback later.
+:func:`check_types`, ``Literal`` choices included; overrides and configs built in code too), so a wrong
+value is one line naming the field, the type expected and the value got, never a traceback later. The
+fusion's name is the fusion registry's (``semst.cluster.fusion``) to check, when stage 2 starts: this
+floor cannot import it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import tomllib
@@ -24,16 +38,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from semst.shared.errors import ConfigError
 from semst.shared.paths import default_cache
 
 # Package data: the per-dataset configs ship inside the package, next to this module.
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A config file or an override that cannot be used; the message says which field and why."""
+__all__ = ["ConfigError"]  # re-exported: defined in semst.shared.errors with the other expected errors
 
 
 @dataclass
@@ -75,11 +89,9 @@ class EmbedConfig:
 
 
 @dataclass
-class ClusterConfig:
-    """Stage 2: graphs, the SemST network, training and clustering."""
+class GraphConfig:
+    """The two graphs SemST convolves over: the spatial graph and the expression kNN graph."""
 
-    dataset: str = ""
-    # graphs
     # The spatial graph: the [cluster.spatial] table, one rule and its settings as plain data, e.g.
     # {"rule": "knn", "k": 6}; semst.cluster.spatial holds the rules, checks the table and builds the
     # graph (spatial_rule). default.toml's rule (the 6 nearest spots) holds for a slide whose file sets
@@ -93,26 +105,37 @@ class ClusterConfig:
     expr_pcs: int | None = None
     # "auto": exact expression kNN up to 50k spots, pynndescent's NN-descent above; or "exact" /
     # "approximate" (recall of the approximate graph: see README)
-    expr_knn: str = "auto"
-    # network (paper: nhid1=256, nhid2=128)
+    expr_knn: Literal["auto", "exact", "approximate"] = "auto"
+
+
+@dataclass
+class ModelConfig:
+    """The SemST network (paper: nhid1=256, nhid2=128) and the semantic vectors it reads."""
+
     hidden1: int = 256
     hidden2: int = 128
     dropout: float = 0.0
     fsm_hidden_ratio: float = 1.2  # FSM MLP hidden width = ratio * hidden2
-    fusion: str = "film"  # film | concat | add | cross-attention | none
+    # A name in the fusion registry (semst.cluster.fusion: film | concat | add | cross-attention | none
+    # and any registered later); checked when stage 2 starts, as shared cannot import the registry.
+    fusion: str = "film"
     # FiLM start: "paper" (the FSM as published), "zero-init" (last FSM layer zero: starts as the
     # identity), "gated" (z + g * (alpha * z + beta), learned scalar g starting at 0; reported per run).
     # Default zero-init: issue 9's measurement (README, recipe section) -- mean ARI over the 5-seed
     # development slides 54.0 vs 52.2 for the published FSM; the paper recipe keeps "paper".
-    fsm_mode: str = "zero-init"
-    gcn_norm: str = "both"  # "both": D^-1/2 (A+I) D^-1/2 (DGL); "right": D^-1 (A+I) (the authors')
-    gcn_init: str = "xavier"  # "xavier" (DGL GraphConv) | "uniform": U(+-1/sqrt(out)) (the authors')
+    fsm_mode: Literal["paper", "zero-init", "gated"] = "zero-init"
+    # "both": D^-1/2 (A+I) D^-1/2 (DGL); "right": D^-1 (A+I) (the authors')
+    gcn_norm: Literal["both", "right"] = "both"
+    # "xavier" (DGL GraphConv) | "uniform": U(+-1/sqrt(out)) (the authors')
+    gcn_init: Literal["xavier", "uniform"] = "xavier"
     embedding: str = "llm"  # llm | random | <embedding tag in the cache>
     random_embedding_std: float = 0.85  # the paper's "random" control, N(0, 0.85)
-    # training
-    epochs: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
+
+
+@dataclass
+class LossConfig:
+    """The loss: ZINB reconstruction + gamma * correlation reduction + lambda_s * spatial regularisation."""
+
     zinb_weight: float = 1.0
     gamma: float = 0.1  # correlation-reduction weight
     lambda_s: float = 0.1  # spatial-regularisation weight
@@ -121,36 +144,124 @@ class ClusterConfig:
     # on its own) or "all-pairs" (the authors' mean over all N^2 pairs: exact in blocks below
     # spatial_exact_below spots, above it an unbiased estimate from spatial_samples_per_spot
     # uniformly drawn pairs per spot)
-    spatial_loss: str = "sampled"
+    spatial_loss: Literal["sampled", "all-pairs"] = "sampled"
     spatial_exact_below: int = 20_000
     spatial_samples_per_spot: int = 64
-    cr_similarity: str = "pearson"  # correlation reduction on "pearson" (centred) or "cosine" columns
+    # correlation reduction on "pearson" (centred) or "cosine" columns
+    cr_similarity: Literal["pearson", "cosine"] = "pearson"
     # ZINB target: "counts" (raw counts x size factors) or "scaled" (the preprocessed matrix, scale
     # factor 1, as the authors' train.py); zinb_ridge * pi^2 is added to every entry (authors: 0.05)
-    zinb_target: str = "counts"
+    zinb_target: Literal["counts", "scaled"] = "counts"
     zinb_ridge: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The optimiser, the epochs and how an epoch is cut into blocks and threads."""
+
+    epochs: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
     # Spots per block of the ZINB decoder's heads and loss (memory for spots x genes outputs is one
     # block; the loss and gradient do not depend on it). None: ~2^19 / genes (cache-sized blocks).
     decoder_batch: int | None = None
     # Mini-batch training: full batch's epoch in blocks, bounded memory (see semst.cluster.blockwise):
     # "auto" = above minibatch_above spots, "on", "off".
-    minibatch: str = "auto"
+    minibatch: Literal["auto", "on", "off"] = "auto"
     batch_spots: int = 50_000  # spots per block in mini-batch mode
     minibatch_above: int = 200_000  # "auto" trains in mini-batches above this many spots
     # Threads for every pool (torch, BLAS, OpenMP, numba, DGL); None = OMP_NUM_THREADS, else all
     # usable cores. Results are identical for a fixed thread count, not across counts.
     threads: int | None = None
-    # clustering
+
+
+@dataclass
+class ClusteringConfig:
+    """From the learned embeddings to domains, over the seeds."""
+
     # None = number of annotated domains; an integer; or "auto" / "auto:LO-HI": chosen from the
     # learned embeddings by clustering stability (cluster.autok), never from the annotation.
     n_domains: int | str | None = None
     auto_runs: int = 10  # "auto": k-means runs per k (spread round-robin over the seeds' embeddings)
     refine: bool = False  # majority vote of each spot's domain over its spatial neighbours (GraphST's refine)
-    recipe: str = "semst"  # "semst" | "paper": defaults of the fields not set (shared/recipes.py)
     seeds: list[int] = field(default_factory=lambda: [0])
+
+
+# [cluster]'s sections, in the order a printed config lists them.
+CLUSTER_SECTIONS: dict[str, type] = {"graph": GraphConfig, "model": ModelConfig, "loss": LossConfig,
+                                     "train": TrainConfig, "clustering": ClusteringConfig}
+# Every field name is unique across the sections: a flat [cluster] key (the old layout, overrides,
+# grids, API keywords) names its section.
+SECTION_OF: dict[str, str] = {f.name: name for name, cls in CLUSTER_SECTIONS.items() for f in dataclasses.fields(cls)}
+# The flat field order of the config before the sections (config_identity keeps it).
+_FLAT_ORDER = ("dataset", "spatial", "expr_k", "expr_pcs", "expr_knn", "hidden1", "hidden2", "dropout",
+               "fsm_hidden_ratio", "fusion", "fsm_mode", "gcn_norm", "gcn_init", "embedding", "random_embedding_std",
+               "epochs", "lr", "weight_decay", "zinb_weight", "gamma", "lambda_s", "n_negatives", "spatial_loss",
+               "spatial_exact_below", "spatial_samples_per_spot", "cr_similarity", "zinb_target", "zinb_ridge",
+               "decoder_batch", "minibatch", "batch_spots", "minibatch_above", "threads", "n_domains", "auto_runs",
+               "refine", "recipe", "seeds", "cache", "preprocess", "embed")
+
+
+@dataclass
+class ClusterConfig:
+    """Stage 2: graphs, the SemST network, its loss and training, and clustering, one section each.
+
+    Training reads the sections it needs (``train_semst(cfg.model, cfg.loss, cfg.train, ...)``). A
+    field is also read and set by its flat name (``cfg.epochs`` is ``cfg.train.epochs``), as scripts,
+    overrides and the grids name them; :meth:`from_flat` builds one from flat names.
+    """
+
+    dataset: str = ""
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    recipe: str = "semst"  # "semst" | "paper": defaults of the fields not set (shared/recipes.py)
     cache: str = field(default_factory=lambda: str(default_cache()))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+
+    @classmethod
+    def from_flat(cls, **values: Any) -> ClusterConfig:
+        """A config from flat field names (``epochs=5``) beside the top-level ones (``dataset``, ...)."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - own - set(SECTION_OF))
+        if unknown:
+            raise TypeError(f"ClusterConfig has no field(s) {', '.join(unknown)}")
+        per_section: dict[str, dict[str, Any]] = {name: {} for name in CLUSTER_SECTIONS}
+        for key, value in values.items():
+            if key in SECTION_OF:
+                per_section[SECTION_OF[key]][key] = value
+        sections = {name: CLUSTER_SECTIONS[name](**v) for name, v in per_section.items() if name not in values}
+        return cls(**{k: v for k, v in values.items() if k in own}, **sections)
+
+    def replace(self, **values: Any) -> ClusterConfig:
+        """A copy with the fields named (flat names) changed: ``dataclasses.replace`` for flat names."""
+        return ClusterConfig.from_flat(**{**flat_values(self), **values})
+
+    def __getattr__(self, name: str) -> Any:  # only called for names that are not attributes
+        section = SECTION_OF.get(name)
+        if section is None or section not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.__dict__[section], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        section = SECTION_OF.get(name)
+        if section is not None:
+            setattr(getattr(self, section), name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+
+def flat_values(cfg: ClusterConfig) -> dict[str, Any]:
+    """The config's fields by flat name (sections not copied: the values themselves), in the order
+    of the flat config before the sections."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in CLUSTER_SECTIONS}
+    for name in CLUSTER_SECTIONS:
+        section = getattr(cfg, name)
+        values.update({f.name: getattr(section, f.name) for f in dataclasses.fields(section)})
+    return {key: values[key] for key in _FLAT_ORDER}
 
 
 @dataclass
@@ -234,23 +345,41 @@ SECTIONS: dict[str, type] = {"preprocess": PreprocessConfig, "embed": EmbedConfi
 
 
 def _section_fields(cls) -> set[str]:
-    """The keys a file may set in ``cls``'s section: its fields, less the nested sections (and, in
-    [cluster], the old spatial-graph keys)."""
+    """The keys a file may set in ``cls``'s section: its fields, less the nested stage configs; in
+    [cluster], every section's fields by flat name, the sections' tables and the old spatial-graph keys."""
     fields = {f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS}
-    return fields | {f.name for f in dataclasses.fields(LegacySpatialKeys)} if cls is ClusterConfig else fields
+    if cls is ClusterConfig:
+        fields |= set(SECTION_OF) | {f.name for f in dataclasses.fields(LegacySpatialKeys)}
+    return fields
+
+
+def field_hints(cls) -> dict[str, Any]:
+    """The type hint of every field of ``cls``; for :class:`ClusterConfig`, its sections' fields by flat
+    name too (a section's own hint, its dataclass, checks its table)."""
+    hints = typing.get_type_hints(cls)
+    if cls is ClusterConfig:
+        for section in CLUSTER_SECTIONS.values():
+            hints.update(typing.get_type_hints(section))
+    return hints
 
 
 def section_hints(cls) -> dict[str, Any]:
-    """The type of every key ``cls``'s section takes: its fields' type hints, and for [cluster] those
-    of the old spatial-graph keys (:class:`LegacySpatialKeys`)."""
-    hints = typing.get_type_hints(cls)
-    return {**hints, **typing.get_type_hints(LegacySpatialKeys)} if cls is ClusterConfig else hints
+    """The type of every flat key ``cls``'s section takes (overrides, grids): its fields' type hints and,
+    for [cluster], its sections' fields and the old spatial-graph keys (:class:`LegacySpatialKeys`)."""
+    hints = field_hints(cls)
+    if cls is ClusterConfig:
+        hints = {k: v for k, v in hints.items() if k not in CLUSTER_SECTIONS}
+        hints.update(typing.get_type_hints(LegacySpatialKeys))
+    return hints
 
 
 def fits_type(value: Any, hint: Any) -> bool:
     """Whether ``value`` is of the type ``hint`` (a dataclass field's type hint): int, float (an int
-    is fine), bool (not an int), str, ``X | None``, ``list[X]``, a dataclass, unions of these."""
+    is fine), bool (not an int), str, ``Literal[...]`` (one of its values), ``X | None``, ``list[X]``,
+    a dataclass, unions of these."""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        return any(value == choice and type(value) is type(choice) for choice in typing.get_args(hint))
     if origin in (typing.Union, types.UnionType):
         return any(fits_type(value, h) for h in typing.get_args(hint))
     if hint is Any:
@@ -277,8 +406,12 @@ _KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a s
 
 
 def _expected(hint: Any) -> str:
-    """What ``hint`` asks for, in words ("an integer", "a list of integers", "an integer or a string")."""
+    """What ``hint`` asks for, in words ("an integer", "a list of integers", "an integer or a string",
+    '"auto", "on" or "off"')."""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = [_toml_value(c) for c in typing.get_args(hint)]
+        return choices[0] if len(choices) == 1 else ", ".join(choices[:-1]) + " or " + choices[-1]
     if origin in (typing.Union, types.UnionType):
         kinds = [_expected(h) for h in typing.get_args(hint) if h is not type(None)]
         return " or ".join(kinds)
@@ -294,7 +427,7 @@ def check_types(cls, values: dict[str, Any], section: str, where: str = "") -> N
     """A ConfigError naming the first value of ``values`` that is not of its field's type in ``cls``
     (from the dataclass's type hints, so a new field is checked without being listed anywhere).
     Keys that are not fields are left to the caller's unknown-key check."""
-    hints = typing.get_type_hints(cls)
+    hints = field_hints(cls)
     for key, value in values.items():
         if key not in hints:
             continue
@@ -346,9 +479,32 @@ def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
     except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     _check_file_layout(data, f"config file {path}: ")
-    if "cluster" in data:  # the old spatial-graph keys, read as the [cluster.spatial] table
-        data["cluster"] = spatial_from_legacy(data["cluster"], f"config file {path}: ")
+    if "cluster" in data:  # sections' tables and the old spatial-graph keys, read as flat [cluster] keys
+        flat = flatten_cluster(data["cluster"], f"config file {path}: ")
+        data["cluster"] = spatial_from_legacy(flat, f"config file {path}: ")
     return data
+
+
+def flatten_cluster(values: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """[cluster] values with its sections' tables (``[cluster.train] epochs = 5``) read as the flat keys
+    they hold (``epochs = 5``): the one layout overrides, recipes and grids use. A key a section does not
+    have, or one set both in its section and flat, is refused, naming it."""
+    flat = {k: v for k, v in values.items() if not (k in CLUSTER_SECTIONS and isinstance(v, dict))}
+    for name, table in values.items():
+        if name not in CLUSTER_SECTIONS or not isinstance(table, dict):
+            continue
+        known = {f.name for f in dataclasses.fields(CLUSTER_SECTIONS[name])}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            homes = [f"[cluster.{SECTION_OF[k]}]" for k in unknown if k in SECTION_OF]
+            raise ConfigError(f"{where}unknown key(s) in [cluster.{name}]: {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(known))}" + (f" ({', '.join(unknown)} belongs in "
+                                                              f"{', '.join(homes)})" if homes else ""))
+        twice = sorted(set(table) & set(flat))
+        if twice:
+            raise ConfigError(f"{where}[cluster] and [cluster.{name}] both set {', '.join(twice)}: set each once")
+        flat.update(table)
+    return flat
 
 
 # -- the spatial graph's table: old keys read as it, merged source over source -------------------------
@@ -432,13 +588,14 @@ def read_toml(dataset: str, path: str | Path | None = None) -> dict[str, Any]:
 
 
 def _build(cls, values: dict[str, Any], section: str):
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(names))
+    names = set(section_hints(cls)) - ({f.name for f in dataclasses.fields(LegacySpatialKeys)}
+                                       if cls is ClusterConfig else set())
+    unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(unknown)}; "
                           f"known: {', '.join(sorted(names))}")
     check_types(cls, values, section)
-    return cls(**values)
+    return cls.from_flat(**values) if cls is ClusterConfig else cls(**values)
 
 
 def _drop_none(overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -486,8 +643,8 @@ def load_cluster_config(dataset: str, overrides: dict[str, Any] | None = None,
     values = {**apply_recipe(recipe, dataset, "cluster", raw.get("cluster", {}), explicit),
               "recipe": recipe, "dataset": dataset}
     cfg = _build(ClusterConfig, {**values, "preprocess": emb.preprocess, "embed": emb}, "cluster")
-    n = parse_n_domains(cfg.n_domains)  # "7" (from the command line) -> 7; "AUTO" -> "auto:3-15"
-    cfg.n_domains = str(n) if isinstance(n, AutoDomains) else n
+    n = parse_n_domains(cfg.clustering.n_domains)  # "7" (from the command line) -> 7; "AUTO" -> "auto:3-15"
+    cfg.clustering.n_domains = str(n) if isinstance(n, AutoDomains) else n
     validate_cluster_config(cfg)
     return cfg
 
@@ -549,52 +706,52 @@ def _choice(cfg, name: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
 
 
-FUSIONS = ("film", "concat", "add", "cross-attention", "none")
+def check_config_types(cfg: ClusterConfig) -> None:
+    """Every section's values of the type its hints say (``Literal`` choices included): a config built in
+    code (the API, a script) is checked as a file is."""
+    for name in CLUSTER_SECTIONS:
+        section = getattr(cfg, name)
+        check_types(type(section), {f.name: getattr(section, f.name) for f in dataclasses.fields(section)},
+                    f"cluster.{name}")
 
 
 def validate_cluster_config(cfg: ClusterConfig) -> None:
-    if cfg.fusion not in FUSIONS:
-        raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got {cfg.fusion!r}")
-    check_spatial_table(cfg.spatial)
-    if "rule" not in cfg.spatial:
+    """Types and choices from the hints (:func:`check_config_types`), then the ranges. The fusion's name
+    is the fusion registry's to check (semst.cluster.fusion, when stage 2 starts)."""
+    check_config_types(cfg)
+    graph, train, clustering = cfg.graph, cfg.train, cfg.clustering
+    check_spatial_table(graph.spatial)
+    if "rule" not in graph.spatial:
         raise ConfigError("the spatial graph needs a rule: [cluster.spatial] rule = \"knn\", k = 6 (or the old "
                           "spatial_k, radius, radius_spacings or spatial_adaptive_k in [cluster])")
-    parse_n_domains(cfg.n_domains)
-    if cfg.auto_runs < 2:
-        raise ConfigError(f"auto_runs must be >= 2 (stability compares runs), got {cfg.auto_runs}")
-    if cfg.epochs < 1:
-        raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
-    check_seeds(cfg.seeds)
-    if cfg.expr_knn not in ("auto", "exact", "approximate"):
-        raise ConfigError(f"expr_knn must be \"auto\", \"exact\" or \"approximate\", got {cfg.expr_knn!r}")
-    if cfg.decoder_batch is not None and cfg.decoder_batch < 2:
-        raise ConfigError(f"decoder_batch must be >= 2 spots (or unset for automatic), got {cfg.decoder_batch}")
-    if cfg.minibatch not in ("auto", "on", "off"):
-        raise ConfigError(f"minibatch must be \"auto\", \"on\" or \"off\", got {cfg.minibatch!r}")
-    if cfg.batch_spots < 2:
-        raise ConfigError(f"batch_spots must be >= 2, got {cfg.batch_spots}")
-    if cfg.minibatch_above < 1:
-        raise ConfigError(f"minibatch_above must be >= 1, got {cfg.minibatch_above}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"threads must be >= 1, got {cfg.threads}")
+    parse_n_domains(clustering.n_domains)
+    if clustering.auto_runs < 2:
+        raise ConfigError(f"auto_runs must be >= 2 (stability compares runs), got {clustering.auto_runs}")
+    check_seeds(clustering.seeds)
+    if train.epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {train.epochs}")
+    if train.decoder_batch is not None and train.decoder_batch < 2:
+        raise ConfigError(f"decoder_batch must be >= 2 spots (or unset for automatic), got {train.decoder_batch}")
+    if train.batch_spots < 2:
+        raise ConfigError(f"batch_spots must be >= 2, got {train.batch_spots}")
+    if train.minibatch_above < 1:
+        raise ConfigError(f"minibatch_above must be >= 1, got {train.minibatch_above}")
+    if train.threads is not None and train.threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {train.threads}")
     _validate_recipe_fields(cfg)
 
 
 def _validate_recipe_fields(cfg: ClusterConfig) -> None:
-    """The fields that make the paper recipe's choices switchable one by one."""
+    """The fields that make the paper recipe's choices switchable one by one (their choices: the hints)."""
     from semst.shared.recipes import check_recipe
 
     check_recipe(cfg.recipe)
-    for name, allowed in (("fsm_mode", ("paper", "zero-init", "gated")), ("gcn_norm", ("both", "right")),
-                          ("gcn_init", ("xavier", "uniform")), ("spatial_loss", ("sampled", "all-pairs")),
-                          ("cr_similarity", ("pearson", "cosine")), ("zinb_target", ("counts", "scaled"))):
-        _choice(cfg, name, allowed)
     for name, low in (("spatial_exact_below", 1), ("spatial_samples_per_spot", 1)):
-        value = getattr(cfg, name)
+        value = getattr(cfg.loss, name)
         if value is not None and value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
-    if cfg.zinb_ridge < 0:
-        raise ConfigError(f"zinb_ridge must be >= 0, got {cfg.zinb_ridge}")
+    if cfg.loss.zinb_ridge < 0:
+        raise ConfigError(f"zinb_ridge must be >= 0, got {cfg.loss.zinb_ridge}")
 
 
 def config_to_dict(cfg) -> dict[str, Any]:
@@ -602,9 +759,12 @@ def config_to_dict(cfg) -> dict[str, Any]:
 
 
 def config_sections(cfg) -> dict[str, dict[str, Any]]:
-    """The config in the per-dataset file layout: [preprocess], [embed], [cluster]."""
+    """The config in the per-dataset file layout: [preprocess], [embed], [cluster] (its sections as
+    tables in it: [cluster.graph], [cluster.model], ...)."""
     if isinstance(cfg, ClusterConfig):
         cluster = {k: v for k, v in config_to_dict(cfg).items() if k not in ("preprocess", "embed")}
+        cluster = {k: v for k, v in cluster.items() if k not in CLUSTER_SECTIONS} | {
+            k: v for k, v in cluster.items() if k in CLUSTER_SECTIONS}  # plain keys before the tables
         embed = {k: v for k, v in config_to_dict(cfg.embed).items() if k != "preprocess"}
         return {"preprocess": config_to_dict(cfg.preprocess), "embed": embed, "cluster": cluster}
     if isinstance(cfg, EmbedConfig):
@@ -624,10 +784,12 @@ def _toml_value(v: Any) -> str:
 
 
 def config_identity(cfg: ClusterConfig) -> dict[str, Any]:
-    """The config as a dict for the hashes that name a run folder and decide a grid cell's reuse:
-    ``asdict(cfg)`` with a spatial table the old keys can say written as they were (with their old
-    defaults), so a run keeps the name and a cell the hash it had before the table existed."""
-    values = dataclasses.asdict(cfg)
+    """The config as a dict for the hashes that name a run folder and decide a grid cell's reuse: the
+    flat dict the config was before its sections (``asdict`` of the flat fields, in their old order),
+    with a spatial table the old keys can say written as they were (with their old defaults), so a run
+    keeps the name and a cell the hash it had before the sections and the table existed."""
+    values = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else copy.deepcopy(v)
+              for k, v in flat_values(cfg).items()}
     table = dict(values["spatial"])
     rule_key = next((k for k, (rule, _) in LEGACY_RULES.items() if rule == table.get("rule")), None)
     settings = {param: (key, default) for key, (_, param, default) in LEGACY_SETTINGS.items()}
@@ -641,20 +803,93 @@ def config_identity(cfg: ClusterConfig) -> dict[str, Any]:
     return {**values, **flat}
 
 
+def _toml_table(name: str, values: dict[str, Any]) -> list[str]:
+    """``[name]`` with its plain keys, then each table in it as ``[name.key]`` (recursively)."""
+    lines = [f"[{name}]"]
+    tables = {k: v for k, v in values.items() if isinstance(v, dict)}
+    for k, v in values.items():
+        if k not in tables:
+            lines.append(f"# {k} = (unset)" if v is None else f"{k} = {_toml_value(v)}")
+    lines.append("")
+    for k, table in tables.items():
+        lines += _toml_table(f"{name}.{k}", table)
+    return lines
+
+
 def config_to_toml(cfg) -> str:
     """Render a resolved config as a TOML file that ``--config`` loads back to the same config.
 
     Unset (None) values are written as comments: TOML has no null, and absent means "default". A
-    table (the spatial graph's) follows its section's keys as ``[section.key]``.
+    table (a [cluster] section, the spatial graph's) follows its section's keys as ``[section.key]``.
     """
     lines: list[str] = []
     for section, values in config_sections(cfg).items():
-        lines.append(f"[{section}]")
-        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
-        for k, v in values.items():
-            if k not in tables:
-                lines.append(f"# {k} = (unset)" if v is None else f"{k} = {_toml_value(v)}")
-        lines.append("")
-        for k, table in tables.items():
-            lines += [f"[{section}.{k}]", *(f"{tk} = {_toml_value(tv)}" for tk, tv in table.items()), ""]
+        lines += _toml_table(section, values)
     return "\n".join(lines)
+
+
+# -- `--set section.field=value`: single fields from the command line, checked from the hints -----------
+
+# What `--set` may name: [cluster]'s sections (and [cluster] itself, for its flat and old keys) and [embed].
+_NOT_SETTABLE = {"dataset", "preprocess", "embed"}
+
+
+def _settable(section: str) -> tuple[str, dict[str, Any]]:
+    """The stage (``"cluster"`` or ``"embed"``) a ``--set`` section belongs to and its fields' hints."""
+    if section == "embed":
+        hints = section_hints(EmbedConfig)
+        return "embed", {k: v for k, v in hints.items() if k not in _NOT_SETTABLE}
+    if section == "cluster":
+        return "cluster", {k: v for k, v in section_hints(ClusterConfig).items() if k not in _NOT_SETTABLE}
+    return "cluster", typing.get_type_hints(CLUSTER_SECTIONS[section])
+
+
+def _set_value(text: str, hint: Any) -> Any:
+    """``text`` read as a TOML value (``5``, ``1e-3``, ``true``, ``[0, 1]``, ``{rule = "knn", k = 8}``),
+    else (or if only the text fits the field: a name that reads as a number) as the string itself."""
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+    return text if not fits_type(value, hint) and fits_type(text, hint) else value
+
+
+def parse_assignments(assignments: tuple[str, ...] | list[str], sections: tuple[str, ...]) -> dict[str, dict]:
+    """``--set section.field=value`` options as flat overrides per stage: ``{"cluster": {...}, "embed": {...}}``.
+
+    ``sections`` are those the command takes (e.g. ``("embed",)`` for `semst embed`); a section may be
+    written with its ``cluster.`` prefix (``cluster.train.epochs=5``). Each value is checked against its
+    field's type hint; a ConfigError names the option, the field and the type expected.
+    """
+    found: dict[str, dict[str, Any]] = {"cluster": {}, "embed": {}}
+    for item in assignments:
+        name, eq, text = item.partition("=")
+        section, dot, key = name.strip().rpartition(".")
+        if not eq or not dot or not key:
+            raise ConfigError(f"--set {item}: write SECTION.FIELD=VALUE, e.g. --set train.epochs=5 "
+                              f"(sections: {', '.join(sections)})")
+        if section.startswith("cluster.") and section != "cluster":
+            section = section.removeprefix("cluster.")
+        if section not in sections:
+            raise ConfigError(f"--set {item}: unknown section {section!r} here; known: {', '.join(sections)}")
+        stage, hints = _settable(section)
+        if key not in hints:
+            home = f" ({key} is in {SECTION_OF[key]})" if key in SECTION_OF and SECTION_OF[key] in sections else ""
+            raise ConfigError(f"--set {item}: {section} has no field {key!r}{home}; known: {', '.join(sorted(hints))}")
+        value = _set_value(text.strip(), hints[key])
+        if not fits_type(value, hints[key]):
+            raise ConfigError(f"--set {item}: {section}.{key} must be {_expected(hints[key])}, got {_shown(value)} "
+                              f"({type(value).__name__})")
+        if key in found[stage]:
+            raise ConfigError(f"--set {item}: {key} is set twice; set it once")
+        found[stage][key] = value
+    return found
+
+
+def with_assignments(flags: dict[str, Any], assigned: dict[str, Any]) -> dict[str, Any]:
+    """A command's option values (None: not given) with its ``--set`` values; one field set both ways
+    is refused, naming it."""
+    both = sorted(k for k in assigned if flags.get(k) is not None)
+    if both:
+        raise ConfigError(f"{', '.join(both)} set both by its option and by --set: give each setting once")
+    return {**flags, **assigned}

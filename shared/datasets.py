@@ -25,9 +25,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from semst.shared import paths
+from semst.shared.errors import SemstError
 
 
-class DatasetError(ValueError):
+class DatasetError(SemstError, ValueError):
     """A dataset cannot be found or is not usable; the message says why and what to do."""
 
 

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from semst.shared import paths
 from semst.shared.datasets import DATASETS, DatasetError, DatasetSpec, load_dataset
+from semst.shared.errors import SemstError
 from semst.shared.io import atomic_directory
 
 _CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(SemstError, RuntimeError):
     """A download failed or did not verify; nothing was left behind."""
 
 

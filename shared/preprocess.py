@@ -18,9 +18,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from semst.shared.config import ConfigError, PreprocessConfig
+from semst.shared.errors import SemstError
 
 
-class PreprocessError(ValueError):
+class PreprocessError(SemstError, ValueError):
     """Preprocessing cannot run as configured; the message says why."""
 
 

@@ -43,7 +43,6 @@ def test_a_cluster_config_with_every_rule_unset_is_refused():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("fusion", "multiply", "fusion must be one of"),
     ("n_domains", 1, "n_domains must be >= 2"),
     ("epochs", 0, "epochs must be >= 1"),
     ("batch_spots", 1, "batch_spots must be >= 2, got 1"),
@@ -68,7 +67,7 @@ def test_printed_config_loads_back_to_the_same_config(tmp_path):
     cfg = load_cluster_config("mob", {"seeds": [0, 3], "fusion": "concat"}, embed_overrides={"k_genes": 9})
     path = tmp_path / "config.toml"
     path.write_text(config_to_toml(cfg))
-    assert tomllib.loads(path.read_text())["cluster"]["seeds"] == [0, 3]
+    assert tomllib.loads(path.read_text())["cluster"]["clustering"]["seeds"] == [0, 3]
     assert load_cluster_config("mob", path=path) == cfg
 
 
@@ -278,3 +277,89 @@ def test_config_identity_and_run_name_are_those_of_before_the_sections(dataset, 
     cfg = load_cluster_config(dataset, {**overrides, **cache}, embed_overrides=cache)
     assert json_hash(config_identity(cfg), 16) == identity_hash
     assert default_run_name(cfg) == run_name
+
+
+# -- the sections of [cluster] (issue 21) ---------------------------------------------------------------
+
+def test_a_section_table_and_the_old_flat_key_load_to_the_same_config(tmp_path):
+    nested, flat = tmp_path / "nested.toml", tmp_path / "flat.toml"
+    nested.write_text("[cluster.train]\nepochs = 5\n[cluster.graph]\nexpr_k = 9\n[cluster.graph.spatial]\n"
+                      "rule = \"knn\"\nk = 4\n[cluster.model]\nfsm_mode = \"gated\"\n")
+    flat.write_text("[cluster]\nepochs = 5\nexpr_k = 9\nspatial_k = 4\nfsm_mode = \"gated\"\n")
+    a, b = load_cluster_config("mob", path=nested), load_cluster_config("mob", path=flat)
+    assert a == b
+    assert (a.train.epochs, a.graph.expr_k, a.graph.spatial, a.model.fsm_mode) == (5, 9, {"rule": "knn", "k": 4}, "gated")
+
+
+def test_a_flat_name_reads_and_sets_its_sections_field():
+    cfg = load_cluster_config("mob", {"epochs": 7})
+    assert cfg.epochs == cfg.train.epochs == 7
+    cfg.epochs = 3
+    assert cfg.train.epochs == 3 and "epochs" not in vars(cfg)
+    assert cfg.replace(lr=0.5).train.lr == 0.5 and cfg.train.lr == 1e-3
+
+
+def test_a_key_in_the_wrong_section_is_refused_naming_its_section(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[cluster.train]\nexpr_k = 9\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) in \[cluster.train\]: expr_k.*belongs in \[cluster.graph\]"):
+        load_cluster_config("mob", path=path)
+
+
+def test_a_key_set_both_flat_and_in_its_section_is_refused(tmp_path):
+    path = tmp_path / "twice.toml"
+    path.write_text("[cluster]\nepochs = 5\n[cluster.train]\nepochs = 6\n")
+    with pytest.raises(ConfigError, match=r"\[cluster\] and \[cluster.train\] both set epochs"):
+        load_cluster_config("mob", path=path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[cluster.train]\nlr = \"fast\"\n", r"\[cluster.train\] lr must be a number, got \"fast\" \(str\)"),
+    ("[cluster]\nepochs = \"100\"\n", r"\[cluster\] epochs must be an integer, got \"100\" \(str\)"),
+    ("[cluster.model]\nfsm_mode = \"fancy\"\n",
+     r"fsm_mode must be \"paper\", \"zero-init\" or \"gated\", got \"fancy\""),
+    ("[cluster.loss]\nspatial_loss = 3\n", r"spatial_loss must be \"sampled\" or \"all-pairs\", got 3 \(int\)"),
+    ("[cluster]\ntrain = 5\n", r"\[cluster\] train must be a table of settings"),
+])
+def test_a_value_of_the_wrong_type_or_choice_names_the_field_and_the_type_expected(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_cluster_config("mob", path=path)
+
+
+def test_a_config_built_in_code_is_checked_from_its_hints():
+    from semst.shared.config import ClusterConfig, validate_cluster_config
+
+    cfg = ClusterConfig.from_flat(spatial={"rule": "knn", "k": 6}, gcn_norm="left")
+    with pytest.raises(ConfigError, match=r"\[cluster.model\] gcn_norm must be \"both\" or \"right\""):
+        validate_cluster_config(cfg)
+
+
+def test_the_dataclasses_are_the_one_source_of_defaults_default_toml_holds_only_the_spatial_rule():
+    from semst.shared.config import CONFIG_DIR
+
+    default = tomllib.loads((CONFIG_DIR / "default.toml").read_text())
+    assert default == {"cluster": {"spatial": {"rule": "knn", "k": 6}}}
+
+
+def test_the_networks_defaults_are_the_configs():
+    import inspect
+
+    from semst.cluster.network import SemST
+    from semst.shared.config import ModelConfig
+
+    params = inspect.signature(SemST).parameters
+    for name, value in vars(ModelConfig()).items():
+        if name in params:
+            assert params[name].default == value, name
+
+
+def test_an_unknown_fusion_is_a_config_error_naming_the_registered_ones_before_any_work():
+    from semst.cluster.seeds import load_slide
+    from semst.shared.errors import SemstError
+
+    cfg = load_cluster_config("mob", {"fusion": "multiply"})
+    with pytest.raises(ConfigError, match=r"unknown fusion 'multiply'; known: .*film.*cross-attention") as caught:
+        load_slide(cfg, adata=object())  # never read: the name is checked first
+    assert isinstance(caught.value, SemstError)

@@ -23,10 +23,10 @@ def slide():
 
 
 def train(slide, fusion: str, **kw):
-    cfg = ClusterConfig(dataset="toy", spatial={"rule": "knn", "k": 4}, hidden1=16, hidden2=8, epochs=3, fusion=fusion,
-                        **kw)
+    cfg = ClusterConfig.from_flat(dataset="toy", spatial={"rule": "knn", "k": 4}, hidden1=16, hidden2=8, epochs=3,
+                                  fusion=fusion, **kw)
     return train_semst(slide["features"], slide["counts"], slide["size_factors"], slide["spatial"],
-                       slide["expression"], slide["semantic"], cfg, 0, progress=False)
+                       slide["expression"], slide["semantic"], cfg.model, cfg.loss, cfg.train, 0, progress=False)
 
 
 @pytest.mark.parametrize("name", sorted(FUSIONS))

@@ -355,8 +355,8 @@ def _authors_parameter_count(genes, h1, h2, ratio, llm_dim):
 def test_forward_shapes_and_parameter_counts_of_the_papers_settings(dataset, genes, count):
     cfg = load_cluster_config(dataset, {"recipe": "paper"})
     llm_dim = 2560
-    model = SemST(genes, llm_dim, cfg.hidden1, cfg.hidden2, cfg.dropout, "film", cfg.fsm_hidden_ratio,
-                  cfg.fsm_mode, cfg.gcn_norm, cfg.gcn_init)
+    model = SemST.from_config(genes, llm_dim, cfg.model)
+    assert cfg.model.fusion == "film"
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == _authors_parameter_count(genes, cfg.hidden1, cfg.hidden2, cfg.fsm_hidden_ratio, llm_dim) == count
     rng = np.random.default_rng(0)
@@ -394,11 +394,11 @@ def test_the_gate_moves_in_training_and_is_reported_per_run():
     coords = np.stack(np.meshgrid(np.arange(8.0), np.arange(6.0)), -1).reshape(-1, 2)
     counts = rng.poisson(3.0, size=(48, 12)).astype(np.float32)
     feats = (counts / counts.std(0)).astype(np.float32)
-    cfg = ClusterConfig(dataset="toy", spatial={"rule": "knn", "k": 4}, hidden1=16, hidden2=8, epochs=5,
-                        fsm_mode="gated")
+    cfg = ClusterConfig.from_flat(dataset="toy", spatial={"rule": "knn", "k": 4}, hidden1=16, hidden2=8, epochs=5,
+                                  fsm_mode="gated")
     result = train_semst(feats, sp.csr_matrix(counts), np.ones(48), spatial_graph(coords, k=4),
-                         expression_graph(feats, 4), rng.normal(size=(48, 10)).astype(np.float32), cfg, 0,
-                         progress=False)
+                         expression_graph(feats, 4), rng.normal(size=(48, 10)).astype(np.float32), cfg.model,
+                         cfg.loss, cfg.train, 0, progress=False)
     assert len(result.history["film_gate"]) == 5 and result.history["film_gate"][0] == 0.0
     assert result.report["film_gate"] != 0.0 and result.report["film_change"] > 0.0
 
@@ -410,13 +410,14 @@ def test_the_paper_recipe_trains_end_to_end_on_a_toy_slide():
 
     slide = two_domain_slide()
     prep = preprocess(slide, PreprocessConfig(min_cells=1, n_top_genes=20))
-    cfg = ClusterConfig(dataset="toy", spatial={"rule": "radius_spacings", "spacings": 1.5, "self_loops": 2},
-                        hidden1=16, hidden2=8, epochs=3,
-                        zinb_target="scaled", zinb_ridge=0.05, spatial_loss="all-pairs", cr_similarity="cosine",
-                        gcn_norm="right", gcn_init="uniform")
+    cfg = ClusterConfig.from_flat(dataset="toy", spatial={"rule": "radius_spacings", "spacings": 1.5, "self_loops": 2},
+                                  hidden1=16, hidden2=8, epochs=3, zinb_target="scaled", zinb_ridge=0.05,
+                                  spatial_loss="all-pairs", cr_similarity="cosine", gcn_norm="right",
+                                  gcn_init="uniform")
     g = spatial_rule(cfg).build(slide.obsm["spatial"])
     result = train_semst(prep.X, None, None, g, expression_graph(prep.X, 4),
-                         np.random.default_rng(0).normal(size=(80, 6)).astype(np.float32), cfg, 0, progress=False)
+                         np.random.default_rng(0).normal(size=(80, 6)).astype(np.float32), cfg.model, cfg.loss,
+                         cfg.train, 0, progress=False)
     assert result.latent.shape == (80, 8) and all(np.isfinite(v).all() for v in result.history.values())
 
 

@@ -21,10 +21,10 @@ from semst.cluster.domains import kmeans_domains
 from semst.shared.config import ClusterConfig
 rng = np.random.default_rng(0)
 coords = rng.uniform(0, 10, size=(80, 2)); x = rng.poisson(2.0, size=(80, 30)).astype(np.float32)
+c = ClusterConfig.from_flat(dataset="t", spatial={{"rule": "knn", "k": 4}}, fusion="none", hidden1=16, hidden2=8,
+                            epochs=2)
 r = train_semst(x, sp.csr_matrix(x), np.ones(80), spatial_graph(coords, k=4), expression_graph(x, 4), None,
-                ClusterConfig(dataset="t", spatial={{"rule": "knn", "k": 4}}, fusion="none", hidden1=16, hidden2=8,
-                              epochs=2), 0,
-                progress=False)
+                c.model, c.loss, c.train, 0, progress=False)
 kmeans_domains(r.latent, 3, 0)
 print(json.dumps(pool_sizes()))
 """

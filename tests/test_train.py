@@ -28,12 +28,12 @@ def slide():
 
 def cfg(**kw):
     base = dict(dataset="synthetic", spatial={"rule": "knn", "k": 4}, hidden1=16, hidden2=8, epochs=4, decoder_batch=50)
-    return ClusterConfig(**{**base, **kw})
+    return ClusterConfig.from_flat(**{**base, **kw})
 
 
 def run(slide, c, seed):
     return train_semst(slide["features"], slide["counts"], slide["size_factors"], slide["spatial"],
-                       slide["expression"], slide["semantic"], c, seed, progress=False)
+                       slide["expression"], slide["semantic"], c.model, c.loss, c.train, seed, progress=False)
 
 
 def test_training_returns_one_embedding_row_per_spot_and_finite_losses(slide):
@@ -66,11 +66,10 @@ def test_the_decoder_block_size_changes_neither_the_loss_nor_the_training(slide)
 def test_w_o_llm_needs_no_embedding_and_a_semantic_fusion_needs_one(slide):
     c = cfg(fusion="none")
     r = train_semst(slide["features"], slide["counts"], slide["size_factors"], slide["spatial"],
-                    slide["expression"], None, c, 0, progress=False)
+                    slide["expression"], None, c.model, c.loss, c.train, 0, progress=False)
     assert r.latent.shape == (120, 8)
     with pytest.raises(ValueError, match="needs semantic embeddings"):
-        train_semst(slide["features"], slide["counts"], slide["size_factors"], slide["spatial"],
-                    slide["expression"], None, cfg(), 0, progress=False)
+        run(dict(slide, semantic=None), cfg(), 0)
 
 
 _TRAIN_IN_A_FRESH_PROCESS = """
@@ -164,9 +163,9 @@ def test_mini_batch_with_dropout_trains_and_repeats_per_seed(slide):
                                             ({"minibatch": "off", "minibatch_above": 1}, False),
                                             ({"minibatch": "on", "batch_spots": 119}, True)])
 def test_mini_batch_mode_is_chosen_by_size_unless_forced(settings, mini):
-    assert resolve_minibatch(cfg(**{"batch_spots": 60, **settings}), 120) is mini
+    assert resolve_minibatch(cfg(**{"batch_spots": 60, **settings}).train, 120) is mini
 
 
 def test_a_forced_mini_batch_as_large_as_the_slide_is_refused():
     with pytest.raises(ValueError, match="batch_spots = 120 but the slide has only 120 spots"):
-        resolve_minibatch(cfg(minibatch="on", batch_spots=120), 120)
+        resolve_minibatch(cfg(minibatch="on", batch_spots=120).train, 120)

@@ -64,9 +64,12 @@ sem = np.random.default_rng(0).normal(size=(a.n_obs, 576)).astype(np.float32)
 kw = {{"coords": a.obsm["spatial"]}} if "coords" in inspect.signature(train_semst).parameters else {{}}
 args = (prep.X, prep.layers["counts"], prep.obs["size_factor"].to_numpy(), sg, fg, sem)
 import dataclasses
-train_semst(*args, dataclasses.replace(cfg, epochs=1), 0, progress=False, **kw)  # warm-up
+# the config's sections (train_semst(model_cfg, loss_cfg, train_cfg, ...)) or, at older commits, the whole config
+sections = lambda c: (c.model, c.loss, c.train) if "train_cfg" in inspect.signature(train_semst).parameters else (c,)
+changed = lambda c, **kw: c.replace(**kw) if hasattr(c, "replace") else dataclasses.replace(c, **kw)
+train_semst(*args, *sections(changed(cfg, epochs=1)), 0, progress=False, **kw)  # warm-up
 r0 = resource.getrusage(resource.RUSAGE_SELF); t0 = time.perf_counter()
-result = train_semst(*args, cfg, 0, progress=False, **kw)
+result = train_semst(*args, *sections(cfg), 0, progress=False, **kw)
 wall = time.perf_counter() - t0; r1 = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({{"s_per_epoch": wall / cfg.epochs, "user": (r1.ru_utime - r0.ru_utime) / cfg.epochs,
                   "sys": (r1.ru_stime - r0.ru_stime) / cfg.epochs, "peak_gib": r1.ru_maxrss / 2**20,
@@ -178,12 +181,16 @@ sem = None if "{fusion}" == "none" else np.random.default_rng(0).normal(size=({n
 import dataclasses, inspect
 # revisions before the blockwise mini-batch (the baseline of a comparison) cut batches by coordinates
 at = (lambda rows: {{"coords": coords[rows]}}) if "coords" in inspect.signature(train_semst).parameters else (lambda rows: {{}})
+# the config's sections (train_semst(model_cfg, loss_cfg, train_cfg, ...)) or, at older commits, the whole config
+sections = lambda c: (c.model, c.loss, c.train) if "train_cfg" in inspect.signature(train_semst).parameters else (c,)
+changed = lambda c, **kw: c.replace(**kw) if hasattr(c, "replace") else dataclasses.replace(c, **kw)
 w = 2000  # warm-up epoch on the first spots: one-off costs (compiling kernels, thread pools) not in the timing
 train_semst(features[:w], counts[:w], lib[:w] / np.median(lib), spatial_graph(coords[:w], k={spatial_k}),
             expression_graph(features[:w], cfg.expr_k, {expr_pcs}), None if sem is None else sem[:w],
-            dataclasses.replace(cfg, epochs=1, minibatch="off"), 0, progress=False, **at(slice(0, w)))
+            *sections(changed(cfg, epochs=1, minibatch="off")), 0, progress=False, **at(slice(0, w)))
 t0 = time.perf_counter()
-r = train_semst(features, counts, lib / np.median(lib), sg, fg, sem, cfg, 0, progress=True, **at(slice(None)))
+r = train_semst(features, counts, lib / np.median(lib), sg, fg, sem, *sections(cfg), 0, progress=True,
+                **at(slice(None)))
 train_s = time.perf_counter() - t0
 setup_s = r.seconds["graphs"]  # train_semst's one-off set-up (counts, CSR input, index tensors)
 print(json.dumps({{"spots": {n}, "graph_s": round(graph_s, 1), "s_per_epoch": round((train_s - setup_s) / {epochs}, 2),
