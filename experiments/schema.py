@@ -331,6 +331,7 @@ def _unique_names(specs: list, what: str, path: Path) -> None:
 
 def _resolve_every_cell(grid: Grid) -> None:
     """Every cell's configs and method settings must resolve now, not hours into the run."""
+    from semst.cluster.fusion import fusion_class
     from semst.cluster.spatial import spatial_rule
     from semst.experiments.cells import cell_config, cell_method_settings
 
@@ -338,6 +339,7 @@ def _resolve_every_cell(grid: Grid) -> None:
         for ds in grid.datasets:
             try:
                 cfg = cell_config(grid, v, ds)
+                fusion_class(cfg.model.fusion)  # a registered fusion (the registry's names)
                 spatial_rule(cfg)  # the [cluster.spatial] table is checked by its rule's class
                 cell_method_settings(grid, v, cfg)
             except (ConfigError, ValueError) as exc:

@@ -86,3 +86,88 @@ def test_an_unknown_recipe_is_one_line_and_exit_2_for_both_stages(toy_on_path):
         out = CliRunner().invoke(main, [stage, toy_on_path, "--recipe", "papr"])
         assert out.exit_code == 2
         assert out.output.startswith("error: unknown recipe 'papr'; known recipes: semst, paper")
+
+
+# -- `--set section.field=value` and the one SemstError (issue 21) ----------------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "train.epochs=fast"], 'error: --set train.epochs=fast: train.epochs must be an integer, got "fast" (str)'),
+    (["--set", "train.expr_k=3"], "error: --set train.expr_k=3: train has no field 'expr_k' (expr_k is in graph)"),
+    (["--set", "model.fsm_mode=fancy"], 'model.fsm_mode must be "paper", "zero-init" or "gated", got "fancy"'),
+    (["--set", "epochs=5"], "error: --set epochs=5: write SECTION.FIELD=VALUE"),
+    (["--epochs", "3", "--set", "train.epochs=5"], "error: epochs set both by its option and by --set"),
+    (["--set", "embed.k_genes=ten"], 'embed.k_genes must be an integer, got "ten" (str)'),
+])
+def test_a_bad_set_is_one_line_naming_the_field_and_exit_2(toy_on_path, tmp_path, args, message):
+    out = CliRunner().invoke(main, ["cluster", toy_on_path, "--out", str(tmp_path / "out"), *args])
+    assert out.exit_code == 2 and out.output.count("\n") == 1 and message in out.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_embed_takes_set_for_its_own_section_only(toy_on_path):
+    out = CliRunner().invoke(main, ["embed", toy_on_path, "--set", "train.epochs=5"])
+    assert out.exit_code == 2 and out.output == "error: --set train.epochs=5: unknown section 'train' here; known: embed\n"
+
+
+def test_set_values_reach_the_config_and_the_saved_config_loads_back(toy_on_path, tmp_path):
+    from semst.shared.config import load_cluster_config
+
+    out = CliRunner().invoke(main, ["cluster", toy_on_path, "--fusion", "none", "--out", str(tmp_path / "out"),
+                                    "--run-name", "r", "--set", "train.epochs=2", "--set", "graph.expr_k=5",
+                                    "--set", "cluster.train.lr=0.01", "--set", "clustering.n_domains=auto:2-3"])
+    assert out.exit_code == 0, out.output
+    cfg = load_cluster_config(toy_on_path, path=tmp_path / "out" / toy_on_path / "r" / "config.toml")
+    assert (cfg.train.epochs, cfg.graph.expr_k, cfg.train.lr, cfg.clustering.n_domains) == (2, 5, 0.01, "auto:2-3")
+
+
+def test_an_unknown_fusion_is_one_line_naming_the_registered_ones_and_exit_2(toy_on_path, tmp_path):
+    out = CliRunner().invoke(main, ["cluster", toy_on_path, "--fusion", "multiply", "--out", str(tmp_path / "out")])
+    assert out.exit_code == 2
+    assert out.output.splitlines()[-1].startswith("error: unknown fusion 'multiply'; known: ")
+    assert "cross-attention" in out.output.splitlines()[-1]
+    assert not (tmp_path / "out" / toy_on_path).exists()
+
+
+EXPECTED_ERRORS = [("semst.shared.config", "ConfigError", ValueError), ("semst.shared.datasets", "DatasetError", ValueError),
+                   ("semst.shared.download", "DownloadError", RuntimeError),
+                   ("semst.shared.preprocess", "PreprocessError", ValueError),
+                   ("semst.shared.cache", "CacheError", RuntimeError),
+                   ("semst.embed.checkpoints", "ModelNotFoundError", FileNotFoundError),
+                   ("semst.embed.backends", "BackendError", RuntimeError), ("semst.embed.prompts", "PromptError", ValueError),
+                   ("semst.embed.run", "EmbedError", RuntimeError), ("semst.cluster.graphs", "GraphError", ValueError),
+                   ("semst.cluster.seeds", "ClusterError", RuntimeError),
+                   ("semst.experiments.grid", "ExperimentError", ValueError),
+                   ("semst.experiments.prompt_information", "PromptInformationError", RuntimeError),
+                   ("semst.cluster.baselines", "BaselineError", ValueError), ("semst.cluster.stagate", "StagateError", ValueError),
+                   ("semst.embed.sentence_encoder", "SentenceEncoderError", RuntimeError),
+                   ("semst.cluster.fusion", "UnknownFusionError", ValueError)]
+
+
+@pytest.mark.parametrize("module,name,builtin", EXPECTED_ERRORS)
+def test_every_expected_error_is_a_semst_error_and_keeps_its_builtin_base(module, name, builtin):
+    import importlib
+
+    from semst.shared.errors import SemstError
+
+    cls = getattr(importlib.import_module(module), name)
+    assert issubclass(cls, SemstError) and issubclass(cls, builtin)
+
+
+def test_the_cli_turns_any_semst_error_into_one_line_and_exit_2_and_keeps_a_bugs_traceback(monkeypatch):
+    from semst.shared.errors import SemstError
+
+    class NewError(SemstError):
+        pass
+
+    def fail(kind):
+        def info(cache):
+            raise kind("what went wrong")
+        return info
+
+    monkeypatch.setattr("semst.shared.cache.format_info", lambda info: "")
+    monkeypatch.setattr("semst.experiments.cli._open_cache", fail(NewError))
+    out = CliRunner().invoke(main, ["cache", "info"])
+    assert out.exit_code == 2 and out.output == "error: what went wrong\n"
+    monkeypatch.setattr("semst.experiments.cli._open_cache", fail(KeyError))
+    out = CliRunner().invoke(main, ["cache", "info"])
+    assert out.exit_code == 1 and isinstance(out.exception, KeyError)

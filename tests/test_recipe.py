@@ -110,8 +110,9 @@ def test_an_unknown_recipe_is_refused_naming_the_known_ones():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("fsm_mode", "gate", "fsm_mode must be one of"), ("gcn_norm", "left", "gcn_norm must be one of"),
-    ("spatial_loss", "exact", "spatial_loss must be one of"), ("zinb_ridge", -1.0, "zinb_ridge must be >= 0"),
+    ("fsm_mode", "gate", 'fsm_mode must be "paper", "zero-init" or "gated", got "gate"'),
+    ("gcn_norm", "left", 'gcn_norm must be "both" or "right", got "left"'),
+    ("spatial_loss", "exact", 'spatial_loss must be "sampled" or "all-pairs", got "exact"'), ("zinb_ridge", -1.0, "zinb_ridge must be >= 0"),
 ])
 def test_bad_recipe_fields_are_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
