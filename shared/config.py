@@ -40,14 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from semst.shared.errors import ConfigError
+from semst.shared.errors import ConfigError  # defined with the other expected errors; imported from here too
 from semst.shared.paths import default_cache
 
 # Package data: the per-dataset configs ship inside the package, next to this module.
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-__all__ = ["ConfigError"]  # re-exported: defined in semst.shared.errors with the other expected errors
 
 
 @dataclass
@@ -760,11 +757,13 @@ def config_to_dict(cfg) -> dict[str, Any]:
 
 def config_sections(cfg) -> dict[str, dict[str, Any]]:
     """The config in the per-dataset file layout: [preprocess], [embed], [cluster] (its sections as
-    tables in it: [cluster.graph], [cluster.model], ...)."""
+    tables in it: [cluster.graph], [cluster.model], ..., and the spatial graph's [cluster.spatial])."""
     if isinstance(cfg, ClusterConfig):
         cluster = {k: v for k, v in config_to_dict(cfg).items() if k not in ("preprocess", "embed")}
         cluster = {k: v for k, v in cluster.items() if k not in CLUSTER_SECTIONS} | {
             k: v for k, v in cluster.items() if k in CLUSTER_SECTIONS}  # plain keys before the tables
+        # The spatial graph's table under the name the docs, recipes and default.toml give it, last.
+        cluster["spatial"] = cluster["graph"].pop("spatial")
         embed = {k: v for k, v in config_to_dict(cfg.embed).items() if k != "preprocess"}
         return {"preprocess": config_to_dict(cfg.preprocess), "embed": embed, "cluster": cluster}
     if isinstance(cfg, EmbedConfig):
