@@ -77,6 +77,7 @@ CHUNK_ROWS = 1024
 # Automatic compaction: a commit that leaves this many index parts of one size class (entries within a
 # factor of it) merges them into one, so a space keeps a few dozen parts at most (see _parts_to_merge).
 COMPACT_FANOUT = 8
+MERGE_BATCH = 65536  # rows a merge reads and commits at a time
 CHECKSUM = "blake2b"
 CHECKSUM_BYTES = 16
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -1136,6 +1137,121 @@ class EmbeddingCache:
                     report["parts_merged"] += len(readable)
                 self._index.pop(space.space_id, None)
         return report
+
+    # -- merging ----------------------------------------------------------------------------------
+    def _merge_space(self, source: EmbeddingCache, found: SpaceCheck, batch: int = MERGE_BATCH) -> int:
+        """Append every row of ``found`` (a checked space of ``source``) whose prompt is not in this cache
+        yet, with its recorded digest (None stays None: the row stays "unchecked"); every row read from
+        ``source`` is checked against its digest first. Returns how many rows were appended."""
+        space = found.space
+        entries = found.entries
+        entries = entries[~self.contains(space, entries["prompt_hash"].tolist())] if len(entries) else entries
+        added = 0
+        with _write_faults(self.path, "merging into", "every row committed so far is valid; merge again to finish"):
+            with self._lock():
+                self._vectors(space, create=True)  # the space, even if it brings no new row
+            for start in range(0, len(entries), batch):
+                part = entries.iloc[start:start + batch]
+                hashes = part["prompt_hash"].tolist()
+                vectors = source.get(space, hashes, check=True)
+                with self._lock():
+                    added += self._append(space, hashes, vectors, part["prompt"].tolist(),
+                                          part["n_tokens"].tolist(), part[CHECKSUM].tolist())
+        return added
+
+
+def _spot_tables_of(cache: EmbeddingCache) -> dict[tuple[str, str], tuple[Path, pd.DataFrame, dict]]:
+    out = {}
+    for path in cache._spot_table_paths():
+        table, meta = cache.read_spot_table(path.parent.name, path.stem)
+        out[(path.parent.name, path.stem)] = (path, table, meta)
+    return out
+
+
+def _same_spot_table(a: tuple[Path, pd.DataFrame, dict], b: tuple[Path, pd.DataFrame, dict]) -> bool:
+    """The same spots mapped to the same prompts in the same space (run metadata such as the model's
+    folder may differ between hosts)."""
+    return (a[2].get("space_id") == b[2].get("space_id") and a[1]["spot_id"].tolist() == b[1]["spot_id"].tolist()
+            and a[1]["prompt_hash"].tolist() == b[1]["prompt_hash"].tolist())
+
+
+def _open_merge_source(path: Path, into: Path) -> EmbeddingCache:
+    if not path.exists():
+        raise CacheError(f"merge source {path} does not exist; nothing was written to {into}")
+    if path.resolve() == into.resolve():
+        raise CacheError(f"merge source {path} is the destination itself; pass other caches as sources")
+    try:
+        return EmbeddingCache(path, create=False)
+    except CacheError as exc:
+        raise CacheError(f"merge source {path}: {exc}; nothing was written to {into}") from None
+
+
+def merge_caches(sources: Sequence[str | Path], into: str | Path) -> dict:
+    """Add to the cache ``into`` (created if absent) every row of each source it does not hold yet (by
+    prompt hash, per space), with its checksum, and each source's spot tables it does not have; then
+    verify it. Everything that would make the merge fail is found before anything is written: a
+    source that is missing, not a cache or damaged (``check`` finds a problem), a space whose identity
+    differs, an index of ``into`` that cannot be read, and a spot table (dataset / tag) that maps other
+    spots or prompts than one already in ``into`` or in an earlier source. Returns what was done and
+    ``problems``, what ``verify`` found in ``into`` afterwards."""
+    into = Path(into)
+    opened, seen = [], set()
+    for s in sources:
+        src = _open_merge_source(Path(s), into)
+        if src.path.resolve() in seen:
+            continue
+        seen.add(src.path.resolve())
+        found = src.check()
+        if found.problems:
+            raise CacheError(f"merge source {src.path} is damaged ({len(found.problems)} problems; the first: "
+                             f"{found.problems[0]}): run `semst cache repair --cache {src.path}` first; nothing "
+                             f"was written to {into}")
+        opened.append((src, found))
+    dst = EmbeddingCache(into, create=False) if (into / MARKER).exists() else None
+    # Everything that could refuse the merge half-way is asked now, before the first write.
+    tables = _spot_tables_of(dst) if dst is not None else {}
+    copies = []
+    for src, found in opened:
+        for sc in found.spaces:
+            if dst is not None and dst._vectors(sc.space) is not None:  # SpaceMismatchError if it differs
+                dst._load_index(sc.space)  # a CacheError (run repair) if an index part is unreadable
+        for key, table in _spot_tables_of(src).items():
+            if key not in tables:
+                tables[key] = table
+                copies.append((key, table[0]))
+            elif not _same_spot_table(tables[key], table):
+                raise CacheError(f"spot table {key[0]}/{key[1]} of {table[0]} maps other spots or prompts than the "
+                                 f"one in {tables[key][0]}: the same dataset and settings were embedded from "
+                                 f"different inputs; remove one of them first; nothing was written to {into}")
+    dst = dst or EmbeddingCache(into, create=True)
+    dst.check_writable()
+    report = {"into": str(dst.path), "sources": [], "spot_tables_copied": []}
+    for src, found in opened:
+        spaces = [{"space_id": sc.space.space_id, "model": sc.space.model, "rows": len(sc.entries),
+                   "added": dst._merge_space(src, sc)} for sc in found.spaces]
+        report["sources"].append({"path": str(src.path), "spaces": spaces})
+    for (dataset, tag), path in copies:
+        dest = dst._spot_path(dataset, tag)
+        if dest.exists():  # written meanwhile by an embed into `into`: checked below by verify
+            continue
+        with _write_faults(dst.path, f"copying the spot table {dataset}/{tag} into"):
+            atomic_write(dest, lambda tmp, path=path: shutil.copyfile(path, tmp), durable=True)
+        report["spot_tables_copied"].append(f"{dataset}/{tag}")
+    report["problems"] = EmbeddingCache(dst.path, create=False).verify()
+    return report
+
+
+def format_merge(report: dict) -> list[str]:
+    lines = []
+    for s in report["sources"]:
+        for sp in s["spaces"]:
+            lines.append(f"{s['path']}: space {sp['space_id']} ({sp['model']}): {sp['added']} of its {sp['rows']} "
+                         f"rows added, {sp['rows'] - sp['added']} already in {report['into']}")
+        if not s["spaces"]:
+            lines.append(f"{s['path']}: no embedding space")
+    for name in report["spot_tables_copied"]:
+        lines.append(f"spot table {name} copied")
+    return lines
 
 
 def format_info(info: dict) -> str:
