@@ -1203,11 +1203,15 @@ def merge_caches(sources: Sequence[str | Path], into: str | Path) -> dict:
         seen.add(src.path.resolve())
         found = src.check()
         if found.problems:
-            raise CacheError(f"merge source {src.path} is damaged ({len(found.problems)} problems; the first: "
+            n = len(found.problems)
+            raise CacheError(f"merge source {src.path} is damaged ({n} problem{'s' if n > 1 else ''}; the first: "
                              f"{found.problems[0]}): run `semst cache repair --cache {src.path}` first; nothing "
                              f"was written to {into}")
         opened.append((src, found))
-    dst = EmbeddingCache(into, create=False) if (into / MARKER).exists() else None
+    try:  # an empty folder becomes the cache, as with `semst embed`; anything else must be a cache
+        dst = EmbeddingCache(into, create=False) if into.exists() and (not into.is_dir() or any(into.iterdir())) else None
+    except CacheError as exc:
+        raise CacheError(f"merge destination: {str(exc).replace('another --cache', 'another --into')}") from None
     # Everything that could refuse the merge half-way is asked now, before the first write.
     tables = _spot_tables_of(dst) if dst is not None else {}
     copies = []
