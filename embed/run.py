@@ -160,6 +160,7 @@ class _Pending:
         self.cache, self.space = cache, space
         self.hashes, self.texts, self.vectors, self.tokens = [], [], [], []
         self.since = time.monotonic()
+        self.committed = 0  # rows this run appended
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -173,18 +174,19 @@ class _Pending:
     def due(self, rows: int, seconds: float) -> bool:
         return len(self) >= rows or (len(self) > 0 and time.monotonic() - self.since >= seconds)
 
-    def commit(self) -> int:
-        """Commit what is pending (no signal cuts it); how many rows this run appended: add() skips
-        rows another run committed while these were computed."""
+    def commit(self) -> None:
+        """Commit what is pending (no signal cuts it) and count what this run appended (add() skips rows
+        another run committed while these were computed); counted inside the critical region, as a
+        signal received in it is raised when it ends."""
         from semst.shared import interrupt
 
         if not self.hashes:
-            return 0
+            return
         with interrupt.critical():
-            added = self.cache.add(self.space, self.hashes, np.concatenate(self.vectors), self.texts, self.tokens)
+            self.committed += self.cache.add(self.space, self.hashes, np.concatenate(self.vectors), self.texts,
+                                             self.tokens)
             self.hashes, self.texts, self.vectors, self.tokens = [], [], [], []
             self.since = time.monotonic()
-        return added
 
 
 def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, log) -> int:
@@ -209,7 +211,6 @@ def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, lo
     if (got.weights, got.pooling, got.dtype, got.dim) != (space.weights, space.pooling, space.dtype, space.dim):
         raise EmbedError(f"backend reports embedding space {got} but the cache key was computed as "
                          f"{space}; refusing to mix them")
-    computed = 0
     pending = _Pending(cache, space)
     bar = tqdm(total=len(missing), unit="prompt", desc="embedding", disable=not progress)
     try:
@@ -223,17 +224,17 @@ def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, lo
                     pending.append(batch, texts, np.asarray(backend.embed(texts), dtype=np.float32),
                                    backend.count_tokens(texts))
                 if pending.due(commit_rows, commit_seconds):
-                    computed += pending.commit()
+                    pending.commit()
                 bar.update(len(missing[start:start + cfg.batch_size]))
                 interrupt.check()
-            computed += pending.commit()
+            pending.commit()
     except interrupt.Interrupted as stop:
-        computed += pending.commit()  # what was computed before the signal is kept
-        stop.detail = _stopped_note(cache, space, missing, computed)
+        pending.commit()  # what was computed before the signal is kept
+        stop.detail = _stopped_note(cache, space, missing, pending.committed)
         raise
     finally:
         bar.close()
-    return computed
+    return pending.committed
 
 
 def _stopped_note(cache, space, missing, computed: int) -> str:
