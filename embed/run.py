@@ -78,6 +78,7 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     # 1. Input: everything checked before the model is loaded or the cache touched.
     if max_spots is not None and max_spots < 1:
         raise EmbedError(f"--max-spots must be >= 1, got {max_spots}")
+    _commit_every()  # bad SEMST_COMMIT_* settings are refused before any work
     if adata is None:
         adata = load_dataset(cfg.dataset)
     # Prompts from "all" genes never run the preprocessing, so only the slide itself is checked then.
@@ -109,7 +110,7 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     log(f"{cfg.dataset}: {len(adata)} spots, {len(hashes)} distinct prompts: "
         f"{len(hashes) - len(missing)} cached, {len(missing)} to compute ({space.model}, {space.pooling})")
 
-    # 3. Compute only what is missing, committing every batch (a killed run keeps its batches).
+    # 3. Compute only what is missing, committing in blocks (a killed run keeps what it committed).
     n_computed = 0
     if missing:
         n_computed = _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, log)
@@ -129,18 +130,81 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
                        seconds, table)
 
 
+# Rows are committed in blocks of COMMIT_ROWS, or every COMMIT_SECONDS if that comes first (a slow
+# model): a commit costs the same for 64 rows or thousands, so few large ones keep the cache's index
+# small; a SIGKILL loses at most the block being gathered. The environment variables override them
+# (a shared file system that wants fewer commits, a test that wants many).
+COMMIT_ROWS = 4096
+COMMIT_SECONDS = 60.0
+
+
+def _commit_every() -> tuple[int, float]:
+    import os
+
+    rows, seconds = os.environ.get("SEMST_COMMIT_ROWS"), os.environ.get("SEMST_COMMIT_SECONDS")
+    try:
+        rows_n = int(rows) if rows else COMMIT_ROWS
+        seconds_n = float(seconds) if seconds else COMMIT_SECONDS
+    except ValueError:
+        raise EmbedError(f"SEMST_COMMIT_ROWS={rows!r} / SEMST_COMMIT_SECONDS={seconds!r}: both must be numbers "
+                         f"(rows >= 1, seconds > 0)") from None
+    if rows_n < 1 or not seconds_n > 0:
+        raise EmbedError(f"SEMST_COMMIT_ROWS={rows_n} / SEMST_COMMIT_SECONDS={seconds_n}: rows must be >= 1 "
+                         f"and seconds > 0")
+    return rows_n, seconds_n
+
+
+class _Pending:
+    """Computed rows not committed yet, and when the last commit was."""
+
+    def __init__(self, cache, space):
+        self.cache, self.space = cache, space
+        self.hashes, self.texts, self.vectors, self.tokens = [], [], [], []
+        self.since = time.monotonic()
+        self.committed = 0  # rows this run appended
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def append(self, hashes, texts, vectors, tokens) -> None:
+        self.hashes += hashes
+        self.texts += texts
+        self.vectors.append(vectors)
+        self.tokens += list(tokens)
+
+    def due(self, rows: int, seconds: float) -> bool:
+        return len(self) >= rows or (len(self) > 0 and time.monotonic() - self.since >= seconds)
+
+    def commit(self) -> None:
+        """Commit what is pending (no signal cuts it) and count what this run appended (add() skips rows
+        another run committed while these were computed); counted inside the critical region, as a
+        signal received in it is raised when it ends."""
+        from semst.shared import interrupt
+
+        if not self.hashes:
+            return
+        with interrupt.critical():
+            self.committed += self.cache.add(self.space, self.hashes, np.concatenate(self.vectors), self.texts,
+                                             self.tokens)
+            self.hashes, self.texts, self.vectors, self.tokens = [], [], [], []
+            self.since = time.monotonic()
+
+
 def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, log) -> int:
-    """Embed and commit ``missing`` batch by batch; how many rows this run committed.
+    """Embed ``missing`` batch by batch and commit them in blocks (see COMMIT_ROWS); how many rows
+    this run committed.
 
     Ctrl-C / SIGTERM (under the CLI, see semst.shared.interrupt): a first signal stops at the end of
-    the batch in progress, once its rows are committed; a second stops at once, losing only that
-    batch. A commit itself is never cut. Either way the cache stays valid and a rerun computes the rest.
+    the batch in progress; a second stops at once, dropping that batch. Either way the rows computed
+    before are committed before the command stops, and a commit itself is never cut. The cache stays
+    valid and a rerun computes the rest; a SIGKILL loses at most the rows not committed yet.
     """
     from tqdm import tqdm
 
     from semst.embed.backends import load_backend
     from semst.shared import interrupt
 
+    commit_rows, commit_seconds = _commit_every()
     backend = load_backend(cfg.backend, str(model_dir), pooling=cfg.pooling, dtype=cfg.dtype,
                            batch_size=cfg.batch_size)
     # The label is ours (derived from the model string); everything else must agree exactly.
@@ -148,7 +212,7 @@ def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, lo
     if (got.weights, got.pooling, got.dtype, got.dim) != (space.weights, space.pooling, space.dtype, space.dim):
         raise EmbedError(f"backend reports embedding space {got} but the cache key was computed as "
                          f"{space}; refusing to mix them")
-    computed = 0
+    pending = _Pending(cache, space)
     bar = tqdm(total=len(missing), unit="prompt", desc="embedding", disable=not progress)
     try:
         with interrupt.at_boundaries():
@@ -158,19 +222,20 @@ def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, lo
                 batch = [h for h, present in zip(batch, cache.contains(space, batch)) if not present]
                 if batch:
                     texts = [unique[h] for h in batch]
-                    vectors = np.asarray(backend.embed(texts), dtype=np.float32)
-                    with interrupt.critical():
-                        # add() skips rows another run committed while these were computed: count
-                        # only what this run appended.
-                        computed += cache.add(space, batch, vectors, texts, backend.count_tokens(texts))
+                    pending.append(batch, texts, np.asarray(backend.embed(texts), dtype=np.float32),
+                                   backend.count_tokens(texts))
+                if pending.due(commit_rows, commit_seconds):
+                    pending.commit()
                 bar.update(len(missing[start:start + cfg.batch_size]))
                 interrupt.check()
+            pending.commit()
     except interrupt.Interrupted as stop:
-        stop.detail = _stopped_note(cache, space, missing, computed)
+        pending.commit()  # what was computed before the signal is kept
+        stop.detail = _stopped_note(cache, space, missing, pending.committed)
         raise
     finally:
         bar.close()
-    return computed
+    return pending.committed
 
 
 def _stopped_note(cache, space, missing, computed: int) -> str:

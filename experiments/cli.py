@@ -305,5 +305,25 @@ def cache_gc(cache):
         click.echo(f"{k}: {v}")
 
 
+@cache_group.command("merge")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--into", "into", required=True, type=click.Path(path_type=Path),
+              help="The cache to add the rows to (created if absent).")
+def cache_merge(sources, into):
+    """Add every row of the SOURCES caches not yet in --into (by prompt, per space; checksums kept), copy their
+    spot tables, then verify --into; exit 1 if that finds a problem. A damaged source is refused before anything
+    is written."""
+    from semst.shared.cache import format_merge, merge_caches
+
+    report = merge_caches(sources, into)
+    for line in format_merge(report):
+        click.echo(line)
+    if report["problems"]:
+        for p in report["problems"]:
+            click.echo(f"problem: {p}", err=True)
+        raise SystemExit(1)
+    click.echo(f"{report['into']}: OK")
+
+
 if __name__ == "__main__":
     main()

@@ -75,6 +75,10 @@ FORMAT_WITH_HOLES = {"format": "semst-embedding-cache", "version": 2,
 READABLE_VERSIONS = (1, 2)
 MARKER = "semst_cache.json"
 CHUNK_ROWS = 1024
+# Automatic compaction: a commit that leaves this many index parts of one size class (entries within a
+# factor of it) merges them into one, so a space keeps a few dozen parts at most (see _parts_to_merge).
+COMPACT_FANOUT = 8
+MERGE_BATCH = 65536  # rows a merge reads and commits at a time
 CHECKSUM = "blake2b"
 CHECKSUM_BYTES = 16
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -279,12 +283,65 @@ def _resolve_conflicts(entries: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFram
 @dataclass
 class _Index:
     """What readers need of a space's index: hash -> row, row -> digest (checked rows only), and
-    the row after the highest one any part names (where the next rows go)."""
+    the row after the highest one any part names (where the next rows go). ``parts``: the parts
+    read into it, with their number of entries, in the order they were read (sorted by name)."""
 
-    parts: tuple[str, ...] = ()
+    parts: dict[str, int] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     checksums: dict[int, bytes] = field(default_factory=dict)
     top: int = 0
+
+    def take(self, name: str, table: pa.Table) -> None:
+        """Add the entries of part ``name`` (read with prompt_hash, row and, if it has one, the digest)."""
+        self.parts[name] = table.num_rows
+        if not table.num_rows:
+            return
+        rows = table.column("row").to_numpy()
+        self.rows.update(zip(table.column("prompt_hash").to_pylist(), rows.tolist()))
+        self.top = max(self.top, int(rows.max()) + 1)
+        if CHECKSUM in table.column_names:
+            digests = table.column(CHECKSUM)
+            if digests.null_count:
+                self.checksums.update((r, c) for r, c in zip(rows.tolist(), digests.to_pylist()) if c is not None)
+            else:
+                self.checksums.update(zip(rows.tolist(), digests.to_pylist()))
+
+
+def _level(n: int) -> int:
+    """The compaction level of a part of ``n`` entries: parts within a factor COMPACT_FANOUT merge together."""
+    level = 0
+    while n >= COMPACT_FANOUT:
+        n //= COMPACT_FANOUT
+        level += 1
+    return level
+
+
+def _parts_to_merge(parts: dict[str, int]) -> list[str]:
+    """The parts of the lowest level that holds COMPACT_FANOUT or more of them (none if no level does).
+    Merging by level keeps at most COMPACT_FANOUT - 1 parts per level (so O(log rows) parts), and
+    rewrites each entry only once per level it climbs: the cost of a commit stays flat."""
+    by_level: dict[int, list[str]] = {}
+    for name, n in parts.items():
+        by_level.setdefault(_level(n), []).append(name)
+    for level in sorted(by_level):
+        if len(by_level[level]) >= COMPACT_FANOUT:
+            return by_level[level]
+    return []
+
+
+def _part_entries(tables: Sequence[pa.Table]) -> pa.Table:
+    """Index parts as one table of the part schema, one entry per distinct (prompt_hash, row) (the copy
+    with a digest wins), sorted by row: what a merged part holds."""
+    full = []
+    for t in tables:
+        if CHECKSUM not in t.column_names:  # a part written before checksums
+            t = t.append_column(CHECKSUM, pa.nulls(t.num_rows, pa.binary(CHECKSUM_BYTES)))
+        full.append(t.select(_PART_SCHEMA.names).cast(_PART_SCHEMA))
+    df = pa.concat_tables(full).to_pandas()
+    df["_unchecked"] = df[CHECKSUM].isna()
+    df = (df.sort_values("_unchecked", kind="stable").drop_duplicates(["prompt_hash", "row"])
+          .drop(columns="_unchecked").sort_values("row", kind="stable"))
+    return pa.Table.from_pandas(df, schema=_PART_SCHEMA, preserve_index=False)
 
 
 @dataclass
@@ -469,10 +526,13 @@ class EmbeddingCache:
     def _chunk_file(self, space: EmbeddingSpace, array, chunk: int) -> str:
         """The chunk file holding chunk ``chunk`` of ``array``, relative to the cache."""
         try:
-            key = array.metadata.encode_chunk_key((chunk, 0))
+            return self._chunk_key(space, array, chunk)
         except AttributeError:  # not a Zarr v3 array: name the chunk by number
-            key = f"chunk {chunk}"
-        return f"spaces/{space.space_id}/vectors/{key}"
+            return f"spaces/{space.space_id}/vectors/chunk {chunk}"
+
+    @staticmethod
+    def _chunk_key(space: EmbeddingSpace, array, chunk: int) -> str:
+        return f"spaces/{space.space_id}/vectors/{array.metadata.encode_chunk_key((chunk, 0))}"
 
     # -- index ------------------------------------------------------------------------------------
     def _parts(self, space: EmbeddingSpace) -> tuple[str, ...]:
@@ -482,41 +542,41 @@ class EmbeddingCache:
         return tuple(sorted(p.name for p in d.iterdir() if p.name.startswith("part-") and p.suffix == ".parquet"))
 
     def _load_index(self, space: EmbeddingSpace) -> _Index:
-        """The space's index; re-read only when the set of part files changed. A CacheError naming
-        the part if one is damaged: nothing reads or writes a space whose index is unknown."""
+        """The space's index, read incrementally: parts are immutable, so only parts not read yet are
+        read. A part that is gone (a gc, repair or compaction replaced it) or a new part that sorts
+        before one already read makes it read again from scratch, so the result is always what reading
+        every part in name order gives. A CacheError naming the part if one is damaged: nothing reads
+        or writes a space whose index is unknown."""
         for _ in range(5):
             parts = self._parts(space)
-            cached = self._index.get(space.space_id)
-            if cached is not None and cached.parts == parts:
-                return cached
+            index = self._index.get(space.space_id)
+            if index is not None:
+                new = [name for name in parts if name not in index.parts]
+                if len(index.parts) + len(new) != len(parts) or (new and index.parts and new[0] < max(index.parts)):
+                    index = None  # a part read before is gone, or the order changed: read them all
+            if index is None:
+                index, new = _Index(), list(parts)
+                self._index.pop(space.space_id, None)
             try:
-                index = self._read_index(space, parts)
+                self._read_parts_into(index, space, new)
             except FileNotFoundError:  # a gc or repair replaced the parts between listing and reading
+                self._index.pop(space.space_id, None)
                 continue
             self._index[space.space_id] = index
             return index
         raise CacheError(f"the index of space {space.space_id} in {self.path} kept changing while being read "
                          f"(a gc or repair running?); try again")
 
-    def _read_index(self, space: EmbeddingSpace, parts: tuple[str, ...]) -> _Index:
-        index = _Index(parts=parts)
+    def _read_parts_into(self, index: _Index, space: EmbeddingSpace, names: Sequence[str]) -> None:
         d = self._index_dir(space)
-        for name in parts:
+        for name in names:
             try:
                 t = _read_part(d / name, columns=("prompt_hash", "row", CHECKSUM))
             except DamagedFileError as exc:
                 raise CacheError(f"index part {self._relative(d / name)} of space {space.space_id} in {self.path} "
                                  f"is unreadable ({exc.reason}): run `semst cache repair --cache {self.path}`, "
                                  f"then `semst embed` again to recompute what it drops") from None
-            if not t.num_rows:
-                continue
-            hashes, rows = t.column("prompt_hash").to_pylist(), t.column("row").to_pylist()
-            index.rows.update(zip(hashes, rows))
-            index.top = max(index.top, max(rows) + 1)
-            if CHECKSUM in t.column_names:
-                digests = t.column(CHECKSUM).to_pylist()
-                index.checksums.update((r, c) for r, c in zip(rows, digests) if c is not None)
-        return index
+            index.take(name, t)
 
     def _hash_rows(self, space: EmbeddingSpace) -> dict[str, int]:
         """hash -> row of every committed row."""
@@ -612,46 +672,78 @@ class EmbeddingCache:
         if not np.isfinite(vectors).all():
             raise CacheError("refusing to cache non-finite embeddings (NaN or inf); the backend output is broken")
         with _write_faults(self.path, "adding rows to", "no committed row changed"), self._lock():
-            array = self._vectors(space, create=True)
-            index = self._load_index(space)
-            committed = index.rows
-            keep, seen = [], set()
-            for i, h in enumerate(hashes):
-                if h not in committed and h not in seen:
-                    seen.add(h)
-                    keep.append(i)
-            if not keep:
-                return 0
-            # After the highest row any part names: never over a committed row, holes or not.
-            start = index.top
-            stop = start + len(keep)
-            block = vectors[keep].astype(space.dtype, copy=False)
-            if array.shape[0] < stop:
-                array.resize((stop, space.dim))
-            try:
-                array[start:stop] = block
-            except OSError as exc:  # Zarr's store does not always say which file
-                exc.filename = exc.filename or str(self.path / "spaces" / space.space_id / "vectors")
+            return self._append(space, hashes, vectors, prompts, n_tokens)
+
+    def _append(self, space: EmbeddingSpace, hashes: Sequence[str], vectors: np.ndarray, prompts: Sequence[str],
+                n_tokens: Sequence[int], checksums: Sequence[bytes | None] | None = None) -> int:
+        """``add`` under the lock, its input checked. ``checksums``: the digests to record (a merge carries
+        its source's, None for a row written before checksums); computed from the rows if not given."""
+        array = self._vectors(space, create=True)
+        index = self._load_index(space)
+        committed = index.rows
+        keep, seen = [], set()
+        for i, h in enumerate(hashes):
+            if h not in committed and h not in seen:
+                seen.add(h)
+                keep.append(i)
+        if not keep:
+            return 0
+        # After the highest row any part names: never over a committed row, holes or not.
+        start = index.top
+        stop = start + len(keep)
+        block = vectors[keep].astype(space.dtype, copy=False)
+        if array.shape[0] < stop:
+            array.resize((stop, space.dim))
+        try:
+            array[start:stop] = block
+        except OSError as exc:  # Zarr's store does not always say which file
+            exc.filename = exc.filename or str(self.path / "spaces" / space.space_id / "vectors")
+            raise
+        except Exception as exc:  # noqa: BLE001 - Zarr decodes a chunk it fills in part: a damaged one?
+            bad = self._undecodable_chunks(space, array, start, stop)
+            if not bad:
                 raise
-            except Exception as exc:  # noqa: BLE001 - Zarr decodes a chunk it fills in part: a damaged one?
-                bad = self._undecodable_chunks(space, array, start, stop)
-                if not bad:
-                    raise
-                raise CacheError(f"cannot add rows to space {space.space_id} in {self.path}: chunk file "
-                                 f"{_few(bad, 3)} cannot be decoded ({_short(exc)}); run `semst cache repair "
-                                 f"--cache {self.path}` first; the cache is unchanged") from None
-            self._fsync_tree(self.path / "spaces" / space.space_id)
-            table = pa.table({
-                "prompt_hash": pa.array([hashes[i] for i in keep], pa.string()),
-                "row": pa.array(np.arange(start, stop, dtype=np.int64)),
-                "prompt": pa.array([prompts[i] for i in keep], pa.string()),
-                "n_tokens": pa.array([int(n_tokens[i]) for i in keep], pa.int32()),
-                CHECKSUM: pa.array(row_checksums(block), pa.binary(CHECKSUM_BYTES)),
-            }, schema=_PART_SCHEMA)
-            d = self._index_dir(space)
-            d.mkdir(parents=True, exist_ok=True)
-            _write_parquet(self._new_part_path(space), table)
-            return len(keep)
+            raise CacheError(f"cannot add rows to space {space.space_id} in {self.path}: chunk file "
+                             f"{_few(bad, 3)} cannot be decoded ({_short(exc)}); run `semst cache repair "
+                             f"--cache {self.path}` first; the cache is unchanged") from None
+        self._fsync_rows(space, array, start, stop)
+        digests = row_checksums(block) if checksums is None else [checksums[i] for i in keep]
+        table = pa.table({
+            "prompt_hash": pa.array([hashes[i] for i in keep], pa.string()),
+            "row": pa.array(np.arange(start, stop, dtype=np.int64)),
+            "prompt": pa.array([prompts[i] for i in keep], pa.string()),
+            "n_tokens": pa.array([int(n_tokens[i]) for i in keep], pa.int32()),
+            CHECKSUM: pa.array(digests, pa.binary(CHECKSUM_BYTES)),
+        }, schema=_PART_SCHEMA)
+        d = self._index_dir(space)
+        d.mkdir(parents=True, exist_ok=True)
+        part = _write_parquet(self._new_part_path(space), table)
+        if list(index.parts) and part.name < max(index.parts):  # a clock that went back: read all next time
+            self._index.pop(space.space_id, None)
+        else:  # this process knows what it committed: the next _load_index reads only others' parts
+            index.take(part.name, table.select(["prompt_hash", "row", CHECKSUM]))
+        self._compact(space)
+        return len(keep)
+
+    def _compact(self, space: EmbeddingSpace) -> None:
+        """Merge index parts of one size class while COMPACT_FANOUT of them exist (under the lock).
+        Crash-safe as ``_rewrite_index``: the merged part is renamed in before the old ones are removed,
+        and readers take an entry listed twice as one. A part that cannot be read now is left alone
+        for ``verify`` / ``repair``: compaction never removes what it could not copy."""
+        d = self._index_dir(space)
+        index = self._load_index(space)
+        while names := _parts_to_merge(index.parts):
+            try:
+                merged = _part_entries([_read_part(d / name) for name in names])
+            except (FileNotFoundError, CacheError):
+                return
+            part = _write_parquet(self._new_part_path(space), merged)
+            for name in names:
+                (d / name).unlink(missing_ok=True)
+            fsync_dir(d)
+            for name in names:
+                del index.parts[name]
+            index.parts[part.name] = merged.num_rows  # the same entries: rows and digests stay as they are
 
     @staticmethod
     def _decodes(array, chunk: int) -> bool:
@@ -675,6 +767,31 @@ class EmbeddingCache:
                     os.fsync(f.fileno())
         for p in [path, *[q for q in path.rglob("*") if q.is_dir()]]:
             fsync_dir(p)
+
+    def _fsync_rows(self, space: EmbeddingSpace, array, start: int, stop: int) -> None:
+        """Make the chunk files holding rows [start, stop) and the array's metadata (its shape) durable
+        before the commit record: only what this commit wrote, so a commit costs the same at any size."""
+        vectors_dir = self.path / "spaces" / space.space_id / "vectors"
+        step = int(array.chunks[0])
+        try:
+            files = [self.path / self._chunk_key(space, array, c) for c in range(start // step, (stop - 1) // step + 1)]
+        except AttributeError:  # not a Zarr v3 array: its chunk names are unknown here
+            self._fsync_tree(self.path / "spaces" / space.space_id)
+            return
+        dirs = {vectors_dir}
+        for p in [*files, vectors_dir / "zarr.json"]:
+            try:
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+            except FileNotFoundError:  # Zarr does not write a chunk that is all fill value
+                pass
+            q = p.parent
+            while q != vectors_dir and vectors_dir in q.parents:
+                dirs.add(q)
+                q = q.parent
+        for q in sorted(dirs, key=lambda q: len(q.parts), reverse=True):
+            if q.is_dir():
+                fsync_dir(q)
 
     # -- spot tables ------------------------------------------------------------------------------
     def _spot_path(self, dataset: str, tag: str) -> Path:
@@ -1021,6 +1138,125 @@ class EmbeddingCache:
                     report["parts_merged"] += len(readable)
                 self._index.pop(space.space_id, None)
         return report
+
+    # -- merging ----------------------------------------------------------------------------------
+    def _merge_space(self, source: EmbeddingCache, found: SpaceCheck, batch: int = MERGE_BATCH) -> int:
+        """Append every row of ``found`` (a checked space of ``source``) whose prompt is not in this cache
+        yet, with its recorded digest (None stays None: the row stays "unchecked"); every row read from
+        ``source`` is checked against its digest first. Returns how many rows were appended."""
+        space = found.space
+        entries = found.entries
+        entries = entries[~self.contains(space, entries["prompt_hash"].tolist())] if len(entries) else entries
+        added = 0
+        with _write_faults(self.path, "merging into", "every row committed so far is valid; merge again to finish"):
+            with self._lock():
+                self._vectors(space, create=True)  # the space, even if it brings no new row
+            for start in range(0, len(entries), batch):
+                part = entries.iloc[start:start + batch]
+                hashes = part["prompt_hash"].tolist()
+                vectors = source.get(space, hashes, check=True)
+                with self._lock():
+                    added += self._append(space, hashes, vectors, part["prompt"].tolist(),
+                                          part["n_tokens"].tolist(), part[CHECKSUM].tolist())
+        return added
+
+
+def _spot_tables_of(cache: EmbeddingCache) -> dict[tuple[str, str], tuple[Path, pd.DataFrame, dict]]:
+    out = {}
+    for path in cache._spot_table_paths():
+        table, meta = cache.read_spot_table(path.parent.name, path.stem)
+        out[(path.parent.name, path.stem)] = (path, table, meta)
+    return out
+
+
+def _same_spot_table(a: tuple[Path, pd.DataFrame, dict], b: tuple[Path, pd.DataFrame, dict]) -> bool:
+    """The same spots mapped to the same prompts in the same space (run metadata such as the model's
+    folder may differ between hosts)."""
+    return (a[2].get("space_id") == b[2].get("space_id") and a[1]["spot_id"].tolist() == b[1]["spot_id"].tolist()
+            and a[1]["prompt_hash"].tolist() == b[1]["prompt_hash"].tolist())
+
+
+def _open_merge_source(path: Path, into: Path) -> EmbeddingCache:
+    if not path.exists():
+        raise CacheError(f"merge source {path} does not exist; nothing was written to {into}")
+    if path.resolve() == into.resolve():
+        raise CacheError(f"merge source {path} is the destination itself; pass other caches as sources")
+    try:
+        return EmbeddingCache(path, create=False)
+    except CacheError as exc:
+        raise CacheError(f"merge source {path}: {exc}; nothing was written to {into}") from None
+
+
+def merge_caches(sources: Sequence[str | Path], into: str | Path) -> dict:
+    """Add to the cache ``into`` (created if absent) every row of each source it does not hold yet (by
+    prompt hash, per space), with its checksum, and each source's spot tables it does not have; then
+    verify it. Everything that would make the merge fail is found before anything is written: a
+    source that is missing, not a cache or damaged (``check`` finds a problem), a space whose identity
+    differs, an index of ``into`` that cannot be read, and a spot table (dataset / tag) that maps other
+    spots or prompts than one already in ``into`` or in an earlier source. Returns what was done and
+    ``problems``, what ``verify`` found in ``into`` afterwards."""
+    into = Path(into)
+    opened, seen = [], set()
+    for s in sources:
+        src = _open_merge_source(Path(s), into)
+        if src.path.resolve() in seen:
+            continue
+        seen.add(src.path.resolve())
+        found = src.check()
+        if found.problems:
+            n = len(found.problems)
+            raise CacheError(f"merge source {src.path} is damaged ({n} problem{'s' if n > 1 else ''}; the first: "
+                             f"{found.problems[0]}): run `semst cache repair --cache {src.path}` first; nothing "
+                             f"was written to {into}")
+        opened.append((src, found))
+    try:  # an empty folder becomes the cache, as with `semst embed`; anything else must be a cache
+        dst = EmbeddingCache(into, create=False) if into.exists() and (not into.is_dir() or any(into.iterdir())) else None
+    except CacheError as exc:
+        raise CacheError(f"merge destination: {str(exc).replace('another --cache', 'another --into')}") from None
+    # Everything that could refuse the merge half-way is asked now, before the first write.
+    tables = _spot_tables_of(dst) if dst is not None else {}
+    copies = []
+    for src, found in opened:
+        for sc in found.spaces:
+            if dst is not None and dst._vectors(sc.space) is not None:  # SpaceMismatchError if it differs
+                dst._load_index(sc.space)  # a CacheError (run repair) if an index part is unreadable
+        for key, table in _spot_tables_of(src).items():
+            if key not in tables:
+                tables[key] = table
+                copies.append((key, table[0]))
+            elif not _same_spot_table(tables[key], table):
+                raise CacheError(f"spot table {key[0]}/{key[1]} of {table[0]} maps other spots or prompts than the "
+                                 f"one in {tables[key][0]}: the same dataset and settings were embedded from "
+                                 f"different inputs; remove one of them first; nothing was written to {into}")
+    dst = dst or EmbeddingCache(into, create=True)
+    dst.check_writable()
+    report = {"into": str(dst.path), "sources": [], "spot_tables_copied": []}
+    for src, found in opened:
+        spaces = [{"space_id": sc.space.space_id, "model": sc.space.model, "rows": len(sc.entries),
+                   "added": dst._merge_space(src, sc)} for sc in found.spaces]
+        report["sources"].append({"path": str(src.path), "spaces": spaces})
+    for (dataset, tag), path in copies:
+        dest = dst._spot_path(dataset, tag)
+        if dest.exists():  # written meanwhile by an embed into `into`: checked below by verify
+            continue
+        with _write_faults(dst.path, f"copying the spot table {dataset}/{tag} into"):
+            atomic_write(dest, lambda tmp, path=path: shutil.copyfile(path, tmp), durable=True)
+        report["spot_tables_copied"].append(f"{dataset}/{tag}")
+    report["problems"] = EmbeddingCache(dst.path, create=False).verify()
+    return report
+
+
+def format_merge(report: dict) -> list[str]:
+    lines = []
+    for s in report["sources"]:
+        for sp in s["spaces"]:
+            lines.append(f"{s['path']}: space {sp['space_id']} ({sp['model']}): {sp['added']} of its {sp['rows']} "
+                         f"rows added, {sp['rows'] - sp['added']} already in {report['into']}")
+        if not s["spaces"]:
+            lines.append(f"{s['path']}: no embedding space")
+    for name in report["spot_tables_copied"]:
+        lines.append(f"spot table {name} copied")
+    return lines
 
 
 def format_info(info: dict) -> str:

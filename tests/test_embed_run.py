@@ -163,7 +163,7 @@ def test_a_cache_path_that_is_not_a_cache_is_refused_untouched(env, tmp_path):
 
 def test_a_run_killed_with_sigkill_resumes_computing_only_what_is_missing(env):
     write_slide(env["data"] / "big.h5ad", 400, seed=3)
-    vars_ = {"SEMST_DATA_PATH": str(env["data"])}
+    vars_ = {"SEMST_DATA_PATH": str(env["data"]), "SEMST_COMMIT_ROWS": "8"}  # commits of 8 rows: 2 batches
     cmd = [sys.executable, "-m", "semst.experiments.cli", "embed", "big", "--cache", str(env["cache"]), "--backend",
            "transformers", "--model", env["model"], "--k-genes", "8", "--batch-size", "4"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **vars_}, stdout=subprocess.PIPE,
@@ -179,7 +179,7 @@ def test_a_run_killed_with_sigkill_resumes_computing_only_what_is_missing(env):
     cache = EmbeddingCache(env["cache"], create=False)
     assert cache.verify() == []
     committed = cache.count(cache.spaces()[0])
-    assert committed >= 12
+    assert committed >= 24  # 3 commits of 8 rows
     report = embed_dataset(cfg(env, dataset="big", k_genes=8, genes_from="hvg"), progress=False, log=quiet)
     assert report.n_computed == report.n_prompts - committed
     assert report.n_computed > 0  # the kill came before the end
@@ -221,3 +221,33 @@ def test_two_concurrent_embeds_on_one_cache_report_the_rows_committed_once(env):
     computed = [int(re.search(r"\d+ prompts: \d+ cached, (\d+) computed", out).group(1)) for out, _ in outs]
     cache = EmbeddingCache(env["cache"], create=False)
     assert sum(computed) == cache.count(cache.spaces()[0]) and cache.verify() == []
+
+
+def part_sizes(cache_path: Path) -> list[int]:
+    import pyarrow.parquet as pq
+
+    return sorted(pq.read_metadata(p).num_rows for p in cache_path.glob("index/*/part-*.parquet"))
+
+
+def test_rows_are_committed_in_blocks_of_commit_rows_not_per_batch(env, monkeypatch):
+    monkeypatch.setenv("SEMST_COMMIT_ROWS", "8")
+    report = embed_dataset(cfg(env), progress=False, log=quiet)  # 12 prompts in batches of 4
+    assert report.n_computed == 12
+    assert part_sizes(env["cache"]) == [4, 8]  # one block of 8 (two batches), then the rest at the end
+
+
+def test_a_run_commits_once_when_its_rows_fit_one_block(env):
+    embed_dataset(cfg(env), progress=False, log=quiet)
+    assert part_sizes(env["cache"]) == [12]
+    assert EmbeddingCache(env["cache"], create=False).verify() == []
+
+
+@pytest.mark.parametrize("variable,value", [("SEMST_COMMIT_ROWS", "0"), ("SEMST_COMMIT_ROWS", "many"),
+                                            ("SEMST_COMMIT_SECONDS", "-1")])
+def test_a_bad_commit_setting_is_refused_before_the_cache_is_touched(env, monkeypatch, variable, value):
+    from semst.embed.run import EmbedError
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(EmbedError, match="SEMST_COMMIT_ROWS"):
+        embed_dataset(cfg(env), progress=False, log=quiet)
+    assert not env["cache"].exists()

@@ -105,7 +105,8 @@ def interrupted_count(stderr: str, name: str) -> int:
 @pytest.mark.parametrize("name,ignore_sigint", [("SIGINT", False), ("SIGTERM", False), ("SIGINT", True)],
                          ids=["sigint", "sigterm", "sigint-inherited-as-ignored"])
 def test_a_signal_during_embed_stops_after_the_batch_and_a_rerun_computes_only_the_rest(env, name, ignore_sigint):
-    proc = start(embed_args(env), env["vars"], ignore_sigint=ignore_sigint)
+    # Commits of 8 rows (2 batches): the signal comes once one is committed, maybe with rows pending.
+    proc = start(embed_args(env), {**env["vars"], "SEMST_COMMIT_ROWS": "8"}, ignore_sigint=ignore_sigint)
     wait_for_parts(env["cache"], 1, proc)
     proc.send_signal(getattr(signal, name))
     _, err = proc.communicate(timeout=120)
@@ -157,6 +158,7 @@ def test_a_signal_during_a_commit_waits_for_the_commit(env, monkeypatch):
 
     monkeypatch.setattr(EmbeddingCache, "add", add_hit_by_signals)
     monkeypatch.setenv("SEMST_DATA_PATH", str(env["data"]))
+    monkeypatch.setenv("SEMST_COMMIT_ROWS", "4")  # a commit per batch: the first commit is hit
     cfg = load_embed_config("big", {"cache": str(env["cache"]), "model": env["model"], "backend": "transformers",
                                     "k_genes": 8, "batch_size": 4})
     with pytest.raises(interrupt.Interrupted) as stop, interrupt.stop_on_signals():
