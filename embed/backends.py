@@ -18,6 +18,12 @@ tokenizer add its own would put a second BOS in front for tokenizers that add on
 default for text prompts). For SmolLM2 and Qwen, whose tokenizers add nothing, this is token for token
 what the SemST authors' ``tokenizer(prompts)`` produced. Prompts longer than ``max_tokens`` are an
 error, never silently truncated.
+
+Exact prefix reuse (``prefix_reuse``, on by default; embed/prefix.py): every prompt of a template starts
+with the same ~53 tokens, whose hidden states do not depend on what follows. transformers runs them
+once per model and template (KV cache + hidden-state sum) and only each prompt's suffix after that,
+for MEAN and LAST; vLLM uses its own prefix cache for LAST (it refuses one for MEAN). Same vectors up
+to float rounding, same embedding space.
 """
 from __future__ import annotations
 
@@ -348,6 +354,8 @@ def load_backend(name: str, model: str, pooling: str = "mean", dtype: str = "flo
         raise BackendError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if batch_size < 1:
         raise BackendError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(prefix_reuse, bool):
+        raise BackendError(f"prefix_reuse must be True or False, got {prefix_reuse!r}")
     model_dir = resolve_model(model)
     cls = VLLMBackend if name == "vllm" else TransformersBackend
     return cls(model_dir, pooling=pooling, dtype=dtype, batch_size=batch_size, max_tokens=max_tokens,
