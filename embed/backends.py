@@ -18,6 +18,12 @@ tokenizer add its own would put a second BOS in front for tokenizers that add on
 default for text prompts). For SmolLM2 and Qwen, whose tokenizers add nothing, this is token for token
 what the SemST authors' ``tokenizer(prompts)`` produced. Prompts longer than ``max_tokens`` are an
 error, never silently truncated.
+
+Exact prefix reuse (``prefix_reuse``, on by default; embed/prefix.py): every prompt of a template starts
+with the same ~53 tokens, whose hidden states do not depend on what follows. transformers runs them
+once per model and template (KV cache + hidden-state sum) and only each prompt's suffix after that,
+for MEAN and LAST; vLLM uses its own prefix cache for LAST (it refuses one for MEAN). Same vectors up
+to float rounding, same embedding space.
 """
 from __future__ import annotations
 
@@ -29,6 +35,14 @@ from typing import Protocol
 
 import numpy as np
 
+from semst.embed.prefix import (
+    PrefixState,
+    group_by_prefix,
+    pooled_after_prefix,
+    right_padded,
+    run_prefix,
+    template_prefixes,
+)
 from semst.shared.errors import SemstError
 
 POOLINGS = ("mean", "last")
@@ -43,6 +57,7 @@ class BackendError(SemstError, RuntimeError):
 
 class Backend(Protocol):
     name: str  # "vllm" | "transformers"
+    prefix_reuse: bool  # the prompts' shared prefix is computed once (embed/prefix.py)
     tokenizer: object  # the HF tokenizer prompts are rendered and tokenized with
 
     def space(self): ...  # -> shared.cache.EmbeddingSpace
@@ -192,12 +207,27 @@ def _global_random_state_kept():
         torch.set_rng_state(states[2])
 
 
+def _vllm_prefix_caching(pooling: str, prefix_reuse: bool) -> dict:
+    """vLLM's own prefix cache, where it is exact and hits: LAST pooling only.
+
+    vLLM 0.32 refuses prefix caching with MEAN pooling (a pooled prefill cannot start mid-prompt),
+    so MEAN on vLLM always runs whole prompts. For LAST, vLLM's CPU backend finds cached blocks only
+    with 32-token blocks (its default of 128 is longer than the ~53 shared tokens; 16 is refused);
+    measured bit-identical to runs without it."""
+    from vllm.platforms import current_platform
+
+    if not (prefix_reuse and pooling == "last"):
+        return {"enable_prefix_caching": False}
+    return {"enable_prefix_caching": True, **({"block_size": 32} if current_platform.is_cpu() else {})}
+
+
 class VLLMBackend(_TokenizingBackend):
     name = "vllm"
 
     def __init__(self, model_dir: Path, pooling: str = "mean", dtype: str = "float32", batch_size: int = 64,
-                 max_tokens: int = MAX_TOKENS):
+                 max_tokens: int = MAX_TOKENS, prefix_reuse: bool = True):
         super().__init__(model_dir, pooling, dtype, batch_size, max_tokens)
+        self.prefix_reuse = prefix_reuse and pooling == "last"  # see _vllm_prefix_caching
         _set_vllm_env()
         _guard_llvmlite_against_vllm_scan()
         try:
@@ -220,6 +250,7 @@ class VLLMBackend(_TokenizingBackend):
                     # No graph compilation: start-up in seconds. Measured on 2 CPU cores, torch.compile
                     # costs ~100 s of start-up (even when cached) for ~10% more prompts/s.
                     enforce_eager=True,
+                    **_vllm_prefix_caching(pooling, prefix_reuse),
                 )
         except Exception as exc:
             raise BackendError(f"vLLM could not load {self.model_dir} ({type(exc).__name__}: {exc}); "
@@ -243,7 +274,7 @@ class TransformersBackend(_TokenizingBackend):
     name = "transformers"
 
     def __init__(self, model_dir: Path, pooling: str = "mean", dtype: str = "float32", batch_size: int = 64,
-                 max_tokens: int = MAX_TOKENS):
+                 max_tokens: int = MAX_TOKENS, prefix_reuse: bool = True):
         super().__init__(model_dir, pooling, dtype, batch_size, max_tokens)
         import torch
         from transformers import AutoModel
@@ -254,40 +285,65 @@ class TransformersBackend(_TokenizingBackend):
             raise BackendError(f"transformers could not load {self.model_dir} "
                                f"({type(exc).__name__}: {exc})") from exc
         self.model.eval()
+        # Exact prefix reuse (embed/prefix.py): the prompt templates' shared leading tokens, found now,
+        # and each one's KV cache and hidden-state sum, computed the first time a prompt uses it.
+        self._prefixes = template_prefixes(self.tokenizer) if prefix_reuse else []
+        self.prefix_reuse = bool(self._prefixes)  # none without a chat template
+        self._prefix_states: dict[tuple[int, ...], PrefixState] = {}
 
     def _embed_ids(self, ids: list[list[int]]) -> np.ndarray:
         import torch
 
         out = np.empty((len(ids), self.dim), dtype=np.float32)
-        # Similar lengths together: less padding, same results (padding is masked out).
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start:start + self.batch_size]
-                lengths = torch.tensor([len(ids[i]) for i in rows])
-                width = int(lengths.max())
-                # Right padding: real tokens keep positions 0..n-1, and the causal mask keeps every real
-                # token from seeing the pads after it; the pad id itself is never attended to.
-                input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, i in enumerate(rows):
-                    input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
-                    mask[r, :len(ids[i])] = 1
-                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
-                if self.pooling == "mean":
-                    pooled = (hidden * mask.unsqueeze(-1)).sum(dim=1) / lengths.unsqueeze(-1)
-                else:  # last real token
-                    pooled = hidden[torch.arange(len(rows)), lengths - 1]
-                out[rows] = pooled.numpy()
+            for prefix, rows in group_by_prefix(ids, self._prefixes).items():
+                seqs = [ids[i] for i in rows]
+                out[rows] = self._embed_whole(seqs) if prefix is None else self._embed_after(prefix, seqs)
         return out
+
+    def _embed_whole(self, seqs: list[list[int]]) -> np.ndarray:
+        import torch
+
+        out = np.empty((len(seqs), self.dim), dtype=np.float32)
+        for rows in self._length_sorted_batches(seqs):
+            input_ids, mask, lengths = right_padded([seqs[i] for i in rows])
+            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+            if self.pooling == "mean":
+                pooled = (hidden * mask.unsqueeze(-1)).sum(dim=1) / lengths.unsqueeze(-1)
+            else:  # last real token
+                pooled = hidden[torch.arange(len(rows)), lengths - 1]
+            out[rows] = pooled.numpy()
+        return out
+
+    def _embed_after(self, prefix: tuple[int, ...], seqs: list[list[int]]) -> np.ndarray:
+        """Prompts that all start with ``prefix``: only their suffixes are run (embed/prefix.py)."""
+        if prefix not in self._prefix_states:
+            self._prefix_states[prefix] = run_prefix(self.model, prefix)
+        state = self._prefix_states[prefix]
+        out = np.empty((len(seqs), self.dim), dtype=np.float32)
+        for rows in self._length_sorted_batches(seqs):
+            suffixes = [seqs[i][state.length:] for i in rows]
+            out[rows] = pooled_after_prefix(self.model, state, suffixes, self.pooling).numpy()
+        return out
+
+    def _length_sorted_batches(self, seqs: list[list[int]]):
+        """Row indices in batches of ``batch_size``, similar lengths together: less padding, same
+        results (padding is masked out)."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for start in range(0, len(order), self.batch_size):
+            yield order[start:start + self.batch_size]
 
 
 # --------------------------------------------------------------------------------------------------
 
 
 def load_backend(name: str, model: str, pooling: str = "mean", dtype: str = "float32", batch_size: int = 64,
-                 max_tokens: int = MAX_TOKENS) -> Backend:
-    """Load ``model`` ("default", a checkpoint directory or a cached HF id) into backend ``name``."""
+                 max_tokens: int = MAX_TOKENS, prefix_reuse: bool = True) -> Backend:
+    """Load ``model`` ("default", a checkpoint directory or a cached HF id) into backend ``name``.
+
+    ``prefix_reuse``: compute the prompts' shared leading tokens once (exact; embed/prefix.py) where
+    the backend can: transformers for MEAN and LAST, vLLM for LAST. ``backend.prefix_reuse`` says
+    whether it is in effect."""
     from semst.embed.checkpoints import resolve_model
 
     if name not in BACKENDS:
@@ -299,6 +355,9 @@ def load_backend(name: str, model: str, pooling: str = "mean", dtype: str = "flo
         raise BackendError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if batch_size < 1:
         raise BackendError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(prefix_reuse, bool):
+        raise BackendError(f"prefix_reuse must be True or False, got {prefix_reuse!r}")
     model_dir = resolve_model(model)
     cls = VLLMBackend if name == "vllm" else TransformersBackend
-    return cls(model_dir, pooling=pooling, dtype=dtype, batch_size=batch_size, max_tokens=max_tokens)
+    return cls(model_dir, pooling=pooling, dtype=dtype, batch_size=batch_size, max_tokens=max_tokens,
+               prefix_reuse=prefix_reuse)

@@ -206,7 +206,10 @@ def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, lo
 
     commit_rows, commit_seconds = _commit_every()
     backend = load_backend(cfg.backend, str(model_dir), pooling=cfg.pooling, dtype=cfg.dtype,
-                           batch_size=cfg.batch_size)
+                           batch_size=cfg.batch_size, prefix_reuse=cfg.prefix_reuse)
+    reuse = getattr(backend, "prefix_reuse", False)
+    why_not = " (not available for this backend and pooling)" if cfg.prefix_reuse and not reuse else ""
+    log(f"{backend.name} backend, {cfg.pooling} pooling, prefix reuse {'on' if reuse else 'off'}{why_not}")
     # The label is ours (derived from the model string); everything else must agree exactly.
     got = backend.space()
     if (got.weights, got.pooling, got.dtype, got.dim) != (space.weights, space.pooling, space.dtype, space.dim):

@@ -93,9 +93,11 @@ def data_cmd(dataset, list_only, mirror):
 @click.option("--recipe", default=None, help=RECIPE_HELP)
 @click.option("--gene-ranking", "gene_ranking", default=None,
               help="Rank a spot's genes by raw 'counts' (semst) or by the 'scaled' preprocessed matrix (paper).")
+@click.option("--prefix-reuse/--no-prefix-reuse", "prefix_reuse", default=None,
+              help="Compute the prompts' shared leading tokens once (exact, same cache; default from config: on).")
 @set_option("embed")
 def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, template, batch_size, max_spots,
-              recipe, gene_ranking, assignments):
+              recipe, gene_ranking, prefix_reuse, assignments):
     """Stage 1: embed DATASET's top-k gene prompts into the shared cache."""
     from semst.embed.run import embed_dataset
     from semst.shared.config import config_to_toml, load_embed_config, parse_assignments, with_assignments
@@ -104,7 +106,7 @@ def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, tem
     _find(dataset)
     flags = {"cache": str(cache) if cache else None, "model": model, "k_genes": k_genes, "pooling": pooling,
              "backend": backend, "template": template, "batch_size": batch_size, "recipe": recipe,
-             "gene_ranking": gene_ranking}
+             "gene_ranking": gene_ranking, "prefix_reuse": prefix_reuse}
     cfg = load_embed_config(dataset, with_assignments(flags, assigned["embed"]), config_path)
     click.echo("# semst embed config\n" + config_to_toml(cfg))
     embed_dataset(cfg, max_spots=max_spots)

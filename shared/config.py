@@ -81,6 +81,9 @@ class EmbedConfig:
     backend: str = "vllm"  # "vllm" or "transformers"
     dtype: str = "float32"
     batch_size: int = 64  # prompts per backend call (and per cache commit)
+    # Compute the leading tokens all prompts share once (exact: same vectors up to float rounding, same
+    # cache space; embed/prefix.py): transformers for mean and last pooling, vLLM for last only.
+    prefix_reuse: bool = True
     cache: str = field(default_factory=lambda: str(default_cache()))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
@@ -689,6 +692,8 @@ def validate_embed_config(cfg: EmbedConfig) -> None:
         raise ConfigError(f"genes_from must be 'hvg' or 'all', got {cfg.genes_from!r}")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if not isinstance(cfg.prefix_reuse, bool):
+        raise ConfigError(f"prefix_reuse must be true or false, got {cfg.prefix_reuse!r}")
     _choice(cfg, "gene_ranking", ("counts", "scaled"))
     if cfg.gene_ranking == "scaled" and cfg.genes_from != "hvg":
         raise ConfigError("gene_ranking = \"scaled\" ranks genes by the preprocessed matrix, which only "
