@@ -64,6 +64,13 @@ class PreprocessConfig:
     require_top_genes: bool = False
 
 
+# Field metadata for the run-name hash (config_identity): a setting that cannot change a run's result
+# (how vectors are computed, not which) is never in it; a result-changing setting added after run names
+# were fixed is in it only when it differs from its default, so older runs keep their names.
+NOT_IN_IDENTITY = {"identity": "never"}
+IN_IDENTITY_IF_SET = {"identity": "if-set"}
+
+
 @dataclass
 class EmbedConfig:
     """Stage 1: which prompts are built and which LLM turns them into hidden states."""
@@ -83,7 +90,7 @@ class EmbedConfig:
     batch_size: int = 64  # prompts per backend call (and per cache commit)
     # Compute the leading tokens all prompts share once (exact: same vectors up to float rounding, same
     # cache space; embed/prefix.py): transformers for mean and last pooling, vLLM for last only.
-    prefix_reuse: bool = True
+    prefix_reuse: bool = field(default=True, metadata=NOT_IN_IDENTITY)
     cache: str = field(default_factory=lambda: str(default_cache()))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
@@ -787,6 +794,18 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
+def _embed_identity(embed: EmbedConfig, values: dict[str, Any]) -> dict[str, Any]:
+    """The embed settings that name a run: without those that cannot change its result
+    (``NOT_IN_IDENTITY``: how the vectors are computed, not which), and without those added later
+    (``IN_IDENTITY_IF_SET``) while they hold their defaults, so older runs keep their names."""
+    kept = dict(values)
+    for f in dataclasses.fields(embed):
+        kind = f.metadata.get("identity")
+        if kind == "never" or (kind == "if-set" and getattr(embed, f.name) == f.default):
+            kept.pop(f.name, None)
+    return kept
+
+
 def config_identity(cfg: ClusterConfig) -> dict[str, Any]:
     """The config as a dict for the hashes that name a run folder and decide a grid cell's reuse: the
     flat dict the config was before its sections (``asdict`` of the flat fields, in their old order),
@@ -794,6 +813,7 @@ def config_identity(cfg: ClusterConfig) -> dict[str, Any]:
     keeps the name and a cell the hash it had before the sections and the table existed."""
     values = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else copy.deepcopy(v)
               for k, v in flat_values(cfg).items()}
+    values["embed"] = _embed_identity(cfg.embed, values["embed"])
     table = dict(values["spatial"])
     rule_key = next((k for k, (rule, _) in LEGACY_RULES.items() if rule == table.get("rule")), None)
     settings = {param: (key, default) for key, (_, param, default) in LEGACY_SETTINGS.items()}
