@@ -11,6 +11,7 @@ import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from semst.cluster.outputs import check_free_space, prepare_run_folder, write_ou
 from semst.cluster.seeds import ClusterError, ClusterReport, load_slide, run_seeds
 from semst.shared.config import ClusterConfig, ConfigError, config_identity
 from semst.shared.hashing import json_hash
+
+if TYPE_CHECKING:
+    from semst.shared.cache import SpotTableMeta
 
 # The `semst embed` options that change which embeddings are written, in the order they are worked
 # out: the recipe first, since it supplies the defaults of the others.
@@ -144,7 +148,8 @@ def _open_cache(cache_path, dataset: str, tag: str, fix: str | Callable[[], str]
         raise _no_embeddings(cache_path, dataset, tag, exc, fix) from None
 
 
-def spot_table_meta(cache_path, dataset: str, tag: str, fix: str | Callable[[], str] = "Run semst embed"):
+def spot_table_meta(cache_path, dataset: str, tag: str,
+                    fix: str | Callable[[], str] = "Run semst embed") -> SpotTableMeta:
     """The typed metadata (shared.cache.SpotTableMeta) of ``dataset``'s spot table ``tag``, which must
     name its embedding space; a ClusterError ending in ``fix`` if it cannot be read."""
     from semst.shared.cache import SpotTableError
@@ -159,7 +164,7 @@ def spot_table_meta(cache_path, dataset: str, tag: str, fix: str | Callable[[], 
 
 
 def cached_vectors(cache_path, dataset: str, tag: str, spot_ids,
-                   fix: str | Callable[[], str] = "Run semst embed") -> tuple[np.ndarray, object]:
+                   fix: str | Callable[[], str] = "Run semst embed") -> tuple[np.ndarray, SpotTableMeta]:
     """The cached vectors of ``dataset``'s spot table ``tag``, one row per spot of ``spot_ids`` in
     that order, and the table's metadata (a SpotTableMeta); a ClusterError ending in ``fix`` if any
     is missing. The reading is EmbeddingCache.vectors_for's; this only says what to run."""

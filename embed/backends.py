@@ -1,4 +1,8 @@
-"""LLM backends: rendered prompts -> pooled final-layer hidden states, one float32 vector each.
+"""Stage-1 backends: prompts -> one float32 vector each. ``BACKENDS`` (at the end) maps a name to its
+class; a new backend is one class with the :class:`Backend` protocol and one line there. Besides the two
+LLM backends below, ``"sentence"`` is a sentence-transformers encoder (embed.sentence_encoder).
+
+LLM backends: rendered prompts -> pooled final-layer hidden states, one float32 vector each.
 
 Two interchangeable backends compute the same embedding space (tested to agree per prompt):
 

@@ -761,11 +761,16 @@ class EmbeddingCache:
 
     def read_spot_table(self, dataset: str, tag: str) -> tuple[pd.DataFrame, dict]:
         """The spot table (spot_id, prompt_hash) and its run metadata as stored; a SpotTableError if
-        it is absent or unreadable."""
+        it is absent or unreadable (its message as any CacheError's)."""
         try:
-            path = self._spot_path(dataset, tag)
-        except CacheError as exc:
+            return self._read_spot_table(dataset, tag)
+        except SpotTableError:
+            raise
+        except CacheError as exc:  # a tag that is no file name, no permission to read it, ...
             raise SpotTableError(str(exc)) from None
+
+    def _read_spot_table(self, dataset: str, tag: str) -> tuple[pd.DataFrame, dict]:
+        path = self._spot_path(dataset, tag)
         if not path.exists():
             existing = [m["tag"] for m in self.spot_tables(dataset)]
             hint = (f"tags that exist for {dataset}: {', '.join(existing)}" if existing
