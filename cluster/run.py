@@ -11,14 +11,17 @@ import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from semst.cluster.outputs import check_free_space, prepare_run_folder, write_outputs
 from semst.cluster.seeds import ClusterError, ClusterReport, load_slide, run_seeds
 from semst.shared.config import ClusterConfig, ConfigError, config_identity
 from semst.shared.hashing import json_hash
+
+if TYPE_CHECKING:
+    from semst.shared.cache import SpotTableMeta
 
 # The `semst embed` options that change which embeddings are written, in the order they are worked
 # out: the recipe first, since it supplies the defaults of the others.
@@ -117,14 +120,13 @@ def semantic_embeddings(cfg: ClusterConfig, spot_ids, seed: int,
             return f"Run `semst embed {cfg.dataset}` with this run's embed settings ({exc})"
 
     if cfg.embedding == "random":
-        _, _, meta = _spot_table(cfg.cache, cfg.dataset, tag, fix)
-        dim = _space_from_meta(meta).dim
+        dim = spot_table_meta(cfg.cache, cfg.dataset, tag, fix).embedding_space().dim
         rng = np.random.default_rng(seed)
         vectors = rng.normal(0.0, cfg.random_embedding_std, size=(len(spot_ids), dim)).astype(np.float32)
         return vectors, {"embedding": f"random N(0, {cfg.random_embedding_std}) x {dim}"}
     vectors, meta = cached_vectors(cfg.cache, cfg.dataset, tag, spot_ids, fix)
-    space = _space_from_meta(meta)
-    return vectors, {"embedding": tag, "space_id": meta.get("space_id"), "model": space.model,
+    space = meta.space
+    return vectors, {"embedding": tag, "space_id": meta.space_id, "model": space.model,
                      "pooling": space.pooling, "dim": space.dim}
 
 
@@ -132,42 +134,51 @@ def _fix_text(fix: str | Callable[[], str]) -> str:
     return fix() if callable(fix) else fix
 
 
-def _spot_table(cache_path, dataset: str, tag: str, fix: str | Callable[[], str]):
+def _no_embeddings(cache_path, dataset: str, tag: str, exc, fix: str | Callable[[], str]) -> ClusterError:
+    return ClusterError(f"no cached embeddings for {dataset} with tag {tag} in {cache_path}: {exc}. "
+                        f"{_fix_text(fix)} first.")
+
+
+def _open_cache(cache_path, dataset: str, tag: str, fix: str | Callable[[], str]):
     from semst.shared.cache import CacheError, EmbeddingCache
 
     try:
-        cache = EmbeddingCache(cache_path, create=False)
-        table, meta = cache.read_spot_table(dataset, tag)
+        return EmbeddingCache(cache_path, create=False)
     except CacheError as exc:
-        raise ClusterError(f"no cached embeddings for {dataset} with tag {tag} in {cache_path}: {exc}. "
-                           f"{_fix_text(fix)} first.") from None
-    return cache, table, meta
+        raise _no_embeddings(cache_path, dataset, tag, exc, fix) from None
+
+
+def spot_table_meta(cache_path, dataset: str, tag: str,
+                    fix: str | Callable[[], str] = "Run semst embed") -> SpotTableMeta:
+    """The typed metadata (shared.cache.SpotTableMeta) of ``dataset``'s spot table ``tag``, which must
+    name its embedding space; a ClusterError ending in ``fix`` if it cannot be read."""
+    from semst.shared.cache import SpotTableError
+
+    cache = _open_cache(cache_path, dataset, tag, fix)
+    try:
+        meta = cache.spot_table_meta(dataset, tag)
+        meta.embedding_space()
+    except SpotTableError as exc:
+        raise _no_embeddings(cache_path, dataset, tag, exc, fix) from None
+    return meta
 
 
 def cached_vectors(cache_path, dataset: str, tag: str, spot_ids,
-                   fix: str | Callable[[], str] = "Run semst embed") -> tuple[np.ndarray, dict]:
+                   fix: str | Callable[[], str] = "Run semst embed") -> tuple[np.ndarray, SpotTableMeta]:
     """The cached vectors of ``dataset``'s spot table ``tag``, one row per spot of ``spot_ids`` in
-    that order, and the table's metadata; a ClusterError ending in ``fix`` if any is missing."""
-    from semst.shared.cache import CacheError
+    that order, and the table's metadata (a SpotTableMeta); a ClusterError ending in ``fix`` if any
+    is missing. The reading is EmbeddingCache.vectors_for's; this only says what to run."""
+    from semst.shared.cache import CacheError, SpotTableError, UncoveredSpotsError
 
-    cache, table, meta = _spot_table(cache_path, dataset, tag, fix)
-    space = _space_from_meta(meta)
-    by_spot = pd.Series(table["prompt_hash"].to_numpy(), index=table["spot_id"].astype(str).to_numpy())
-    missing = pd.Index(spot_ids).difference(by_spot.index)
-    if len(missing):
-        raise ClusterError(f"the spot table {tag} covers {len(by_spot)} spots but {len(missing)} of "
-                           f"{dataset}'s {len(spot_ids)} spots are not in it (e.g. {list(missing[:3])}); "
-                           f"it was written for a subset. {_fix_text(fix)} again.")
-    hashes = by_spot.loc[list(spot_ids)].tolist()
+    cache = _open_cache(cache_path, dataset, tag, fix)
     try:
-        return cache.get(space, hashes), meta
+        return cache.vectors_for(dataset, tag, spot_ids)
+    except SpotTableError as exc:
+        raise _no_embeddings(cache_path, dataset, tag, exc, fix) from None
+    except UncoveredSpotsError as exc:
+        raise ClusterError(f"{exc}. {_fix_text(fix)} again.") from None
     except CacheError as exc:
         raise ClusterError(f"{exc}. {_fix_text(fix)} to compute them.") from None
-
-
-def _space_from_meta(meta: dict):
-    from semst.shared.cache import EmbeddingSpace
-    return EmbeddingSpace(**meta["space"])
 
 
 def default_run_name(cfg: ClusterConfig) -> str:

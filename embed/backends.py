@@ -1,4 +1,8 @@
-"""LLM backends: rendered prompts -> pooled final-layer hidden states, one float32 vector each.
+"""Stage-1 backends: prompts -> one float32 vector each. ``BACKENDS`` (at the end) maps a name to its
+class; a new backend is one class with the :class:`Backend` protocol and one line there. Besides the two
+LLM backends below, ``"sentence"`` is a sentence-transformers encoder (embed.sentence_encoder).
+
+LLM backends: rendered prompts -> pooled final-layer hidden states, one float32 vector each.
 
 Two interchangeable backends compute the same embedding space (tested to agree per prompt):
 
@@ -47,7 +51,6 @@ from semst.shared.errors import SemstError
 
 POOLINGS = ("mean", "last")
 DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("vllm", "transformers")
 MAX_TOKENS = 2048  # longest prompt accepted (a 20-gene SemST prompt is ~145 SmolLM2 tokens)
 
 
@@ -56,9 +59,34 @@ class BackendError(SemstError, RuntimeError):
 
 
 class Backend(Protocol):
-    name: str  # "vllm" | "transformers"
+    """What stage 1 (embed.run.embed_dataset) needs of a backend; a new one is a class with these,
+    registered in BACKENDS below.
+
+    The class methods work before any weights load (stage 1 checks everything, and knows what is
+    cached, first); the instance, built with ``(model_dir, pooling=, dtype=, batch_size=, max_tokens=)``,
+    computes.
+    """
+
+    name: str  # its key in BACKENDS: "vllm" | "transformers" | "sentence"
+    poolings: tuple[str, ...]  # the poolings it accepts
+    dtypes: tuple[str, ...]  # the dtypes it accepts
     prefix_reuse: bool  # the prompts' shared prefix is computed once (embed/prefix.py)
-    tokenizer: object  # the HF tokenizer prompts are rendered and tokenized with
+    tokenizer: object  # the HF tokenizer prompts are tokenized with
+
+    @classmethod
+    def locate(cls, model: str) -> Path: ...  # the model directory of a model string (checked)
+
+    @classmethod
+    def render(cls, gene_lists, model_dir: Path, template: str) -> list[str]: ...  # the prompts it embeds
+
+    @classmethod
+    def expected_space(cls, model_dir: Path, cfg): ...  # the EmbeddingSpace, without loading the model
+
+    @classmethod
+    def tag(cls, cfg) -> str: ...  # the spot-table tag (shared.cache.embedding_tag)
+
+    @classmethod
+    def table_meta(cls, cfg) -> dict: ...  # its own keys in the spot table's metadata
 
     def space(self): ...  # -> shared.cache.EmbeddingSpace
 
@@ -78,6 +106,39 @@ class _TokenizingBackend:
     """What both backends share: the checkpoint, its tokenizer, tokenization, the embedding space."""
 
     name = ""
+    poolings = POOLINGS
+    dtypes = DTYPES
+
+    @classmethod
+    def locate(cls, model: str) -> Path:
+        from semst.embed.checkpoints import resolve_model
+
+        return resolve_model(model)
+
+    @classmethod
+    def render(cls, gene_lists, model_dir: Path, template: str) -> list[str]:
+        """The chat prompts, rendered with the model's own tokenizer (no weights loaded)."""
+        from transformers import AutoTokenizer
+
+        from semst.embed.prompts import render_prompts
+
+        return render_prompts(gene_lists, AutoTokenizer.from_pretrained(model_dir), template)
+
+    @classmethod
+    def expected_space(cls, model_dir: Path, cfg):
+        from semst.embed.run import embedding_space
+
+        return embedding_space(model_dir, cfg)
+
+    @classmethod
+    def tag(cls, cfg) -> str:
+        from semst.shared.cache import embedding_tag
+
+        return embedding_tag(cfg)
+
+    @classmethod
+    def table_meta(cls, cfg) -> dict:
+        return {}
 
     def __init__(self, model_dir: Path, pooling: str, dtype: str, batch_size: int, max_tokens: int):
         from transformers import AutoTokenizer
@@ -336,28 +397,37 @@ class TransformersBackend(_TokenizingBackend):
 
 # --------------------------------------------------------------------------------------------------
 
+from semst.embed.sentence_encoder import SentenceBackend  # noqa: E402 - it imports nothing of this module
+
+# Every backend by name: a new one is one class (the Backend protocol) and one line here.
+BACKENDS: dict[str, type] = {cls.name: cls for cls in (VLLMBackend, TransformersBackend, SentenceBackend)}
+
+
+def backend_class(name: str) -> type:
+    """The class of backend ``name``; a BackendError naming the choices if there is none."""
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} "
+                           "(--backend transformers works wherever PyTorch does)")
+    return BACKENDS[name]
+
 
 def load_backend(name: str, model: str, pooling: str = "mean", dtype: str = "float32", batch_size: int = 64,
                  max_tokens: int = MAX_TOKENS, prefix_reuse: bool = True) -> Backend:
-    """Load ``model`` ("default", a checkpoint directory or a cached HF id) into backend ``name``.
+    """Load ``model`` ("default", a checkpoint directory or a cached HF id; a sentence encoder's name
+    or directory) into backend ``name``.
 
     ``prefix_reuse``: compute the prompts' shared leading tokens once (exact; embed/prefix.py) where
     the backend can: transformers for MEAN and LAST, vLLM for LAST. ``backend.prefix_reuse`` says
     whether it is in effect."""
-    from semst.embed.checkpoints import resolve_model
-
-    if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} "
-                           "(--backend transformers works wherever PyTorch does)")
-    if pooling not in POOLINGS:
-        raise BackendError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-    if dtype not in DTYPES:
-        raise BackendError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    cls = backend_class(name)
+    if pooling not in cls.poolings:
+        raise BackendError(f"pooling must be one of {', '.join(cls.poolings)}, got {pooling!r}")
+    if dtype not in cls.dtypes:
+        raise BackendError(f"dtype must be one of {', '.join(cls.dtypes)}, got {dtype!r}")
     if batch_size < 1:
         raise BackendError(f"batch_size must be >= 1, got {batch_size}")
     if not isinstance(prefix_reuse, bool):
         raise BackendError(f"prefix_reuse must be True or False, got {prefix_reuse!r}")
-    model_dir = resolve_model(model)
-    cls = VLLMBackend if name == "vllm" else TransformersBackend
+    model_dir = cls.locate(model)
     return cls(model_dir, pooling=pooling, dtype=dtype, batch_size=batch_size, max_tokens=max_tokens,
                prefix_reuse=prefix_reuse)

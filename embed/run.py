@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semst.shared.cache import embedding_tag, model_label
+from semst.shared.cache import model_label
 from semst.shared.config import EmbedConfig
 from semst.shared.errors import SemstError
 from semst.shared.hashing import prompt_hash
@@ -67,10 +67,7 @@ def embedding_space(model_dir: Path, cfg: EmbedConfig):
 def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
                   progress: bool = True, log=print) -> EmbedReport:
     """Fill the cache with the embeddings of every spot of ``cfg.dataset`` and write its spot table."""
-    from transformers import AutoTokenizer
-
-    from semst.embed.checkpoints import resolve_model
-    from semst.embed.prompts import render_prompts
+    from semst.embed.backends import backend_class
     from semst.shared.cache import EmbeddingCache
     from semst.shared.datasets import check_slide, load_dataset
 
@@ -79,6 +76,7 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     if max_spots is not None and max_spots < 1:
         raise EmbedError(f"--max-spots must be >= 1, got {max_spots}")
     _commit_every()  # bad SEMST_COMMIT_* settings are refused before any work
+    kind = backend_class(cfg.backend)  # the class: its class methods need no weights
     if adata is None:
         adata = load_dataset(cfg.dataset)
     # Prompts from "all" genes never run the preprocessing, so only the slide itself is checked then.
@@ -92,17 +90,16 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     # The model is only looked up here (a bad --model must not leave a new empty cache behind); the
     # cache is opened (refused if it is not a semst cache) and its writability checked before the
     # tokenizer or any weights load: a read-only cache is not found after the first batch.
-    model_dir = resolve_model(cfg.model)
+    model_dir = kind.locate(cfg.model)
     cache = EmbeddingCache(cfg.cache, create=True)
     cache.check_writable()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = render_prompts(gene_lists, tokenizer, cfg.template)
+    prompts = kind.render(gene_lists, model_dir, cfg.template)
     spot_hashes = [prompt_hash(p) for p in prompts]
     unique: dict[str, str] = {}
     for h, p in zip(spot_hashes, prompts):
         unique.setdefault(h, p)
-    space = embedding_space(model_dir, cfg)
-    tag = embedding_tag(cfg)
+    space = kind.expected_space(model_dir, cfg)
+    tag = kind.tag(cfg)
 
     # 2. What is missing (the cache refuses a space of another identity here).
     hashes = list(unique)
@@ -119,7 +116,7 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
         "dataset": cfg.dataset, "tag": tag, "space": dataclasses.asdict(space), "space_id": space.space_id,
         "model": cfg.model, "model_dir": str(model_dir), "k_genes": cfg.k_genes, "template": cfg.template,
         "genes_from": cfg.genes_from, "gene_ranking": cfg.gene_ranking, "pooling": cfg.pooling, "n_spots": len(adata),
-        "n_empty_spots": sum(1 for g in gene_lists if not g)})
+        "n_empty_spots": sum(1 for g in gene_lists if not g), **kind.table_meta(cfg)})
     seconds = time.perf_counter() - t0
     n_cached = len(hashes) - n_computed  # including rows another run committed meanwhile
     by_others = len(missing) - n_computed

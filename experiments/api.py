@@ -79,7 +79,7 @@ def encode(adata, *, dataset: str | None = None, key_added: str = LLM_KEY, progr
             that embedding.
     """
     from semst.embed.run import embed_dataset
-    from semst.shared.cache import EmbeddingCache, EmbeddingSpace
+    from semst.shared.cache import EmbeddingCache
     from semst.shared.config import load_embed_config
     from semst.shared.datasets import checked_dataset
 
@@ -87,9 +87,7 @@ def encode(adata, *, dataset: str | None = None, key_added: str = LLM_KEY, progr
     checked = checked_dataset(adata, name)
     cfg = load_embed_config(name, embed_options)
     report = embed_dataset(cfg, adata=checked, progress=progress, log=log)
-    cache = EmbeddingCache(cfg.cache, create=False)
-    table, meta = cache.read_spot_table(name, report.tag)
-    vectors = cache.get(EmbeddingSpace(**meta["space"]), table["prompt_hash"].tolist())
+    vectors, _ = EmbeddingCache(cfg.cache, create=False).vectors_for(name, report.tag, checked.obs_names)
     adata.obsm[key_added] = vectors
     return vectors
 

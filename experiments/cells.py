@@ -88,19 +88,19 @@ def embedding_identity(cfg: ClusterConfig) -> dict:
     from semst.shared.cache import EmbeddingCache, embedding_tag
 
     tag = embedding_tag(cfg.embed) if cfg.model.embedding in ("llm", "random") else cfg.model.embedding
-    _, meta = EmbeddingCache(cfg.cache, create=False).read_spot_table(cfg.dataset, tag)
-    space = meta.get("space", {})
+    meta = EmbeddingCache(cfg.cache, create=False).spot_table_meta(cfg.dataset, tag)
+    space = dataclasses.asdict(meta.space) if meta.space is not None else {}
     if cfg.model.embedding == "random":
         source = f"random N(0, {cfg.model.random_embedding_std}); only its width comes from this model"
     elif cfg.model.embedding == "llm":
         source = f"LLM, template {cfg.embed.template}, k_g {cfg.embed.k_genes}"
-    elif meta.get("encoder"):
-        source = f"sentence encoder, template {meta.get('template')}, k_g {meta.get('k_genes')}"
+    elif meta.encoder:
+        source = f"sentence encoder, template {meta.template}, k_g {meta.k_genes}"
     else:
         source = f"spot table {tag}"
     return {"source": source, "tag": tag, "model": space.get("model"), "weights": space.get("weights"),
             "pooling": space.get("pooling"), "dtype": space.get("dtype"), "dim": space.get("dim"),
-            "space_id": meta.get("space_id")}
+            "space_id": meta.space_id}
 
 
 class EmbedStep:

@@ -76,12 +76,11 @@ def kmeans_ari(features: np.ndarray, labels, seeds=(0, 1, 2)) -> tuple[float, fl
 
 
 def _cached_embeddings(cfg, spot_ids) -> np.ndarray | None:
-    from semst.cluster.run import ClusterError, cached_vectors
-    from semst.shared.cache import embedding_tag
+    from semst.shared.cache import CacheError, EmbeddingCache, embedding_tag
 
     try:
-        return cached_vectors(cfg.cache, cfg.dataset, embedding_tag(cfg), spot_ids)[0]
-    except ClusterError:
+        return EmbeddingCache(cfg.cache, create=False).vectors_for(cfg.dataset, embedding_tag(cfg), spot_ids)[0]
+    except CacheError:  # not embedded (or not all of it): the row says "not cached"
         return None
 
 

@@ -139,22 +139,29 @@ def model_label(model: str | Path) -> str:
     return path.name or str(model)
 
 
-def embedding_tag(cfg) -> str:
+def embedding_tag(cfg, label: str | None = None, text: str = "chat") -> str:
     """Name of the spot -> prompt-hash table one embed setting (an ``EmbedConfig``) writes and
-    stage 2 looks up: the contract between the stages.
+    stage 2 looks up: the contract between the stages. The one tag function of every backend.
 
     Readable parts plus a short hash of everything that changes the prompts (k_g, template, which
     genes are ranked and by what -- raw counts or the preprocessed matrix --, and the preprocessing
     that picks the HVGs), so two settings never share a tag.
+    ``label``: the model's name in the tag (default ``model_label(cfg.model)``; a sentence encoder
+    gives its own). ``text``: "chat" (prompts in the model's chat template) or "plain" (the gene text
+    alone, as a sentence encoder reads it; such tags record it and have always kept the preprocessing's
+    ``require_top_genes``, so their existing tags stay valid too).
     """
     prompt_settings = {"k": cfg.k_genes, "template": cfg.template, "genes_from": cfg.genes_from,
                        "preprocess": dataclasses.asdict(cfg.preprocess) if cfg.genes_from == "hvg" else None}
     ranking = cfg.gene_ranking
     if ranking != "counts":  # absent for counts, so the tags of existing spot tables stay valid
         prompt_settings["ranking"] = ranking
-    if prompt_settings["preprocess"] is not None:  # whether the HVG count is enforced changes no prompt
+    if text != "chat":
+        prompt_settings["text"] = text
+    elif prompt_settings["preprocess"] is not None:  # whether the HVG count is enforced changes no prompt
         prompt_settings["preprocess"].pop("require_top_genes", None)
-    return f"{model_label(cfg.model)}.{cfg.pooling}.k{cfg.k_genes}.{cfg.template}.{json_hash(prompt_settings, 8)}"
+    label = model_label(cfg.model) if label is None else label
+    return f"{label}.{cfg.pooling}.k{cfg.k_genes}.{cfg.template}.{json_hash(prompt_settings, 8)}"
 
 
 def _safe_name(name: str, what: str) -> str:
@@ -249,6 +256,64 @@ def _spot_meta(table_or_schema, path: Path) -> dict:
         return json.loads(raw)
     except ValueError:
         raise DamagedFileError(path, "its run metadata is not JSON") from None
+
+
+class SpotTableError(CacheError):
+    """A spot table cannot be read: absent, damaged, or without the embedding space it keys into."""
+
+
+class UncoveredSpotsError(CacheError):
+    """A spot table lists only some of the spots asked for (it was written for a subset)."""
+
+
+@dataclass(frozen=True)
+class SpotTableMeta:
+    """The run metadata of a spot table (what embed.run writes into its Parquet footer), typed.
+
+    A key an older semst did not write is None; every key as stored, known or not, stays in ``raw``
+    (the keys this class does not name: ``extra``).
+    """
+
+    dataset: str
+    tag: str
+    n_spots: int | None = None
+    space: EmbeddingSpace | None = None  # the space its prompt hashes are rows of
+    space_id: str | None = None
+    model: str | None = None  # the model as given (an LLM: "default", a directory, an HF id) or the encoder
+    model_dir: str | None = None
+    pooling: str | None = None
+    k_genes: int | None = None
+    template: str | None = None
+    genes_from: str | None = None
+    gene_ranking: str | None = None
+    n_empty_spots: int | None = None
+    encoder: str | None = None  # set by a sentence encoder (embed.sentence_encoder)
+    text: str | None = None  # "plain": the gene text without chat formatting (a sentence encoder)
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> SpotTableMeta:
+        names = {f.name for f in dataclasses.fields(cls)} - {"space", "raw"}
+        known = {k: v for k, v in raw.items() if k in names}
+        space = raw.get("space")
+        try:
+            space = EmbeddingSpace(**space) if isinstance(space, dict) else None
+        except TypeError:  # not the five fields of a space: as if absent (still in ``raw``)
+            space = None
+        return cls(**{"dataset": "", "tag": "", **known}, space=space, raw=dict(raw))
+
+    @property
+    def extra(self) -> dict:
+        """The stored keys this class does not name."""
+        names = {f.name for f in dataclasses.fields(self)}
+        return {k: v for k, v in self.raw.items() if k not in names}
+
+    def embedding_space(self) -> EmbeddingSpace:
+        """The space the table's prompt hashes are rows of; a SpotTableError if it names none."""
+        if self.space is None:
+            raise SpotTableError(f"the spot table {self.dataset}/{self.tag} names no embedding space: run "
+                                 f"`semst embed {self.dataset}` with the settings of that tag again to rewrite it")
+        return self.space
 
 
 @contextlib.contextmanager
@@ -813,19 +878,54 @@ class EmbeddingCache:
         return dest
 
     def read_spot_table(self, dataset: str, tag: str) -> tuple[pd.DataFrame, dict]:
+        """The spot table (spot_id, prompt_hash) and its run metadata as stored; a SpotTableError if
+        it is absent or unreadable (its message as any CacheError's)."""
+        try:
+            return self._read_spot_table(dataset, tag)
+        except SpotTableError:
+            raise
+        except CacheError as exc:  # a tag that is no file name, no permission to read it, ...
+            raise SpotTableError(str(exc)) from None
+
+    def _read_spot_table(self, dataset: str, tag: str) -> tuple[pd.DataFrame, dict]:
         path = self._spot_path(dataset, tag)
         if not path.exists():
             existing = [m["tag"] for m in self.spot_tables(dataset)]
             hint = (f"tags that exist for {dataset}: {', '.join(existing)}" if existing
                     else f"no spot table at all for {dataset}")
-            raise CacheError(f"no spot table {tag!r} for {dataset} in {self.path} ({hint})")
+            raise SpotTableError(f"no spot table {tag!r} for {dataset} in {self.path} ({hint})")
         try:
             table = _read_parquet(path, _SPOT_SCHEMA, _SPOT_SCHEMA.names)
             meta = _spot_meta(table, path)
         except DamagedFileError as exc:
-            raise CacheError(f"the spot table {dataset}/{tag} in {self.path} is unreadable ({exc.reason}): run "
-                             f"`semst embed {dataset}` with the settings of that tag again to rewrite it") from None
+            raise SpotTableError(f"the spot table {dataset}/{tag} in {self.path} is unreadable ({exc.reason}): run "
+                                 f"`semst embed {dataset}` with the settings of that tag again to rewrite it") from None
         return table.to_pandas(), meta
+
+    def spot_table_meta(self, dataset: str, tag: str) -> SpotTableMeta:
+        """The typed run metadata of a spot table (the whole table is read and checked)."""
+        _, meta = self.read_spot_table(dataset, tag)
+        return SpotTableMeta.from_dict(meta)
+
+    def vectors_for(self, dataset: str, tag: str, spot_ids: Sequence[str]) -> tuple[np.ndarray, SpotTableMeta]:
+        """The cached vectors of ``dataset``'s spot table ``tag``: one float32 row per spot of
+        ``spot_ids``, in that order, checked as ``get`` checks them; and the table's metadata.
+
+        The one reader that joins spots to vectors (stage 2, the API and the experiments use it).
+        A SpotTableError if the table is absent, unreadable or names no space; an
+        UncoveredSpotsError if a spot is not in it; a CacheError if vectors are absent or damaged.
+        """
+        table, raw = self.read_spot_table(dataset, tag)
+        meta = SpotTableMeta.from_dict(raw)
+        space = meta.embedding_space()
+        by_spot = pd.Series(table["prompt_hash"].to_numpy(), index=table["spot_id"].astype(str).to_numpy())
+        missing = pd.Index(spot_ids).difference(by_spot.index)
+        if len(missing):
+            raise UncoveredSpotsError(f"the spot table {tag} covers {len(by_spot)} spots but {len(missing)} of "
+                                      f"{dataset}'s {len(spot_ids)} spots are not in it (e.g. {list(missing[:3])}); "
+                                      f"it was written for a subset")
+        vectors = self.get(space, by_spot.loc[list(spot_ids)].tolist())
+        return vectors.astype(np.float32, copy=False), meta
 
     def spot_tables(self, dataset: str | None = None) -> list[dict]:
         """The run metadata of every spot table; one that cannot be read is listed with its dataset,

@@ -203,3 +203,75 @@ def test_vllm_loads_after_numba_is_imported(tiny_model_dir):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "(1, 128)"
+
+
+# -- the registry: a new backend is one class ------------------------------------------------------
+
+class LetterCountBackend:
+    """A toy backend: a prompt's vector is how often each of a..d occurs in it."""
+
+    name = "letters"
+    poolings = ("count",)
+    dtypes = ("float32",)
+    tokenizer = None
+
+    @classmethod
+    def locate(cls, model: str) -> Path:
+        return Path(model)
+
+    @classmethod
+    def render(cls, gene_lists, model_dir, template):
+        return [" ".join(genes).lower() or "none" for genes in gene_lists]
+
+    @classmethod
+    def expected_space(cls, model_dir, cfg):
+        from semst.shared.cache import EmbeddingSpace
+        return EmbeddingSpace(model="letters", weights="0" * 64, pooling="count", dtype="float32", dim=4)
+
+    @classmethod
+    def tag(cls, cfg):
+        from semst.shared.cache import embedding_tag
+        return embedding_tag(cfg, label="letters")
+
+    @classmethod
+    def table_meta(cls, cfg):
+        return {"letters": "abcd"}
+
+    def __init__(self, model_dir, pooling, dtype, batch_size, max_tokens):
+        self.batches = []
+
+    def space(self):
+        return self.expected_space(None, None)
+
+    def embed(self, prompts):
+        self.batches.append(len(prompts))
+        return np.array([[p.count(c) for c in "abcd"] for p in prompts], dtype=np.float32)
+
+    def count_tokens(self, prompts):
+        return [len(p.split()) for p in prompts]
+
+
+def test_a_backend_registered_by_name_runs_through_stage_1_and_stage_2_reads_it(tmp_path, monkeypatch):
+    from toy_slides import two_domain_slide
+
+    from semst.embed import backends
+    from semst.embed.run import embed_dataset, spot_gene_lists
+    from semst.shared.cache import EmbeddingCache
+    from semst.shared.config import EmbedConfig, PreprocessConfig
+
+    monkeypatch.setitem(backends.BACKENDS, "letters", LetterCountBackend)
+    slide = two_domain_slide()
+    cfg = EmbedConfig(dataset="toy", k_genes=3, genes_from="all", model=str(tmp_path), pooling="count",
+                      backend="letters", batch_size=5, cache=str(tmp_path / "emb.zarr"),
+                      preprocess=PreprocessConfig(min_cells=1))
+    report = embed_dataset(cfg, adata=slide, progress=False, log=lambda *a: None)
+    assert report.n_computed == report.n_prompts > 0 and report.tag == LetterCountBackend.tag(cfg)
+    vectors, meta = EmbeddingCache(cfg.cache, create=False).vectors_for("toy", report.tag, slide.obs_names)
+    prompts = LetterCountBackend.render(spot_gene_lists(cfg, slide), None, "")
+    assert np.array_equal(vectors, [[p.count(c) for c in "abcd"] for p in prompts])
+    assert meta.extra == {"letters": "abcd"} and meta.space.model == "letters"
+
+
+def test_load_backend_names_every_registered_backend():
+    with pytest.raises(BackendError, match="choose one of vllm, transformers, sentence"):
+        load_backend("llama.cpp", "default")

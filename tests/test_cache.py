@@ -1,6 +1,7 @@
 """The embedding cache: keyed by prompt hash, partitioned by space, append-only, crash-safe, shared."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import signal
@@ -13,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semst.shared.cache import CacheError, EmbeddingCache, EmbeddingSpace, SpaceMismatchError
+from semst.shared.cache import (
+    CacheError,
+    EmbeddingCache,
+    EmbeddingSpace,
+    SpaceMismatchError,
+    SpotTableError,
+    SpotTableMeta,
+    UncoveredSpotsError,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = EmbeddingSpace(model="tiny", weights="f" * 64, pooling="mean", dtype="float32", dim=4)
@@ -117,6 +126,50 @@ def test_missing_spot_table_lists_the_tags_that_exist(cache):
     cache.write_spot_table("mob", "a", ["s"], [h(1)], {})
     with pytest.raises(CacheError, match="tags that exist for mob: a"):
         cache.read_spot_table("mob", "b")
+
+
+# -- the one reader: vectors_for -------------------------------------------------------------------
+
+def spot_table_of(cache, spots, ids, meta=None):
+    cache.write_spot_table("mob", "tiny.k5", spots, [h(i) for i in ids],
+                           {"space": dataclasses.asdict(SPACE), "space_id": SPACE.space_id, **(meta or {})})
+
+
+def test_vectors_for_gives_one_row_per_spot_asked_in_that_order_and_the_typed_metadata(cache):
+    add(cache, range(3))
+    spot_table_of(cache, ["s0", "s1", "s2"], [0, 1, 2], {"k_genes": 5, "template": "semst", "gene_ranking": "counts",
+                                                          "new_key_of_a_later_semst": [1, 2]})
+    vectors, meta = cache.vectors_for("mob", "tiny.k5", ["s2", "s0"])
+    assert vectors.dtype == np.float32 and np.array_equal(vectors, np.stack([vec(2), vec(0)]))
+    assert isinstance(meta, SpotTableMeta) and meta.space == SPACE and meta.space_id == SPACE.space_id
+    assert (meta.dataset, meta.tag, meta.n_spots, meta.k_genes, meta.template, meta.gene_ranking) == (
+        "mob", "tiny.k5", 3, 5, "semst", "counts")
+    assert meta.encoder is None  # a key the table does not hold
+    assert meta.extra == {"new_key_of_a_later_semst": [1, 2]}  # a key this semst does not know is kept
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        meta.k_genes = 6
+
+
+def test_vectors_for_spots_the_table_does_not_list_says_it_was_written_for_a_subset(cache):
+    add(cache, range(2))
+    spot_table_of(cache, ["s0", "s1"], [0, 1])
+    with pytest.raises(UncoveredSpotsError, match=r"the spot table tiny.k5 covers 2 spots but 1 of mob's 3 spots "
+                                                  r"are not in it \(e.g. \['s9'\]\); it was written for a subset$"):
+        cache.vectors_for("mob", "tiny.k5", ["s0", "s1", "s9"])
+
+
+def test_vectors_for_an_absent_or_spaceless_table_is_a_spot_table_error_and_absent_vectors_a_cache_error(cache):
+    with pytest.raises(SpotTableError, match="no spot table 'tiny.k5' for mob"):
+        cache.vectors_for("mob", "tiny.k5", ["s0"])
+    with pytest.raises(SpotTableError, match="cannot be used as a file name"):
+        cache.vectors_for("mob", "../x", ["s0"])
+    cache.write_spot_table("mob", "old", ["s0"], [h(0)], {"space_id": SPACE.space_id})
+    with pytest.raises(SpotTableError, match="the spot table mob/old names no embedding space"):
+        cache.vectors_for("mob", "old", ["s0"])
+    spot_table_of(cache, ["s0"], [0])  # its vector was never added
+    with pytest.raises(CacheError, match="1 of 1 prompts are not in the cache") as raised:
+        cache.vectors_for("mob", "tiny.k5", ["s0"])
+    assert not isinstance(raised.value, (SpotTableError, UncoveredSpotsError))
 
 
 def test_verify_accepts_a_consistent_cache(cache):

