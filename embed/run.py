@@ -32,7 +32,7 @@ class EmbedReport:
     n_cached: int
     n_computed: int
     seconds: float
-    spot_table: Path
+    spot_table: Path | None  # None: a --shard run whose store lacks other shards' prompts
 
 
 def spot_gene_lists(cfg: EmbedConfig, adata, preprocessed=None) -> list[list[str]]:
@@ -64,8 +64,13 @@ def embedding_space(model_dir: Path, cfg: EmbedConfig):
 
 
 def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
-                  progress: bool = True, log=print) -> EmbedReport:
-    """Fill the cache with the embeddings of every spot of ``cfg.dataset`` and write its spot table."""
+                  progress: bool = True, log=print, shard=None) -> EmbedReport:
+    """Fill the cache with the embeddings of every spot of ``cfg.dataset`` and write its spot table.
+
+    ``shard`` (an :class:`semst.embed.shards.Shard`): compute only that deterministic slice of the
+    missing prompts; the spot table is then written only if every prompt of the dataset is in this
+    cache (a shard's own store holds a slice: merge the shards, then run without --shard on the
+    merged cache to write it)."""
     from transformers import AutoTokenizer
 
     from semst.embed.checkpoints import resolve_model
@@ -77,6 +82,9 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     # 1. Input: everything checked before the model is loaded or the cache touched.
     if max_spots is not None and max_spots < 1:
         raise EmbedError(f"--max-spots must be >= 1, got {max_spots}")
+    if cfg.ray_address:
+        from semst.embed.ray_engine import check_ray_installed
+        check_ray_installed()
     if adata is None:
         adata = load_dataset(cfg.dataset)
     # Prompts from "all" genes never run the preprocessing, so only the slide itself is checked then.
@@ -107,25 +115,39 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     missing = [h for h, present in zip(hashes, cache.contains(space, hashes)) if not present]
     log(f"{cfg.dataset}: {len(adata)} spots, {len(hashes)} distinct prompts: "
         f"{len(hashes) - len(missing)} cached, {len(missing)} to compute ({space.model}, {space.pooling})")
+    if shard is not None:
+        others = len(missing)
+        missing = shard.select(missing)
+        log(f"shard {shard}: {len(missing)} of the {others} missing prompts are this shard's")
 
     # 3. Compute only what is missing, committing every batch (a killed run keeps its batches).
     n_computed = 0
     if missing:
         n_computed = _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, log)
 
-    table = cache.write_spot_table(cfg.dataset, tag, list(adata.obs_names), spot_hashes, {
-        "dataset": cfg.dataset, "tag": tag, "space": dataclasses.asdict(space), "space_id": space.space_id,
-        "model": cfg.model, "model_dir": str(model_dir), "k_genes": cfg.k_genes, "template": cfg.template,
-        "genes_from": cfg.genes_from, "gene_ranking": cfg.gene_ranking, "pooling": cfg.pooling, "n_spots": len(adata),
-        "n_empty_spots": sum(1 for g in gene_lists if not g)})
+    if shard is not None and not cache.contains(space, hashes).all():
+        table = None
+        log(f"spot table {tag} not written: this cache holds only shard {shard}'s prompts; merge the shards "
+            "(semst cache merge SRC... --into DST), then `semst embed` on DST writes it without computing")
+    else:
+        table = _write_spot_table(cfg, cache, adata, gene_lists, spot_hashes, tag, space, model_dir)
     seconds = time.perf_counter() - t0
     n_cached = len(hashes) - n_computed  # including rows another run committed meanwhile
     by_others = len(missing) - n_computed
     meanwhile = f"{by_others} of them committed meanwhile by another run; " if by_others else ""
+    written = f"spot table {tag}" if table is not None else "no spot table"
     log(f"{len(hashes)} prompts: {n_cached} cached, {n_computed} computed "
-        f"({meanwhile}spot table {tag}, {seconds:.1f} s)")
+        f"({meanwhile}{written}, {seconds:.1f} s)")
     return EmbedReport(cfg.dataset, tag, space.space_id, len(adata), len(hashes), n_cached, n_computed,
                        seconds, table)
+
+
+def _write_spot_table(cfg, cache, adata, gene_lists, spot_hashes, tag, space, model_dir) -> Path:
+    return cache.write_spot_table(cfg.dataset, tag, list(adata.obs_names), spot_hashes, {
+        "dataset": cfg.dataset, "tag": tag, "space": dataclasses.asdict(space), "space_id": space.space_id,
+        "model": cfg.model, "model_dir": str(model_dir), "k_genes": cfg.k_genes, "template": cfg.template,
+        "genes_from": cfg.genes_from, "gene_ranking": cfg.gene_ranking, "pooling": cfg.pooling, "n_spots": len(adata),
+        "n_empty_spots": sum(1 for g in gene_lists if not g)})
 
 
 def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, log) -> int:
@@ -135,6 +157,10 @@ def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, lo
     the batch in progress, once its rows are committed; a second stops at once, losing only that
     batch. A commit itself is never cut. Either way the cache stays valid and a rerun computes the rest.
     """
+    if cfg.ray_address:  # vLLM replicas on Ray; this process commits what they return
+        from semst.embed.ray_engine import compute_missing_on_ray
+        return compute_missing_on_ray(cfg, model_dir, space, cache, missing, unique, progress, log)
+
     from tqdm import tqdm
 
     from semst.embed.backends import load_backend

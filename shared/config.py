@@ -70,6 +70,13 @@ class EmbedConfig:
     backend: str = "vllm"  # "vllm" or "transformers"
     dtype: str = "float32"
     batch_size: int = 64  # prompts per backend call (and per cache commit)
+    # Ray (`semst embed --ray [ADDRESS]`; pip install 'semst[distributed]'). ray_address: None = no Ray
+    # (the backend in this process), "local" = a Ray started for the run on this machine, else an
+    # existing cluster ("HEAD:6379", "auto"). workers: vLLM engine replicas, None = one per GPU of the
+    # cluster, or one per core on a CPU-only one. How fast, not what: neither changes an embedding, a
+    # run name or a grid cell's hash (config_identity drops them).
+    workers: int | None = None
+    ray_address: str | None = None
     cache: str = field(default_factory=lambda: str(default_cache()))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
@@ -535,6 +542,11 @@ def validate_embed_config(cfg: EmbedConfig) -> None:
         raise ConfigError(f"genes_from must be 'hvg' or 'all', got {cfg.genes_from!r}")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise ConfigError(f"workers must be >= 1 (engine replicas on Ray) or unset, got {cfg.workers}")
+    if cfg.ray_address is not None and not cfg.ray_address.strip():
+        raise ConfigError("ray_address must be a Ray cluster address such as \"HEAD:6379\" or \"auto\", "
+                          "\"local\", or unset (no Ray); got an empty string")
     _choice(cfg, "gene_ranking", ("counts", "scaled"))
     if cfg.gene_ranking == "scaled" and cfg.genes_from != "hvg":
         raise ConfigError("gene_ranking = \"scaled\" ranks genes by the preprocessed matrix, which only "
@@ -623,11 +635,17 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
+# EmbedConfig fields that say where and how fast stage 1 runs, never what it computes.
+EXECUTION_ONLY = ("workers", "ray_address")
+
+
 def config_identity(cfg: ClusterConfig) -> dict[str, Any]:
     """The config as a dict for the hashes that name a run folder and decide a grid cell's reuse:
     ``asdict(cfg)`` with a spatial table the old keys can say written as they were (with their old
     defaults), so a run keeps the name and a cell the hash it had before the table existed."""
     values = dataclasses.asdict(cfg)
+    for how_fast in EXECUTION_ONLY:  # where stage 1 ran changes no embedding
+        values["embed"].pop(how_fast, None)
     table = dict(values["spatial"])
     rule_key = next((k for k, (rule, _) in LEGACY_RULES.items() if rule == table.get("rule")), None)
     settings = {param: (key, default) for key, (_, param, default) in LEGACY_SETTINGS.items()}
