@@ -16,7 +16,6 @@ which the run reports as an error (no spot table) and the rerun computes.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -39,8 +38,11 @@ def check_ray_installed() -> None:
     """Before any work: Ray Data present, else the one-line install hint (EmbedError, exit 2)."""
     from semst.embed.run import EmbedError
 
-    if importlib.util.find_spec("ray") is None:
-        raise EmbedError(f"--ray needs Ray, which is not installed: {INSTALL_HINT} (or run without --ray)")
+    try:
+        import ray  # noqa: F401 - ~1 s, only with --ray; a broken install fails here too, not after the work
+    except ImportError as exc:
+        raise EmbedError(f"--ray needs Ray, which cannot be imported ({exc}): {INSTALL_HINT} "
+                         "(or run without --ray)") from None
 
 
 def compute_missing_on_ray(cfg, model_dir, space, cache, missing: list[str], unique: dict[str, str],
@@ -90,7 +92,7 @@ def commit_as_they_arrive(cache, space, missing: list[str], texts: dict[str, str
     bar = tqdm(total=len(missing), unit="prompt", desc="embedding (ray)", disable=not progress)
     try:
         with interrupt.at_boundaries():
-            for hashes, vectors in results:
+            for hashes, vectors in _arrivals(results):
                 hashes = list(hashes)
                 vectors = _checked(hashes, vectors, sent, space.dim)
                 with interrupt.critical():
@@ -111,6 +113,30 @@ def commit_as_they_arrive(cache, space, missing: list[str], texts: dict[str, str
                          f"{computed} that did are committed and the cache is valid: run the same command "
                          "again to compute the rest")
     return computed
+
+
+def _arrivals(results: Results) -> Results:
+    """``results``, with a failure of Ray itself (a replica or Ray's processes gone) as one line. A
+    terminal's Ctrl-C reaches Ray's processes too: their failure then is the user's stop."""
+    from semst.embed.run import EmbedError
+    from semst.shared import interrupt
+
+    iterator = iter(results)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except (interrupt.Interrupted, EmbedError):
+            raise
+        except Exception as exc:
+            if interrupt.stop_requested():
+                interrupt.check()
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise EmbedError(f"Ray stopped the run ({type(exc).__name__}: {first}); the rows committed so far are "
+                             "kept and the cache is valid: run the same command again to compute the rest "
+                             "(Ray's logs: /tmp/ray/session_latest/logs)") from exc
+        yield item
 
 
 def _checked(hashes: list[str], vectors, sent: set[str], dim: int) -> np.ndarray:

@@ -242,6 +242,36 @@ def test_a_stop_signal_ends_the_run_after_the_batch_being_committed(tmp_path):
     assert "9 prompts embedded and committed by this run, 14 of 23 still to compute" in stop.value.detail
 
 
+def test_ray_failing_mid_stream_is_one_line_and_keeps_what_arrived(tmp_path):
+    cache, space = EmbeddingCache(tmp_path / "c.zarr", create=True), space_of()
+    hashes, texts, tokens = prompts()
+
+    def results():
+        yield hashes[:6], vectors_of(hashes[:6])
+        raise RuntimeError("ActorDiedError: the actor died unexpectedly\n(long Ray traceback)")
+
+    with pytest.raises(EmbedError, match=r"^Ray stopped the run \(RuntimeError: ActorDiedError: the actor died "
+                                         r"unexpectedly\); the rows committed so far are kept") as err:
+        ray_engine.commit_as_they_arrive(cache, space, hashes, texts, tokens, results())
+    assert "\n" not in str(err.value)
+    assert cache.contains(space, hashes[:6]).all() and not cache.contains(space, hashes[6:]).any()
+
+
+def test_ray_failing_after_a_stop_signal_is_the_users_stop(tmp_path):
+    # A terminal's Ctrl-C reaches Ray's processes too; the failure that follows is the stop, exit 130.
+    cache, space = EmbeddingCache(tmp_path / "c.zarr", create=True), space_of()
+    hashes, texts, tokens = prompts()
+
+    def results():
+        yield hashes[:6], vectors_of(hashes[:6])
+        os.kill(os.getpid(), signal.SIGINT)
+        raise RuntimeError("raylet died")
+
+    with interrupt.stop_on_signals(), pytest.raises(interrupt.Interrupted) as stop:
+        ray_engine.commit_as_they_arrive(cache, space, hashes, texts, tokens, results())
+    assert "6 prompts embedded and committed by this run" in stop.value.detail
+
+
 def test_embed_with_ray_sends_only_missing_token_ids_and_commits_the_in_process_rows(env, monkeypatch):
     """The --ray path of embed_dataset end to end, the replicas replaced by the transformers backend."""
     from semst.embed.backends import load_backend
@@ -271,8 +301,7 @@ def test_embed_with_ray_sends_only_missing_token_ids_and_commits_the_in_process_
 
 
 def test_without_ray_installed_ray_is_a_one_line_error_before_any_work(env, monkeypatch):
-    real = ray_engine.importlib.util.find_spec
-    monkeypatch.setattr(ray_engine.importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(EmbedError, match=r"pip install 'semst\[distributed\]'"):
         embed_dataset(cfg(env, ray_address="local"), progress=False, log=quiet)
     assert not env["cache"].exists()
