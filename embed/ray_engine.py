@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 INSTALL_HINT = "pip install 'semst[distributed]'"
 LOCAL = "local"  # ray_address of a Ray started for the run on this machine
+CONNECT_TIMEOUT_S = 10
 # A local CPU-only Ray on this kind of machine (issue 22): vLLM's CPU worker must not pin OpenMP
 # threads to cores another replica uses, and binds to the loopback address; no usage reporting.
 LOCAL_ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_HOST_IP": "127.0.0.1"}
@@ -34,8 +36,9 @@ ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", 
 Results = Iterable[tuple[list[str], np.ndarray]]
 
 
-def check_ray_installed() -> None:
-    """Before any work: Ray Data present, else the one-line install hint (EmbedError, exit 2)."""
+def check_ray_ready(address: str) -> None:
+    """Before any work: Ray importable (else the install hint) and a cluster ``HOST:PORT`` reachable
+    (Ray itself retries a dead address for many minutes). EmbedError, one line, exit 2."""
     from semst.embed.run import EmbedError
 
     try:
@@ -43,6 +46,21 @@ def check_ray_installed() -> None:
     except ImportError as exc:
         raise EmbedError(f"--ray needs Ray, which cannot be imported ({exc}): {INSTALL_HINT} "
                          "(or run without --ray)") from None
+    target = _host_port(address)
+    if target is None:
+        return  # "local", "auto", ray://...: Ray resolves those itself
+    try:
+        socket.create_connection(target, timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise EmbedError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one with `ray start "
+                         f"--head --port={target[1]}` on {target[0]}, or use --ray alone for a local Ray") from None
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or "://" in address or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
 
 
 def compute_missing_on_ray(cfg, model_dir, space, cache, missing: list[str], unique: dict[str, str],

@@ -83,8 +83,8 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     if max_spots is not None and max_spots < 1:
         raise EmbedError(f"--max-spots must be >= 1, got {max_spots}")
     if cfg.ray_address:
-        from semst.embed.ray_engine import check_ray_installed
-        check_ray_installed()
+        from semst.embed.ray_engine import check_ray_ready
+        check_ray_ready(cfg.ray_address)
     if adata is None:
         adata = load_dataset(cfg.dataset)
     # Prompts from "all" genes never run the preprocessing, so only the slide itself is checked then.

@@ -323,3 +323,22 @@ def test_where_stage_1_runs_changes_no_run_name(env):
 def test_bad_ray_settings_are_config_errors(env, field, value, message):
     with pytest.raises(ConfigError, match=message):
         cfg(env, **{field: value})
+
+
+def test_a_ray_address_where_no_cluster_answers_is_refused_before_the_cache_is_created(env):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(EmbedError, match=f"no Ray cluster answers at 127.0.0.1:{port}.*ray start --head"):
+        embed_dataset(cfg(env, ray_address=f"127.0.0.1:{port}"), progress=False, log=quiet)
+    assert not env["cache"].exists()
+
+
+@pytest.mark.parametrize("address,target", [
+    ("head:6379", ("head", 6379)), ("10.0.0.1:6380", ("10.0.0.1", 6380)), ("[::1]:6379", ("::1", 6379)),
+    ("local", None), ("auto", None), ("ray://head:10001", None), ("head", None),
+])
+def test_which_ray_addresses_are_checked_for_an_answer_first(address, target):
+    assert ray_engine._host_port(address) == target
