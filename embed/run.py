@@ -115,10 +115,12 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     missing = [h for h, present in zip(hashes, cache.contains(space, hashes)) if not present]
     log(f"{cfg.dataset}: {len(adata)} spots, {len(hashes)} distinct prompts: "
         f"{len(hashes) - len(missing)} cached, {len(missing)} to compute ({space.model}, {space.pooling})")
+    n_other_shards = 0
     if shard is not None:
-        others = len(missing)
+        all_missing = len(missing)
         missing = shard.select(missing)
-        log(f"shard {shard}: {len(missing)} of the {others} missing prompts are this shard's")
+        n_other_shards = all_missing - len(missing)
+        log(f"shard {shard}: {len(missing)} of the {all_missing} missing prompts are this shard's")
 
     # 3. Compute only what is missing, committing every batch (a killed run keeps its batches).
     n_computed = 0
@@ -132,11 +134,12 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     else:
         table = _write_spot_table(cfg, cache, adata, gene_lists, spot_hashes, tag, space, model_dir)
     seconds = time.perf_counter() - t0
-    n_cached = len(hashes) - n_computed  # including rows another run committed meanwhile
+    n_cached = len(hashes) - n_computed - n_other_shards  # including rows another run committed meanwhile
     by_others = len(missing) - n_computed
     meanwhile = f"{by_others} of them committed meanwhile by another run; " if by_others else ""
     written = f"spot table {tag}" if table is not None else "no spot table"
-    log(f"{len(hashes)} prompts: {n_cached} cached, {n_computed} computed "
+    elsewhere = f", {n_other_shards} left to the other shards" if n_other_shards else ""
+    log(f"{len(hashes)} prompts: {n_cached} cached, {n_computed} computed{elsewhere} "
         f"({meanwhile}{written}, {seconds:.1f} s)")
     return EmbedReport(cfg.dataset, tag, space.space_id, len(adata), len(hashes), n_cached, n_computed,
                        seconds, table)

@@ -125,6 +125,9 @@ def test_a_shard_writes_no_spot_table_while_other_shards_prompts_are_missing(env
     assert report.spot_table is None
     assert EmbeddingCache(env["cache"], create=False).spot_tables("toy") == []
     assert "not written" in " ".join(lines) and "semst cache merge" in " ".join(lines)
+    # the other shards' prompts are neither cached nor computed here, and the summary says so
+    others = report.n_prompts - report.n_computed
+    assert report.n_cached == 0 and f"0 cached, {report.n_computed} computed, {others} left to the other shards" in lines[-1]
 
 
 def test_the_last_shard_on_a_cache_holding_the_others_writes_the_spot_table(env):
