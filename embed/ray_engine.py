@@ -289,6 +289,11 @@ def build_embed_processor(cfg, model_dir, max_tokens: int, cluster: Cluster):
         placement_group_config=None if cluster.gpu else {"bundle_per_worker": {"CPU": 1}},
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,  # token ids in, vectors out
         log_engine_metrics=False,
+        # At most two batches queued per replica (one running, one next): by default Ray Data queues 16 on
+        # the first replica that is ready, and the others, ready later, find nothing left (measured: two
+        # replicas ran as one).
+        max_concurrent_batches=2,
+        max_tasks_in_flight_per_actor=2,
     )
     return build_processor(
         config,
