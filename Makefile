@@ -25,12 +25,13 @@ SEEDS_OPT := $(if $(SEEDS),--seeds $(SEEDS),)
 N_DOMAINS_OPT := $(if $(N_DOMAINS),--n-domains $(N_DOMAINS),)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup model embed cluster data reproduce test bench bench-embed bench-cluster reliability clean-venv help
+.PHONY: setup model embed cluster data reproduce test test-ray bench bench-embed bench-cluster reliability clean-venv help
 
 help:
 	@echo "make cluster [DATASET=dlpfc-151673]  embed (cached) + train + cluster the default dataset"
 	@echo "make embed DATASET=x [MODEL=id|dir] [CACHE=path]   stage 1: fill the embedding cache"
 	@echo "make test                                          the test-suite"
+	@echo "make test-ray                                      semst embed --ray on a local Ray (minutes)"
 	@echo "make reproduce [GRID=...] [DATASETS=a,b]          the paper's tables and figures -> results/report/REPORT.md"
 	@echo "make bench                                         bench-embed + bench-cluster"
 	@echo "make reliability                                   every known bad input and fault, as a table (minutes)"
@@ -69,6 +70,11 @@ reproduce: setup model
 test: setup model
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
+
+# `semst embed --ray` on a local Ray of two 1-CPU vLLM replicas against the in-process run (minutes;
+# needs pip install 'semst[distributed]').
+test-ray: setup model
+	$(BIN)/python -m pytest -q -m ray tests/test_embed_ray.py
 
 bench: bench-embed bench-cluster
 bench-embed: setup model

@@ -33,7 +33,7 @@ class EmbedReport:
     n_cached: int
     n_computed: int
     seconds: float
-    spot_table: Path
+    spot_table: Path | None  # None: a --shard run whose store lacks other shards' prompts
 
 
 def spot_gene_lists(cfg: EmbedConfig, adata, preprocessed=None) -> list[list[str]]:
@@ -65,8 +65,13 @@ def embedding_space(model_dir: Path, cfg: EmbedConfig):
 
 
 def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
-                  progress: bool = True, log=print) -> EmbedReport:
-    """Fill the cache with the embeddings of every spot of ``cfg.dataset`` and write its spot table."""
+                  progress: bool = True, log=print, shard=None) -> EmbedReport:
+    """Fill the cache with the embeddings of every spot of ``cfg.dataset`` and write its spot table.
+
+    ``shard`` (an :class:`semst.embed.shards.Shard`): compute only that deterministic slice of the
+    missing prompts; the spot table is then written only if every prompt of the dataset is in this
+    cache (a shard's own store holds a slice: merge the shards, then run without --shard on the
+    merged cache to write it)."""
     from semst.embed.backends import backend_class
     from semst.shared.cache import EmbeddingCache
     from semst.shared.datasets import check_slide, load_dataset
@@ -77,6 +82,9 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
         raise EmbedError(f"--max-spots must be >= 1, got {max_spots}")
     _commit_every()  # bad SEMST_COMMIT_* settings are refused before any work
     kind = backend_class(cfg.backend)  # the class: its class methods need no weights
+    if cfg.ray_address:
+        from semst.embed.ray_engine import check_ray_ready
+        check_ray_ready(cfg.ray_address)
     if adata is None:
         adata = load_dataset(cfg.dataset)
     # Prompts from "all" genes never run the preprocessing, so only the slide itself is checked then.
@@ -106,25 +114,42 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     missing = [h for h, present in zip(hashes, cache.contains(space, hashes)) if not present]
     log(f"{cfg.dataset}: {len(adata)} spots, {len(hashes)} distinct prompts: "
         f"{len(hashes) - len(missing)} cached, {len(missing)} to compute ({space.model}, {space.pooling})")
+    n_other_shards = 0
+    if shard is not None:
+        all_missing = len(missing)
+        missing = shard.select(missing)
+        n_other_shards = all_missing - len(missing)
+        log(f"shard {shard}: {len(missing)} of the {all_missing} missing prompts are this shard's")
 
     # 3. Compute only what is missing, committing in blocks (a killed run keeps what it committed).
     n_computed = 0
     if missing:
         n_computed = _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, log)
 
-    table = cache.write_spot_table(cfg.dataset, tag, list(adata.obs_names), spot_hashes, {
+    if shard is not None and not cache.contains(space, hashes).all():
+        table = None
+        log(f"spot table {tag} not written: this cache holds only shard {shard}'s prompts; merge the shards "
+            "(semst cache merge SRC... --into DST), then `semst embed` on DST writes it without computing")
+    else:
+        table = _write_spot_table(cfg, kind, cache, adata, gene_lists, spot_hashes, tag, space, model_dir)
+    seconds = time.perf_counter() - t0
+    n_cached = len(hashes) - n_computed - n_other_shards  # including rows another run committed meanwhile
+    by_others = len(missing) - n_computed
+    meanwhile = f"{by_others} of them committed meanwhile by another run; " if by_others else ""
+    written = f"spot table {tag}" if table is not None else "no spot table"
+    elsewhere = f", {n_other_shards} left to the other shards" if n_other_shards else ""
+    log(f"{len(hashes)} prompts: {n_cached} cached, {n_computed} computed{elsewhere} "
+        f"({meanwhile}{written}, {seconds:.1f} s)")
+    return EmbedReport(cfg.dataset, tag, space.space_id, len(adata), len(hashes), n_cached, n_computed,
+                       seconds, table)
+
+
+def _write_spot_table(cfg, kind, cache, adata, gene_lists, spot_hashes, tag, space, model_dir) -> Path:
+    return cache.write_spot_table(cfg.dataset, tag, list(adata.obs_names), spot_hashes, {
         "dataset": cfg.dataset, "tag": tag, "space": dataclasses.asdict(space), "space_id": space.space_id,
         "model": cfg.model, "model_dir": str(model_dir), "k_genes": cfg.k_genes, "template": cfg.template,
         "genes_from": cfg.genes_from, "gene_ranking": cfg.gene_ranking, "pooling": cfg.pooling, "n_spots": len(adata),
         "n_empty_spots": sum(1 for g in gene_lists if not g), **kind.table_meta(cfg)})
-    seconds = time.perf_counter() - t0
-    n_cached = len(hashes) - n_computed  # including rows another run committed meanwhile
-    by_others = len(missing) - n_computed
-    meanwhile = f"{by_others} of them committed meanwhile by another run; " if by_others else ""
-    log(f"{len(hashes)} prompts: {n_cached} cached, {n_computed} computed "
-        f"({meanwhile}spot table {tag}, {seconds:.1f} s)")
-    return EmbedReport(cfg.dataset, tag, space.space_id, len(adata), len(hashes), n_cached, n_computed,
-                       seconds, table)
 
 
 # Rows are committed in blocks of COMMIT_ROWS, or every COMMIT_SECONDS if that comes first (a slow
@@ -196,6 +221,10 @@ def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, lo
     before are committed before the command stops, and a commit itself is never cut. The cache stays
     valid and a rerun computes the rest; a SIGKILL loses at most the rows not committed yet.
     """
+    if cfg.ray_address:  # vLLM replicas on Ray; this process commits what they return
+        from semst.embed.ray_engine import compute_missing_on_ray
+        return compute_missing_on_ray(cfg, model_dir, space, cache, missing, unique, progress, log)
+
     from tqdm import tqdm
 
     from semst.embed.backends import load_backend

@@ -95,21 +95,32 @@ def data_cmd(dataset, list_only, mirror):
               help="Rank a spot's genes by raw 'counts' (semst) or by the 'scaled' preprocessed matrix (paper).")
 @click.option("--prefix-reuse/--no-prefix-reuse", "prefix_reuse", default=None,
               help="Compute the prompts' shared leading tokens once (exact, same cache; default from config: on).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Compute on vLLM replicas through Ray (pip install 'semst[distributed]'): alone, a Ray started "
+                   "here; with ADDRESS (HEAD:6379, auto), an existing cluster. Put it after DATASET.")
+@click.option("--workers", type=int, default=None,
+              help="Engine replicas on Ray (default: one per GPU, or one per core without GPUs).")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Compute only shard I of N (0 <= I < N) of the missing prompts, into this --cache; "
+                   "merge the shards' caches with `semst cache merge`.")
 @set_option("embed")
 def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, template, batch_size, max_spots,
-              recipe, gene_ranking, prefix_reuse, assignments):
+              recipe, gene_ranking, prefix_reuse, ray_address, workers, shard, assignments):
     """Stage 1: embed DATASET's top-k gene prompts into the shared cache."""
     from semst.embed.run import embed_dataset
+    from semst.embed.shards import parse_shard
     from semst.shared.config import config_to_toml, load_embed_config, parse_assignments, with_assignments
 
     assigned = parse_assignments(assignments, ("embed",))
+    shard = parse_shard(shard) if shard is not None else None
     _find(dataset)
     flags = {"cache": str(cache) if cache else None, "model": model, "k_genes": k_genes, "pooling": pooling,
              "backend": backend, "template": template, "batch_size": batch_size, "recipe": recipe,
-             "gene_ranking": gene_ranking, "prefix_reuse": prefix_reuse}
+             "gene_ranking": gene_ranking, "prefix_reuse": prefix_reuse, "ray_address": ray_address,
+             "workers": workers}
     cfg = load_embed_config(dataset, with_assignments(flags, assigned["embed"]), config_path)
     click.echo("# semst embed config\n" + config_to_toml(cfg))
-    embed_dataset(cfg, max_spots=max_spots)
+    embed_dataset(cfg, max_spots=max_spots, shard=shard)
 
 
 def _csv(text: str, cast=str, what: str = "values") -> list:

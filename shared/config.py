@@ -91,6 +91,13 @@ class EmbedConfig:
     # Compute the leading tokens all prompts share once (exact: same vectors up to float rounding, same
     # cache space; embed/prefix.py): transformers for mean and last pooling, vLLM for last only.
     prefix_reuse: bool = field(default=True, metadata=NOT_IN_IDENTITY)
+    # Ray (`semst embed --ray [ADDRESS]`; pip install 'semst[distributed]'). ray_address: None = no Ray
+    # (the backend in this process), "local" = a Ray started for the run on this machine, else an
+    # existing cluster ("HEAD:6379", "auto"). workers: vLLM engine replicas, None = one per GPU of the
+    # cluster, or one per core on a CPU-only one. How fast, not what: neither changes an embedding, a
+    # run name or a grid cell's hash (NOT_IN_IDENTITY).
+    workers: int | None = field(default=None, metadata=NOT_IN_IDENTITY)
+    ray_address: str | None = field(default=None, metadata=NOT_IN_IDENTITY)
     cache: str = field(default_factory=lambda: str(default_cache()))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
@@ -702,6 +709,11 @@ def validate_embed_config(cfg: EmbedConfig) -> None:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
     if not isinstance(cfg.prefix_reuse, bool):
         raise ConfigError(f"prefix_reuse must be true or false, got {cfg.prefix_reuse!r}")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise ConfigError(f"workers must be >= 1 (engine replicas on Ray) or unset, got {cfg.workers}")
+    if cfg.ray_address is not None and not cfg.ray_address.strip():
+        raise ConfigError("ray_address must be a Ray cluster address such as \"HEAD:6379\" or \"auto\", "
+                          "\"local\", or unset (no Ray); got an empty string")
     _choice(cfg, "gene_ranking", ("counts", "scaled"))
     if cfg.gene_ranking == "scaled" and cfg.genes_from != "hvg":
         raise ConfigError("gene_ranking = \"scaled\" ranks genes by the preprocessed matrix, which only "

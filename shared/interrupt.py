@@ -107,6 +107,11 @@ def check() -> None:
         _raise()
 
 
+def stop_requested() -> bool:
+    """Whether a stop signal was received and not yet raised (e.g. to tell a failure it caused)."""
+    return _state.installed and bool(_state.requests) and not _state.raised
+
+
 @contextlib.contextmanager
 def at_boundaries() -> Iterator[None]:
     """A loop whose steps end in :func:`check`: a first signal waits for it, a second stops at once."""

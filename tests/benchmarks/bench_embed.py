@@ -7,6 +7,10 @@ difference of each reuse run from the same backend's whole-prompt vectors, and t
 cached embeddings for 100k spots (open the cache, read the spot table, fetch every vector). Not a
 test: numbers, not assertions. Pin it for ratios that mean something, e.g.
 ``OMP_NUM_THREADS=1 taskset -c 1 python tests/benchmarks/bench_embed.py --prompts 256``.
+With Ray installed (`--ray on`, or `auto`
+by default), `semst embed --ray`'s path with 1 and 2 local vLLM replicas of one CPU thread each on the
+same prompts: start-up (Ray + vLLM until the first batch is committed) apart from the steady rate
+(prompts committed after the first batch / the time after it).
 """
 from __future__ import annotations
 
@@ -60,7 +64,13 @@ def main(argv=None) -> None:
     ap.add_argument("--spots", type=int, default=100_000, help="cached embeddings to load (0: skip)")
     ap.add_argument("--only", nargs="*", metavar="BACKEND[:POOLING]",
                     help="only these backends, e.g. vllm transformers:mean")
+    ap.add_argument("--ray", choices=("auto", "on", "off", "only"), default="auto",
+                    help="the Ray section: auto (when ray is installed), on, off, only (skip the rest)")
+    ap.add_argument("--ray-prompts", type=int, default=256)
+    ap.add_argument("--ray-batch-size", type=int, default=16)
     args = ap.parse_args(argv)
+    if args.ray == "only":
+        return bench_ray(args)
 
     from bench_cache import bench_load  # beside this file
     from transformers import AutoTokenizer
@@ -113,6 +123,58 @@ def main(argv=None) -> None:
         return
     secs = load["seconds"] if isinstance(load, dict) else load
     print(f"load cached embeddings for {args.spots} spots: {secs:.2f} s")
+    import importlib.util
+    if args.ray == "on" or (args.ray == "auto" and importlib.util.find_spec("ray") is not None):
+        bench_ray(args)
+
+
+def bench_ray(args, replica_counts=(1, 2)) -> None:
+    """`semst embed --ray`'s driver loop (token ids to local replicas, each batch committed to a fresh
+    cache) with 1 and 2 one-CPU replicas on the same prompts."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from semst.embed import ray_engine
+    from semst.embed.backends import MAX_TOKENS, _TokenizingBackend
+    from semst.embed.checkpoints import resolve_model
+    from semst.shared.cache import EmbeddingCache
+    from semst.shared.config import EmbedConfig
+    from semst.shared.hashing import prompt_hash
+
+    model_dir = resolve_model(args.model)
+    prompts, source = bench_prompts(args.ray_prompts, args.k_genes, AutoTokenizer.from_pretrained(model_dir))
+    texts = {prompt_hash(p): p for p in prompts}
+    missing = list(texts)
+    tokens = _TokenizingBackend(model_dir, "mean", "float32", args.ray_batch_size, MAX_TOKENS)
+    ids = tokens.token_ids([texts[h] for h in missing])
+    n_tokens = {h: len(seq) for h, seq in zip(missing, ids)}
+    rows = []
+    for replicas in replica_counts:
+        cfg = EmbedConfig(model=str(model_dir), batch_size=args.ray_batch_size, ray_address=ray_engine.LOCAL,
+                          workers=replicas)
+        arrivals = []
+
+        def stamped(results, arrivals=arrivals):
+            for hashes, vectors in results:
+                arrivals.append((time.perf_counter(), len(hashes)))
+                yield hashes, vectors
+
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = EmbeddingCache(Path(tmp) / "c.zarr", create=True)
+            t0 = time.perf_counter()
+            with ray_engine.ray_session(cfg.ray_address, replicas, log=lambda *a: None) as cluster:
+                results = ray_engine.replica_results(cfg, model_dir, tokens.max_tokens, missing, ids, cluster)
+                ray_engine.commit_as_they_arrive(cache, tokens.space(), missing, texts, n_tokens, stamped(results))
+        (first, _), (last, _) = arrivals[0], arrivals[-1]
+        steady = sum(n for _, n in arrivals[1:]) / (last - first) if last > first else float("nan")
+        rows.append((replicas, first - t0, steady, len(prompts) / (last - t0)))
+    print(f"\nbench-embed, Ray: {len(prompts)} prompts from {source}, batch {args.ray_batch_size}, local Ray, "
+          f"vLLM replicas of 1 CPU / 1 thread each, {len(os.sched_getaffinity(0))} cores visible")
+    print(f"{'replicas':<10}{'start-up s':>12}{'steady prompts/s':>18}{'overall prompts/s':>19}{'ratio':>8}")
+    for replicas, startup, steady, overall in rows:
+        print(f"{replicas:<10}{startup:>12.1f}{steady:>18.2f}{overall:>19.2f}{steady / rows[0][2]:>8.2f}")
 
 
 if __name__ == "__main__":

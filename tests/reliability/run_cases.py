@@ -13,6 +13,7 @@ needs ../shared/data; `make reliability` runs it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -387,6 +388,57 @@ def _signal_embed(sig: int):
     return run
 
 
+def _without_ray(w: World, tmp: Path):
+    """`--ray` where `import ray` fails (a module named ray that raises, first on the path)."""
+    shim = tmp / "no-ray"
+    shim.mkdir()
+    (shim / "ray.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    path = os.pathsep.join(x for x in (str(shim), w.env.get("PYTHONPATH", "")) if x)
+    return semst(w, "embed", "mob30", *embed_opts(w, **{"--k-genes": 6}), "--ray", env={"PYTHONPATH": path})
+
+
+def _ray_processes() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "raylet" in line or "ray::" in line
+            or "gcs_server" in line]
+
+
+def _signal_ray_embed(sig: int):
+    """`semst embed --ray` (2 local replicas) stopped once some batches are committed; then the same
+    command without Ray: it must compute only what the stopped run did not commit."""
+    def run(w: World, tmp: Path):
+        cut("mob120", 120, w.slides)
+        cache = tmp / "cache.zarr"
+        shutil.copytree(w.cache, cache)
+        before = len(list(cache.glob("index/*/part-*.parquet")))
+        cmd = [sys.executable, "-m", "semst.experiments.cli", "embed", "mob120",
+               *embed_opts(w, **{"--cache": cache, "--batch-size": 4}), "--ray", "--workers", "2"]
+        ray_before = set(_ray_processes())
+        proc = subprocess.Popen(cmd, cwd=w.root, env=w.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 1500  # vLLM starts in each replica: minutes
+        while time.time() < deadline and len(list(cache.glob("index/*/part-*.parquet"))) < before + 2:
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            err += "\n(did not stop within 300 s; killed)"
+        time.sleep(10)
+        left = sorted(set(_ray_processes()) - ray_before)
+        verify = semst(w, "cache", "verify", "--cache", cache)
+        rerun = semst(w, "embed", "mob120", *embed_opts(w, **{"--cache": cache}))
+        done = [ln for ln in rerun.stdout.splitlines() if " computed (" in ln]
+        extra = {"verify after": verify.returncode, "rerun": done[-1].split(" (")[0] if done else first_line(rerun.stderr),
+                 "Ray processes left": len(left)}
+        for pid in left:  # ours: started by this case's driver
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err), extra
+    return run
+
+
 def _signal_cluster(sig: int):
     def run(w: World, tmp: Path):
         cmd = [sys.executable, "-m", "semst.experiments.cli", "cluster", "mob30",
@@ -513,6 +565,37 @@ def cases() -> list[Case]:
         option_case("embed", [], "--model that does not exist", **{"--model": "/no/such/model"}),
         option_case("embed", ["--recipe", "nosuch"], "--recipe unknown"),
         option_case("embed", ["--gene-ranking", "nosuch"], "--gene-ranking unknown"),
+        # -- many machines: --shard I/N, --ray [ADDRESS], --workers -----------------------------------------
+        option_case("embed", ["--shard", "2/2"], "--shard I/N with I = N", group="distributed"),
+        option_case("embed", ["--shard", "-1/2"], "--shard negative I", group="distributed"),
+        option_case("embed", ["--shard", "0/0"], "--shard N = 0", group="distributed"),
+        option_case("embed", ["--shard", "half"], "--shard not I/N", group="distributed"),
+        option_case("embed", ["--shard", "1/2/3"], "--shard with three numbers", group="distributed"),
+        option_case("embed", ["--shard", ""], "--shard empty", group="distributed"),
+        option_case("embed", ["--ray", "--workers", "0"], "--workers 0", group="distributed"),
+        option_case("embed", ["--ray", "--workers", "-2"], "--workers negative", group="distributed"),
+        option_case("embed", ["--workers", "two"], "--workers not an integer", group="distributed"),
+        option_case("embed", ["--ray", ""], "--ray with an empty address", group="distributed"),
+        Case("distributed", "--ray where Ray is not installed", _without_ray,
+             command="semst embed mob30 --k-genes 6 --ray  # import ray fails"),
+        option_case("embed", ["--ray", "127.0.0.1:9"], "--ray ADDRESS where no Ray runs",
+                    group="distributed", **{"--k-genes": 6}),
+        Case("distributed", "--ray before DATASET (taken as the address)",
+             lambda w, t: semst(w, "embed", "--ray", "mob30", *embed_opts(w)), command="semst embed --ray mob30"),
+        option_case("embed", ["--ray"], "--ray on a cache holding every prompt (no Ray started)", "runs",
+                    group="distributed"),
+        option_case("embed", ["--shard", "0/1"], "--shard 0/1 (the whole slide) on the filled cache", "runs",
+                    group="distributed"),
+        Case("distributed", "--shard 0/2 into a new store (no spot table)",
+             lambda w, t: semst(w, "embed", "mob30", *embed_opts(w, **{"--cache": t / "shard0.zarr"}), "--shard", "0/2"),
+             "runs", cache=lambda w, t: t / "shard0.zarr", command="semst embed mob30 --shard 0/2 --cache new.zarr"),
+        config_case("[embed]\nworkers = 0\n", "workers = 0 in the config", stage="embed"),
+        config_case("[embed]\nworkers = \"two\"\n", "workers a string in the config", stage="embed"),
+        config_case("[embed]\nray_address = \"\"\n", "ray_address empty in the config", stage="embed"),
+        Case("distributed", "Ctrl-C (SIGINT) during embed --ray", _signal_ray_embed(signal.SIGINT), "interrupted",
+             cache=lambda w, t: t / "cache.zarr", command="semst embed mob120 --ray --workers 2; kill -INT"),
+        Case("distributed", "SIGKILL of the driver during embed --ray", _signal_ray_embed(signal.SIGKILL),
+             "killed", cache=lambda w, t: t / "cache.zarr", command="semst embed mob120 --ray --workers 2; kill -9"),
         option_case("cluster", ["--seeds", "0,x"], "--seeds not integers"),
         option_case("cluster", ["--seeds", "-1"], "--seeds negative"),
         option_case("cluster", ["--seeds", "0,0"], "--seeds duplicated"),
@@ -660,7 +743,7 @@ def judge(case: Case, rc, text: str, cache_same: bool, outputs_same: bool, extra
     if case.expect == "runs":
         cache_ok = "yes" if extra.get("verify after", 0) == 0 else "INVALID"
         outputs_ok = "yes (own run only)" if outputs_same else "CHANGED"
-    if case.expect == "interrupted":
+    if case.expect in ("interrupted", "killed"):
         cache_ok = "valid (verify OK)" if extra.get("verify after", 0) == 0 else "INVALID"
     if case.group == "cache" and "verify after" in extra and case.expect == "refused":
         cache_ok = "valid (verify OK)" if extra["verify after"] == 0 else "INVALID"
@@ -705,6 +788,8 @@ def verdict(o: Outcome) -> str:
         good = o.rc == 1 and "problem:" in o.message
     elif c.expect == "interrupted":
         good = o.rc in (130, 143) and "INVALID" not in o.cache_ok
+    elif c.expect == "killed":  # SIGKILL: no message, but a valid cache
+        good = o.rc == -signal.SIGKILL and "INVALID" not in o.cache_ok
     else:
         good = o.rc not in (0,) and not traceback and o.cache_ok != "changed" and o.outputs_ok != "changed"
     if c.says and not any(word.lower() in o.full.lower() for word in c.says.split("|")):
@@ -714,7 +799,8 @@ def verdict(o: Outcome) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default=None, help="Run only cases whose description contains this word.")
+    ap.add_argument("--only", default=None,
+                    help="Run only cases whose description contains this word (or one of these, comma-separated).")
     ap.add_argument("--keep", action="store_true", help="Keep the scratch folder.")
     args = ap.parse_args()
     if not SHARED.is_dir():
@@ -723,7 +809,8 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="semst-reliability-"))
     try:
         world = make_world(root)
-        selected = [c for c in cases() if not args.only or args.only.lower() in (c.what + c.group).lower()]
+        words = [w.lower() for w in (args.only or "").split(",") if w]
+        selected = [c for c in cases() if not words or any(w in (c.what + c.group).lower() for w in words)]
         print("| # | kind | what was tried | command | exit | message | cache intact | outputs intact | verdict |")
         print("|---|---|---|---|---|---|---|---|---|")
         failures = 0
