@@ -115,6 +115,7 @@ def test_a_first_interrupt_stops_a_sentence_run_after_the_batch_in_progress_is_c
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(EmbeddingCache, "add", add_and_interrupt)
+    monkeypatch.setenv("SEMST_COMMIT_ROWS", "4")  # one commit per batch of 4, as a slow run would
     with pytest.raises(interrupt.Interrupted) as stop, interrupt.stop_on_signals():
         encode_dataset_sentence(toy["cfg"], adata=toy["adata"], batch_size=4, log=quiet)
     assert "4 prompts embedded and committed by this run" in stop.value.message()
