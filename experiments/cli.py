@@ -112,8 +112,12 @@ def data_cmd(dataset, list_only, mirror):
 @click.option("--recipe", default=None, help=RECIPE_HELP)
 @click.option("--gene-ranking", "gene_ranking", default=None,
               help="Rank a spot's genes by raw 'counts' (semst) or by the 'scaled' preprocessed matrix (paper).")
+@click.option("--semantic", type=click.Choice(["spot", "gene"]), default=None,
+              help="spot: one prompt per spot (the paper's); gene: one prompt per gene, a spot = weighted mean.")
+@click.option("--gene-weights", "gene_weights", type=click.Choice(["topk", "all"]), default=None,
+              help="--semantic gene: a spot's genes that weigh, by count: its top-k_g, or all of genes_from.")
 def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, template, batch_size, max_spots,
-              recipe, gene_ranking):
+              recipe, gene_ranking, semantic, gene_weights):
     """Stage 1: embed DATASET's top-k gene prompts into the shared cache."""
     from semst.embed.run import embed_dataset
     from semst.shared.config import config_to_toml, load_embed_config
@@ -122,7 +126,8 @@ def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, tem
     cfg = load_embed_config(dataset, {"cache": str(cache) if cache else None, "model": model,
                                       "k_genes": k_genes, "pooling": pooling, "backend": backend,
                                       "template": template, "batch_size": batch_size, "recipe": recipe,
-                                      "gene_ranking": gene_ranking}, config_path)
+                                      "gene_ranking": gene_ranking, "semantic": semantic,
+                                      "gene_weights": gene_weights}, config_path)
     click.echo("# semst embed config\n" + config_to_toml(cfg))
     embed_dataset(cfg, max_spots=max_spots)
 
@@ -200,9 +205,13 @@ def _run_name(ctx, param, value: str | None) -> str | None:
               help="Which prompts' embeddings to read: genes ranked by 'counts' or by the 'scaled' matrix.")
 @click.option("--fsm-mode", "fsm_mode", default=None,
               help="FiLM start: paper | zero-init | gated (starts as the identity; the gate is reported).")
+@click.option("--semantic", type=click.Choice(["spot", "gene"]), default=None,
+              help="spot: one prompt per spot (the paper's); gene: one prompt per gene, a spot = weighted mean.")
+@click.option("--gene-weights", "gene_weights", type=click.Choice(["topk", "all"]), default=None,
+              help="--semantic gene: a spot's genes that weigh, by count: its top-k_g, or all of genes_from.")
 def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, embedding, epochs,
                 model, k_genes, pooling, template, run_name, threads, minibatch, batch_spots, recipe,
-                gene_ranking, fsm_mode):
+                gene_ranking, fsm_mode, semantic, gene_weights):
     """Stage 2: train SemST on cached embeddings and find spatial domains."""
     from semst.cluster.run import cluster_dataset
     from semst.shared.config import config_to_toml, load_cluster_config
@@ -215,7 +224,8 @@ def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, 
          "minibatch": minibatch, "batch_spots": batch_spots, "recipe": recipe, "fsm_mode": fsm_mode},
         config_path,
         embed_overrides={"cache": str(cache) if cache else None, "model": model, "k_genes": k_genes,
-                         "pooling": pooling, "template": template, "gene_ranking": gene_ranking})
+                         "pooling": pooling, "template": template, "gene_ranking": gene_ranking,
+                         "semantic": semantic, "gene_weights": gene_weights})
     click.echo("# semst cluster config\n" + config_to_toml(cfg))
     cluster_dataset(cfg, out_dir=out_dir, run_name=run_name, config_path=config_path)
 

