@@ -81,7 +81,7 @@ def semantic_tag(embed_cfg) -> str:
     from semst.shared.cache import embedding_tag
 
     if embed_cfg.semantic == "gene":
-        from semst.embed.gene_prompts import gene_table_tag
+        from semst.shared.genes import gene_table_tag
         return gene_table_tag(embed_cfg)
     return embedding_tag(embed_cfg)
 

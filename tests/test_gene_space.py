@@ -10,13 +10,14 @@ import scipy.sparse as sp
 from tiny_model import build_tiny_model
 from toy_slides import SYMBOLS, two_domain_slide
 
-from semst.cluster.gene_space import gene_weight_matrix, normalised_rows, spot_vectors, top_k_mask
+from semst.cluster.gene_space import spot_vectors
 from semst.cluster.run import cluster_dataset, semantic_embeddings
 from semst.cluster.seeds import ClusterError
-from semst.embed.gene_prompts import gene_table_tag, gene_text, hgnc_names, render_gene_prompts
+from semst.embed.gene_prompts import gene_text, render_gene_prompts
 from semst.embed.run import EmbedError, embed_dataset
 from semst.shared.cache import EmbeddingCache
 from semst.shared.config import ConfigError, load_cluster_config, load_embed_config
+from semst.shared.genes import gene_table_tag, gene_weight_matrix, hgnc_names, normalised_rows, top_k_mask
 from semst.shared.preprocess import top_k_genes
 
 
