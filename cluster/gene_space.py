@@ -18,10 +18,17 @@ from collections.abc import Callable
 import numpy as np
 import scipy.sparse as sp
 
+BLOCK_SPOTS = 65_536  # spots per block of the product: a float64 block of 576-wide vectors is ~300 MB
+
 
 def spot_vectors(weights: sp.csr_matrix, gene_vectors: np.ndarray) -> np.ndarray:
-    """``weights @ gene_vectors`` (spots x d, float32), summed in float64."""
-    return np.asarray(weights @ np.asarray(gene_vectors, dtype=np.float64), dtype=np.float32)
+    """``weights @ gene_vectors`` (spots x d, float32), summed in float64 block by block of spots
+    (each row's sum is the same whatever the block size: rows are independent)."""
+    genes = np.asarray(gene_vectors, dtype=np.float64)
+    out = np.empty((weights.shape[0], genes.shape[1]), dtype=np.float32)
+    for lo in range(0, weights.shape[0], BLOCK_SPOTS):
+        out[lo:lo + BLOCK_SPOTS] = weights[lo:lo + BLOCK_SPOTS] @ genes
+    return out
 
 
 def gene_space_embeddings(cfg, spot_ids, adata, fix: Callable[[], str]) -> tuple[np.ndarray, dict]:

@@ -77,11 +77,20 @@ def top_k_mask(ranking: sp.csr_matrix, k: int) -> np.ndarray:
     """Which stored entries of ``ranking`` (canonical CSR, positive values) are among their row's
     ``k`` largest, ties broken by column (the lower first): exactly the genes
     :func:`semst.shared.preprocess.top_k_genes` lists, vectorised over all rows at once."""
-    rows = np.repeat(np.arange(ranking.shape[0]), np.diff(ranking.indptr))
-    order = np.lexsort((ranking.indices, -ranking.data, rows))  # row, then value desc, then column
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order)) - ranking.indptr[rows[order]]
-    return rank < k
+    lengths = np.diff(ranking.indptr)
+    rows = np.repeat(np.arange(ranking.shape[0]), lengths)
+    mask = np.ones(ranking.nnz, dtype=bool)  # a row with at most k entries keeps them all
+    long = np.flatnonzero(lengths[rows] > k)
+    if len(long):
+        r, v = rows[long], ranking.data[long]
+        # Within a row (CSR order: ascending column), by value descending; a stable sort keeps the
+        # lower column first among equal values.
+        order = np.lexsort((-v, r))
+        first = np.searchsorted(r[order], r[order], side="left")
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order)) - first
+        mask[long] = rank < k
+    return mask
 
 
 def gene_weight_matrix(cfg: EmbedConfig, adata) -> tuple[sp.csr_matrix, list[str]]:
@@ -94,13 +103,15 @@ def gene_weight_matrix(cfg: EmbedConfig, adata) -> tuple[sp.csr_matrix, list[str
     counts = _positive_csr(source.layers["counts"] if "counts" in source.layers else source.X)
     if cfg.gene_weights == "all":
         return counts, names
-    ranking = counts if cfg.gene_ranking == "counts" else _positive_csr(source.X)
-    chosen = ranking.copy()
-    chosen.data = top_k_mask(ranking, cfg.k_genes).astype(np.float64)
-    chosen.eliminate_zeros()
-    weights = counts.multiply(chosen).tocsr()  # a chosen gene weighs by its count
+    if cfg.gene_ranking == "counts":  # the same entries: mask the counts in place
+        weights = counts.copy()
+        weights.data[~top_k_mask(counts, cfg.k_genes)] = 0
+    else:
+        chosen = _positive_csr(source.X)
+        chosen.data = top_k_mask(chosen, cfg.k_genes).astype(np.float64)
+        weights = counts.multiply(chosen).tocsr()  # a chosen gene weighs by its count
     weights.eliminate_zeros()
-    used = np.flatnonzero(np.diff(weights.tocsc().indptr) > 0)
+    used = np.flatnonzero(np.bincount(weights.indices, minlength=weights.shape[1]) > 0)
     return sp.csr_matrix(weights[:, used]), [names[j] for j in used]
 
 
