@@ -32,9 +32,9 @@ def spot_vectors(weights: sp.csr_matrix, gene_vectors: np.ndarray) -> np.ndarray
 
 
 def gene_space_embeddings(cfg, spot_ids, adata, fix: Callable[[], str]) -> tuple[np.ndarray, dict]:
-    """The gene-level semantic vectors of ``cfg``'s slide (a ClusterConfig), one row per spot of
-    ``spot_ids``, and the gene table's metadata; a ClusterError ending in ``fix`` if the gene table
-    or a gene's vector is missing."""
+    """The gene-level semantic vectors of the slide ``cfg`` (an EmbedConfig) names, one row per spot
+    of ``spot_ids``, and where they came from; a ClusterError ending in ``fix`` if the gene table or
+    a gene's vector is missing."""
     from semst.cluster.run import _space_from_meta, _spot_table, cached_vectors
     from semst.cluster.seeds import ClusterError
     from semst.shared.datasets import load_dataset
@@ -42,9 +42,9 @@ def gene_space_embeddings(cfg, spot_ids, adata, fix: Callable[[], str]) -> tuple
 
     if adata is None:
         adata = load_dataset(cfg.dataset)
-    tag = gene_table_tag(cfg.embed)
+    tag = gene_table_tag(cfg)
     _, table, meta = _spot_table(cfg.cache, cfg.dataset, tag, fix)
-    raw, genes = gene_weight_matrix(cfg.embed, adata)
+    raw, genes = gene_weight_matrix(cfg, adata)
     absent = sorted(set(genes) - set(table["spot_id"].astype(str)))
     if absent:
         raise ClusterError(f"the gene table {tag} of {cfg.dataset} has no vector for {len(absent)} of the "
@@ -57,5 +57,5 @@ def gene_space_embeddings(cfg, spot_ids, adata, fix: Callable[[], str]) -> tuple
     weights = normalised_rows(raw)[[by_spot[str(s)] for s in spot_ids]]
     space = _space_from_meta(meta)
     return spot_vectors(weights, gene_vectors), {
-        "embedding": f"gene-level mean ({cfg.embed.gene_weights}) of {tag}", "space_id": meta.get("space_id"),
+        "embedding": f"gene-level mean ({cfg.gene_weights}) of {tag}", "space_id": meta.get("space_id"),
         "model": space.model, "pooling": space.pooling, "dim": space.dim, "n_genes": len(genes)}

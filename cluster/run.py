@@ -135,7 +135,7 @@ def semantic_embeddings(cfg: ClusterConfig, spot_ids, seed: int, config_path: st
         return vectors, {"embedding": f"random N(0, {cfg.random_embedding_std}) x {dim}"}
     if cfg.embedding == "llm" and cfg.embed.semantic == "gene":
         from semst.cluster.gene_space import gene_space_embeddings
-        return gene_space_embeddings(cfg, spot_ids, adata, fix)
+        return gene_space_embeddings(cfg.embed, spot_ids, adata, fix)
     vectors, meta = cached_vectors(cfg.cache, cfg.dataset, tag, spot_ids, fix)
     space = _space_from_meta(meta)
     return vectors, {"embedding": tag, "space_id": meta.get("space_id"), "model": space.model,
