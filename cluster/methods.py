@@ -142,7 +142,7 @@ class SemanticVectors:
         else:
             if adata is not None:  # a setting no `semst embed` could satisfy is refused, not hinted at
                 check_embed_possible(cfg, adata)
-            self.first, self.source = semantic_embeddings(cfg, spot_ids, cfg.clustering.seeds[0], config_path)
+            self.first, self.source = semantic_embeddings(cfg, spot_ids, cfg.clustering.seeds[0], config_path, adata)
 
     def for_seed(self, seed: int) -> np.ndarray | None:
         from semst.cluster.run import semantic_embeddings

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 # The `semst embed` options that change which embeddings are written, in the order they are worked
 # out: the recipe first, since it supplies the defaults of the others.
 EMBED_OPTIONS = (("recipe", "--recipe"), ("model", "--model"), ("k_genes", "--k-genes"),
-                 ("gene_ranking", "--gene-ranking"), ("pooling", "--pooling"), ("template", "--template"))
+                 ("gene_ranking", "--gene-ranking"), ("pooling", "--pooling"), ("template", "--template"),
+                 ("semantic", "--semantic"), ("gene_weights", "--gene-weights"))
 
 
 def embed_command(cfg: ClusterConfig, config_path: str | Path | None = None) -> str:
@@ -64,7 +65,6 @@ def embed_command(cfg: ClusterConfig, config_path: str | Path | None = None) -> 
 def _embed_options(cfg: ClusterConfig, config_path) -> tuple[dict, bool]:
     """The options (name -> value) that make `semst embed` resolve ``cfg.embed``'s embeddings, and
     whether they do so exactly."""
-    from semst.shared.cache import embedding_tag
     from semst.shared.config import load_embed_config
 
     wanted = cfg.embed
@@ -73,9 +73,20 @@ def _embed_options(cfg: ClusterConfig, config_path) -> tuple[dict, bool]:
         if getattr(load_embed_config(cfg.dataset, given, config_path), name) != getattr(wanted, name):
             given[name] = getattr(wanted, name)
     got = load_embed_config(cfg.dataset, given, config_path)
-    exact = (embedding_tag(got), got.model, got.pooling, got.dtype) == (
-        embedding_tag(wanted), wanted.model, wanted.pooling, wanted.dtype)
+    exact = (semantic_tag(got), got.model, got.pooling, got.dtype) == (
+        semantic_tag(wanted), wanted.model, wanted.pooling, wanted.dtype)
     return given, exact
+
+
+def semantic_tag(embed_cfg) -> str:
+    """The table stage 1 writes for these embed settings: the spot table, or with ``semantic =
+    "gene"`` the gene table (:func:`semst.embed.gene_prompts.gene_table_tag`)."""
+    from semst.shared.cache import embedding_tag
+
+    if embed_cfg.semantic == "gene":
+        from semst.shared.genes import gene_table_tag
+        return gene_table_tag(embed_cfg)
+    return embedding_tag(embed_cfg)
 
 
 def check_embed_possible(cfg: ClusterConfig, adata) -> None:
@@ -96,20 +107,20 @@ def check_embed_possible(cfg: ClusterConfig, adata) -> None:
                            f"`semst embed` run can write these embeddings; use --k-genes {n_genes} or fewer")
 
 
-def semantic_embeddings(cfg: ClusterConfig, spot_ids, seed: int,
-                        config_path: str | Path | None = None) -> tuple[np.ndarray | None, dict]:
+def semantic_embeddings(cfg: ClusterConfig, spot_ids, seed: int, config_path: str | Path | None = None,
+                        adata=None) -> tuple[np.ndarray | None, dict]:
     """The per-spot semantic vectors the FSM reads, and where they came from.
 
     ``embedding``: "llm" = the cached LLM embeddings for this config's embed settings; "random" =
     N(0, random_embedding_std) of the same width (the paper's control, drawn per seed); anything else
     is a spot-table tag in the cache (another model, prompt template or encoder). ``config_path``:
     the --config file the run was given, repeated in the `semst embed` hint when they are missing.
+    With ``semantic = "gene"`` the "llm" vectors are the expression-weighted means of the cached gene
+    vectors (:mod:`semst.cluster.gene_space`), computed from ``adata`` (the raw slide; loaded if None).
     """
     if cfg.fusion == "none":
         return None, {"embedding": "none (w/o LLM)"}
-    from semst.shared.cache import embedding_tag
-
-    tag = embedding_tag(cfg.embed) if cfg.embedding in ("llm", "random") else cfg.embedding
+    tag = semantic_tag(cfg.embed) if cfg.embedding in ("llm", "random") else cfg.embedding
 
     def fix() -> str:  # worked out only when needed
         if cfg.embedding not in ("llm", "random"):  # a tag of the user's: no embed setting of ours writes it
@@ -124,6 +135,9 @@ def semantic_embeddings(cfg: ClusterConfig, spot_ids, seed: int,
         rng = np.random.default_rng(seed)
         vectors = rng.normal(0.0, cfg.random_embedding_std, size=(len(spot_ids), dim)).astype(np.float32)
         return vectors, {"embedding": f"random N(0, {cfg.random_embedding_std}) x {dim}"}
+    if cfg.embedding == "llm" and cfg.embed.semantic == "gene":
+        from semst.cluster.gene_space import gene_space_embeddings
+        return gene_space_embeddings(cfg.embed, spot_ids, adata, fix)
     vectors, meta = cached_vectors(cfg.cache, cfg.dataset, tag, spot_ids, fix)
     space = meta.space
     return vectors, {"embedding": tag, "space_id": meta.space_id, "model": space.model,

@@ -76,6 +76,9 @@ def embed_dataset(cfg: EmbedConfig, adata=None, max_spots: int | None = None,
     from semst.shared.cache import EmbeddingCache
     from semst.shared.datasets import check_slide, load_dataset
 
+    if cfg.semantic == "gene":  # one prompt per gene, not per spot (embed.gene_prompts)
+        from semst.embed.gene_prompts import embed_genes
+        return embed_genes(cfg, adata, max_spots, progress, log)
     t0 = time.perf_counter()
     # 1. Input: everything checked before the model is loaded or the cache touched.
     if max_spots is not None and max_spots < 1:

@@ -85,13 +85,16 @@ def _without_cache(d: dict) -> dict:
 
 def embedding_identity(cfg: ClusterConfig) -> dict:
     """Which model produced the semantic embeddings a cell used: label, weights SHA-256, pooling, dim."""
-    from semst.shared.cache import EmbeddingCache, embedding_tag
+    from semst.cluster.run import semantic_tag
+    from semst.shared.cache import EmbeddingCache
 
-    tag = embedding_tag(cfg.embed) if cfg.model.embedding in ("llm", "random") else cfg.model.embedding
+    tag = semantic_tag(cfg.embed) if cfg.model.embedding in ("llm", "random") else cfg.model.embedding
     meta = EmbeddingCache(cfg.cache, create=False).spot_table_meta(cfg.dataset, tag)
     space = dataclasses.asdict(meta.space) if meta.space is not None else {}
     if cfg.model.embedding == "random":
         source = f"random N(0, {cfg.model.random_embedding_std}); only its width comes from this model"
+    elif cfg.model.embedding == "llm" and cfg.embed.semantic == "gene":
+        source = f"LLM gene-level ({cfg.embed.gene_weights}), template {cfg.embed.template}, k_g {cfg.embed.k_genes}"
     elif cfg.model.embedding == "llm":
         source = f"LLM, template {cfg.embed.template}, k_g {cfg.embed.k_genes}"
     elif meta.encoder:
@@ -113,15 +116,15 @@ class EmbedStep:
 
     def ensure(self, variant: Variant, cfg: ClusterConfig, adata) -> tuple[float, int]:
         """(seconds, embeddings computed) to make this cell's embeddings present in the cache."""
+        from semst.cluster.run import semantic_tag
         from semst.embed.run import embed_dataset
-        from semst.shared.cache import embedding_tag
 
         if variant.embedding == "sentence":
             from semst.embed.sentence_encoder import encode_dataset_sentence
             key = ("sentence", cfg.dataset, cfg.model.embedding, cfg.embed.cache)
             run = lambda: encode_dataset_sentence(cfg.embed, encoder_name(variant), adata=adata, log=self.log)  # noqa: E731
         elif cfg.model.embedding in ("llm", "random"):
-            key = ("llm", cfg.dataset, embedding_tag(cfg.embed), cfg.embed.cache, cfg.embed.backend)
+            key = ("llm", cfg.dataset, semantic_tag(cfg.embed), cfg.embed.cache, cfg.embed.backend)
             run = lambda: embed_dataset(cfg.embed, adata=adata, progress=self.progress, log=self.log)  # noqa: E731
         else:
             return 0.0, 0  # a spot table named in the grid: stage 2 says clearly if it is absent

