@@ -25,7 +25,7 @@ SEEDS_OPT := $(if $(SEEDS),--seeds $(SEEDS),)
 N_DOMAINS_OPT := $(if $(N_DOMAINS),--n-domains $(N_DOMAINS),)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup model embed cluster data reproduce peers test bench bench-embed bench-cluster reliability clean-venv help
+.PHONY: setup model embed cluster data reproduce peers known-peers test bench bench-embed bench-cluster reliability clean-venv help
 
 help:
 	@echo "make cluster [DATASET=dlpfc-151673]  embed (cached) + train + cluster the default dataset"
@@ -72,10 +72,12 @@ reproduce: setup model
 # experiments/peers/NAME/requirements.txt. A peer that cannot install is reported in .peers/NAME.failed
 # and skipped; the grid's cells for it are failed rows saying why.
 PEERS ?= graphst banksy spagcn stdcl cellcharter
-peers: $(foreach p,$(PEERS),.peers/$(p)/.installed)
+peers: known-peers $(foreach p,$(PEERS),.peers/$(p)/.installed)
 	@for p in $(PEERS); do if [ -f .peers/$$p/.installed ]; then echo "peer $$p: installed ($$(cat .peers/$$p/.seconds 2>/dev/null || echo '?') s)"; \
 	  else echo "peer $$p: NOT installed: $$(cat .peers/$$p.failed 2>/dev/null || echo 'unknown')"; fi; done
-.peers/%/.installed: experiments/peers/%/requirements.txt experiments/peers/install.sh
+known-peers:
+	@for p in $(PEERS); do test -f experiments/peers/$$p/requirements.txt || { echo "make peers: unknown peer $$p (no experiments/peers/$$p/requirements.txt); known: $$(cd experiments/peers && ls */requirements.txt | cut -d/ -f1 | tr '\n' ' ')" >&2; exit 2; }; done
+.peers/%/.installed: experiments/peers/%/requirements.txt
 	@bash experiments/peers/install.sh $* $(PYTHON) $(FIND_LINKS)
 
 test: setup model

@@ -8,7 +8,7 @@ runner (:func:`semst.cluster.seeds.run_seeds`) like any registered method:
 1. once per slide, the checked slide (raw counts, coordinates in ``obsm["spatial"]``, no
    annotation) is written as ``slide.h5ad`` to a temporary folder;
 2. per seed, the peer's own script (``experiments/peers/<name>/run.py``) runs under the peer's
-   python as ``run.py --h5ad IN --out DIR --seed S --n-domains K --threads T --platform P``, with
+   python as ``run.py --h5ad IN --out DIR --seed S --n-domains K --threads T --platform P --technology X``, with
    every thread pool bounded to the run's thread budget (``OMP_NUM_THREADS``, ...);
 3. it writes ``labels.npy`` (one domain per spot, in the h5ad's order), ``embedding.npy`` (spots x
    d: what it clustered) and ``info.json`` (which clustering it used); semst takes those labels as
@@ -99,6 +99,15 @@ def install_failure(name: str) -> str | None:
     """Why ``make peers`` could not install ``name`` (its status file), or None."""
     status = peers_home() / f"{name}.failed"
     return status.read_text().strip() if status.is_file() else None
+
+
+def dataset_technology(dataset: str) -> str:
+    """The technology semst's registry names for ``dataset`` (e.g. "osmFISH"), "" if unknown: peers whose
+    tutorials differ between imaging technologies pick their settings by it."""
+    from semst.shared.datasets import DATASETS
+
+    spec = DATASETS.get(dataset)
+    return spec.platform if spec is not None else ""
 
 
 def dataset_platform(dataset: str) -> str | None:
@@ -282,7 +291,8 @@ class PeerMethod(Method):
     def command(self, seed: int, out: Path) -> list[str]:
         return [str(self.python), str(self.script), "--h5ad", str(self.h5ad), "--out", str(out),
                 "--seed", str(seed), "--n-domains", str(self.slide.n_domains),
-                "--threads", str(self.slide.threads), "--platform", str(self.platform)]
+                "--threads", str(self.slide.threads), "--platform", str(self.platform),
+                "--technology", dataset_technology(self.cfg.dataset)]
 
     def fit(self, seed: int) -> PeerResult:
         out = self.folder / f"seed-{seed}"

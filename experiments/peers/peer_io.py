@@ -3,7 +3,7 @@
 Runs inside a peer's own virtualenv, where semst is not installed: stdlib, numpy and anndata only.
 A script (``experiments/peers/<name>/run.py``) does::
 
-    args = peer_io.arguments()            # --h5ad --out --seed --n-domains --threads --platform
+    args = peer_io.arguments()            # --h5ad --out --seed --n-domains --threads --platform --technology
     adata = peer_io.read_slide(args)      # raw counts, obsm["spatial"]; seeds and threads fixed
     ...                                   # the tool's own documented pipeline
     peer_io.write_outputs(args, labels, embedding, {"clustering": "..."})
@@ -27,6 +27,7 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--n-domains", required=True, type=int)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--platform", choices=("visium", "st", "imaging"), default="visium")
+    p.add_argument("--technology", default="", help="e.g. osmFISH, STARmap, 10x Visium ('' if unknown)")
     return p.parse_args(argv)
 
 
