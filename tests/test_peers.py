@@ -117,6 +117,18 @@ def test_a_peer_that_writes_the_wrong_number_of_labels_is_refused(tmp_path):
         run_peer(tmp_path, WRONG_COUNT)
 
 
+def test_a_peer_killed_by_a_signal_says_so(tmp_path):
+    with pytest.raises(PeerError, match=r"failed \(exit 137\): killed by SIGKILL \(e.g. the kernel's out-of-memory"):
+        run_peer(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+
+
+def test_a_peer_writing_labels_of_two_columns_is_refused(tmp_path):
+    two_columns = WRONG_COUNT.replace("np.zeros(3, dtype=int), np.zeros((3, 2))",
+                                      "np.zeros((80, 2), dtype=int), np.zeros((80, 2))")
+    with pytest.raises(PeerError, match=r"wrote labels of shape \(80, 2\); one label per spot expected"):
+        run_peer(tmp_path, two_columns)
+
+
 def test_a_peer_past_its_timeout_is_stopped_and_reported(tmp_path):
     with pytest.raises(PeerError, match="stopped after the timeout of 1 s"):
         run_peer(tmp_path, "import time\ntime.sleep(60)\n", timeout_seconds=1.0)

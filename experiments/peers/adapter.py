@@ -190,6 +190,18 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+def _no_message(returncode: int) -> str:
+    """What a silent exit says: the launcher exits 128 + N when the peer was killed by signal N."""
+    if returncode > 128:
+        try:
+            name = signal.Signals(returncode - 128).name
+        except ValueError:
+            return "no message"
+        hint = " (e.g. the kernel's out-of-memory killer)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}, no message"
+    return "no message"
+
+
 def last_line(path: Path) -> str:
     """The last non-empty line of a text file (what a traceback ends with: the exception)."""
     try:
@@ -208,7 +220,9 @@ def read_outputs(out: Path, n_spots: int, what: str) -> tuple[np.ndarray, np.nda
         raise PeerError(f"{what}: no readable labels.npy / embedding.npy ({type(exc).__name__}: {exc})") from None
     info_path = out / "info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    labels = np.asarray(labels).reshape(-1)
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise PeerError(f"{what}: wrote labels of shape {labels.shape}; one label per spot expected")
     if labels.shape[0] != n_spots:
         raise PeerError(f"{what}: wrote {labels.shape[0]} labels for {n_spots} spots")
     if embedding.ndim != 2 or embedding.shape[0] != n_spots:
@@ -303,7 +317,7 @@ class PeerMethod(Method):
         if run.timed_out:
             raise PeerError(f"{what}: stopped after the timeout of {self.settings.timeout_seconds:g} s")
         if run.returncode != 0:
-            raise PeerError(f"{what} failed (exit {run.returncode}): {run.stderr_tail or 'no message'}")
+            raise PeerError(f"{what} failed (exit {run.returncode}): {run.stderr_tail or _no_message(run.returncode)}")
         labels, embedding, info = read_outputs(out, self.slide.adata.n_obs, what)
         self.log(f"seed {seed}: {self.name} in {run.seconds:.1f} s, peak {run.peak_gib:.2f} GiB, "
                  f"{len(np.unique(labels))} domains ({info.get('clustering', 'its clustering')})")

@@ -60,7 +60,7 @@ def read_slide(args: argparse.Namespace):
 
 def write_outputs(args: argparse.Namespace, labels, embedding, info: dict | None = None) -> None:
     """labels.npy (one integer domain per spot, the h5ad's order), embedding.npy, info.json."""
-    labels = np.asarray(labels).reshape(-1)
+    labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer):
         labels = np.unique(labels.astype(str), return_inverse=True)[1]
     args.out.mkdir(parents=True, exist_ok=True)
