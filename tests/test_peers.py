@@ -235,3 +235,13 @@ def test_a_grid_runs_peers_as_cells_and_a_failing_peer_is_a_row_saying_why(peer_
     saved = json.loads((out / "cells" / "toy" / "spagcn.json").read_text())
     assert all(r["peak_gib"] > 0 for r in saved["per_seed"])
     assert (out / "figures" / "maps-toy.png").is_file()
+
+
+def test_the_field_grid_runs_semst_and_every_peer_on_the_five_local_count_slides_with_three_seeds():
+    from semst.experiments.grid import load_grid
+
+    grid = load_grid(Path(__file__).resolve().parents[1] / "experiments" / "field.toml")
+    assert grid.datasets == ["dlpfc-151673", "dlpfc-151510", "mob", "starmap-mpfc", "osmfish"]
+    assert len(grid.seeds) == 3
+    assert [v.backbone for v in grid.variants] == ["semst", "graphst", "banksy", "spagcn", "stdcl", "cellcharter"]
+    assert grid.tables[0].variants == grid.figures[0].variants == [v.name for v in grid.variants]
