@@ -25,7 +25,7 @@ SEEDS_OPT := $(if $(SEEDS),--seeds $(SEEDS),)
 N_DOMAINS_OPT := $(if $(N_DOMAINS),--n-domains $(N_DOMAINS),)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup model embed cluster data reproduce test test-ray bench bench-embed bench-cluster reliability clean-venv help
+.PHONY: setup model embed cluster data reproduce peers known-peers test test-ray bench bench-embed bench-cluster reliability clean-venv help
 
 help:
 	@echo "make cluster [DATASET=dlpfc-151673]  embed (cached) + train + cluster the default dataset"
@@ -33,6 +33,7 @@ help:
 	@echo "make test                                          the test-suite"
 	@echo "make test-ray                                      semst embed --ray on a local Ray (minutes)"
 	@echo "make reproduce [GRID=...] [DATASETS=a,b]          the paper's tables and figures -> results/report/REPORT.md"
+	@echo "make peers [PEERS=\"spagcn banksy\"]                 other tools (GraphST, BANKSY, SpaGCN, stDCL, CellCharter), one venv each in .peers/"
 	@echo "make bench                                         bench-embed + bench-cluster"
 	@echo "make reliability                                   every known bad input and fault, as a table (minutes)"
 
@@ -66,6 +67,19 @@ data: setup
 # The paper's tables and figures on every dataset found here (hours on a CPU; finished cells are kept).
 reproduce: setup model
 	$(BIN)/semst experiment $(GRID) $(CACHE_OPT) $(if $(DATASETS),--datasets $(DATASETS),)
+
+# Other tools' methods for the field grid (experiments/field.toml), each in its own pinned virtualenv
+# (their pins conflict with each other's and with ours): .peers/NAME/, installed once per change of
+# experiments/peers/NAME/requirements.txt. A peer that cannot install is reported in .peers/NAME.failed
+# and skipped; the grid's cells for it are failed rows saying why.
+PEERS ?= graphst banksy spagcn stdcl cellcharter
+peers: known-peers $(foreach p,$(PEERS),.peers/$(p)/.installed)
+	@for p in $(PEERS); do if [ -f .peers/$$p/.installed ]; then echo "peer $$p: installed ($$(cat .peers/$$p/.seconds 2>/dev/null || echo '?') s)"; \
+	  else echo "peer $$p: NOT installed: $$(cat .peers/$$p.failed 2>/dev/null || echo 'unknown')"; fi; done
+known-peers:
+	@for p in $(PEERS); do test -f experiments/peers/$$p/requirements.txt || { echo "make peers: unknown peer $$p (no experiments/peers/$$p/requirements.txt); known: $$(cd experiments/peers && ls */requirements.txt | cut -d/ -f1 | tr '\n' ' ')" >&2; exit 2; }; done
+.peers/%/.installed: experiments/peers/%/requirements.txt
+	@bash experiments/peers/install.sh $* $(PYTHON) $(FIND_LINKS)
 
 test: setup model
 	$(BIN)/ruff check .

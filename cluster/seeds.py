@@ -1,7 +1,9 @@
 """The one per-seed loop every stage-2 method (:mod:`semst.cluster.methods`) plugs into.
 
 A method is a function ``fit(seed) -> result`` whose result has ``latent`` (spots x d, what k-means
-clusters) and ``history`` (per-epoch losses; empty for methods that do not train). Everything else
+clusters) and ``history`` (per-epoch losses; empty for methods that do not train); a method that
+clusters itself (another tool, :mod:`semst.experiments.peers.adapter`) also gives ``labels``, which
+are then the seed's domains as they are (no k-means, no refinement of ours). Everything else
 is shared and written once: loading and checking the slide, the annotation, the number of domains,
 preprocessing, the spatial graph, k-means per seed, metrics on labelled spots, mean +- sd.
 
@@ -178,15 +180,18 @@ def run_seeds(slide: Slide, fit: Callable[[int], Any], run_dir: Path | None = No
         log(f"{cfg.dataset}: no annotation (obs['ground_truth']), so no metrics")
     pending: dict[int, float] = {}
     extras: dict[int, dict] = {}
+    given: dict[int, np.ndarray] = {}  # domains a method chose itself (another tool's clustering)
     for seed in cfg.clustering.seeds:
         t0 = time.perf_counter()
         result = fit(seed)
         report.latents[seed] = result.latent
         extras[seed] = getattr(result, "report", None) or {}  # e.g. the FiLM gate (fsm_mode "gated")
         report.histories[seed] = getattr(result, "history", {}) or {}
+        if getattr(result, "labels", None) is not None:
+            given[seed] = np.asarray(result.labels)
         pending[seed] = time.perf_counter() - t0 + fixed_seconds
         if not auto:
-            _label_seed(slide, report, seed, pending.pop(seed), log, extras[seed])
+            _label_seed(slide, report, seed, pending.pop(seed), log, extras[seed], given.get(seed))
     if auto:
         clustering = cfg.clustering
         curve = stability_curve([report.latents[s] for s in clustering.seeds], auto.lo, auto.hi, clustering.auto_runs)
@@ -196,7 +201,7 @@ def run_seeds(slide: Slide, fit: Callable[[int], Any], run_dir: Path | None = No
             f"({curve.mean[curve.chosen]:.3f}; peaks at {', '.join(map(str, curve.peaks)) or 'none'}; "
             f"{curve.seconds:.1f} s)")
         for seed in cfg.clustering.seeds:
-            _label_seed(slide, report, seed, pending.pop(seed), log, extras[seed])
+            _label_seed(slide, report, seed, pending.pop(seed), log, extras[seed], given.get(seed))
     report.summary = summarise(report.per_seed)
     if report.summary:
         log("mean +- sd over seeds " + ",".join(map(str, cfg.clustering.seeds)) + ": " + ", ".join(
@@ -232,9 +237,12 @@ def _domains(slide: Slide, latent: np.ndarray, k: int, seed: int) -> np.ndarray:
     return labels
 
 
-def _label_seed(slide: Slide, report: ClusterReport, seed: int, seconds: float, log, extra: dict) -> None:
+def _label_seed(slide: Slide, report: ClusterReport, seed: int, seconds: float, log, extra: dict,
+                given: np.ndarray | None = None) -> None:
+    """One seed's domains (k-means of its latent, or the ``given`` domains of a method that clusters
+    itself), its row and its metrics."""
     t0 = time.perf_counter()
-    labels = _domains(slide, report.latents[seed], report.n_domains, seed)
+    labels = given if given is not None else _domains(slide, report.latents[seed], report.n_domains, seed)
     row: dict[str, Any] = {"seed": seed, "seconds": round(seconds + time.perf_counter() - t0, 2), **extra}
     if slide.annotated:
         row.update(_metrics(slide, labels))

@@ -141,9 +141,10 @@ def render_table(table: TableInfo, data: ReportData) -> str:
     """One markdown table: a row per (run dataset, variant), metrics as mean ± sd over seeds."""
     labels = _labels(data)
     cells = _cell_index(data.cells)
-    header = ["dataset", "spots", "domains", "method", "seeds"] + [title for _, title in METRIC_COLUMNS]
+    header = (["dataset", "spots", "domains", "method", "seeds"] + [title for _, title in METRIC_COLUMNS]
+              + ["s per run", "peak GiB"])
     lines = ["| " + " | ".join(header) + " |",
-             "|---|---:|---:|---|---:|" + "---:|" * len(METRIC_COLUMNS)]
+             "|---|---:|---:|---|---:|" + "---:|" * (len(METRIC_COLUMNS) + 2)]
     for ds in data.datasets:
         if ds.skipped is not None:
             continue
@@ -152,16 +153,25 @@ def render_table(table: TableInfo, data: ReportData) -> str:
             spots = ds.n_spots if ds.n_spots is not None else (cell.n_spots if cell else None)
             domains = ds.n_domains if ds.n_domains is not None else (cell.n_domains if cell else None)
             if cell is None:
-                seeds, values = "-", ["not run"] * len(METRIC_COLUMNS)
+                seeds, values = "-", ["not run"] * len(METRIC_COLUMNS) + ["-", "-"]
             elif cell.status != "ok":
-                seeds, values = "-", ["failed"] * len(METRIC_COLUMNS)
+                seeds, values = "-", ["failed"] * len(METRIC_COLUMNS) + ["-", "-"]
             else:
                 seeds = str(len(cell.per_seed))
-                values = [format_mean_sd(cell.summary.get(key)) for key, _ in METRIC_COLUMNS]
+                values = [format_mean_sd(cell.summary.get(key)) for key, _ in METRIC_COLUMNS] + list(_run_costs(cell))
             row = [ds.name, "-" if spots is None else str(spots), "-" if domains is None else str(domains),
                    _md_escape(labels.get(name, name)), seeds, *values]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _run_costs(cell: CellResult) -> tuple[str, str]:
+    """Mean seconds per seed, and the largest peak memory of a seed where it was measured (methods run
+    in their own process, such as the peers; "-" for methods run inside semst's process)."""
+    seconds = [r["seconds"] for r in cell.per_seed if "seconds" in r]
+    peaks = [r["peak_gib"] for r in cell.per_seed if r.get("peak_gib") is not None]
+    return (format_seconds(float(np.mean(seconds))) if seconds else "-",
+            f"{max(peaks):.2f}" if peaks else "-")
 
 
 def render_models(data: ReportData) -> str:
@@ -260,7 +270,9 @@ def render_report(data: ReportData) -> str:
             "Metrics are ARI, NMI, ACC (Hungarian-matched accuracy) and F1 (macro F1 after the same "
             "matching), x100, on annotated spots only, as mean ± sd over the seeds (sample sd). "
             "`spots` and `domains` are the dataset's number of spots and of annotated domains (the "
-            "number of clusters).", "",
+            "number of clusters). `s per run` is the mean wall time of one seed; `peak GiB` the largest "
+            "resident memory of one seed, measured for methods run in a process of their own (other "
+            "tools' methods, e.g. the field grid's peers) and `-` for those run inside semst's.", "",
             NO_SELECTION_STATEMENT, ""]
     out += ["## Embedding models", "", render_models(data), ""]
     out += ["## Datasets", "", render_datasets(data), ""]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from semst.cluster.methods import DEFAULT_METHOD, METHODS, Method, method_class
+from semst.experiments import peers as _peers  # noqa: F401 - registers the peer tools as methods
 from semst.shared.config import ClusterConfig, ConfigError, EmbedConfig, available_configs, fits_type, section_hints
 from semst.shared.errors import SemstError
 

@@ -59,15 +59,24 @@ def report_data(cells=None, figures=()):
 
 def test_a_table_has_one_row_per_run_dataset_and_method_with_mean_and_sd():
     assert render_table(report_data().tables[0], report_data()) == "\n".join([
-        "| dataset | spots | domains | method | seeds | ARI | NMI | ACC | F1 |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
-        "| mob | 262 | 5 | SemST | 2 | 45.00 ± 1.23 | 50.00 ± 0.50 | 60.00 ± 2.00 | 55.56 ± 0.00 |",
-        "| mob | 262 | 5 | w/o LLM | 2 | 40.50 ± 1.23 | 50.00 ± 0.50 | 60.00 ± 2.00 | 55.56 ± 0.00 |",
-        "| mob | 262 | 5 | k-means \\| PCA | 2 | 30.00 ± 1.23 | 50.00 ± 0.50 | 60.00 ± 2.00 | 55.56 ± 0.00 |",
-        "| osmfish | 4839 | 11 | SemST | 2 | 20.00 ± 1.23 | 50.00 ± 0.50 | 60.00 ± 2.00 | 55.56 ± 0.00 |",
-        "| osmfish | 4839 | 11 | w/o LLM | - | failed | failed | failed | failed |",
-        "| osmfish | 4839 | 11 | k-means \\| PCA | - | not run | not run | not run | not run |",
+        "| dataset | spots | domains | method | seeds | ARI | NMI | ACC | F1 | s per run | peak GiB |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mob | 262 | 5 | SemST | 2 | 45.00 ± 1.23 | 50.00 ± 0.50 | 60.00 ± 2.00 | 55.56 ± 0.00 | 5.0 | - |",
+        "| mob | 262 | 5 | w/o LLM | 2 | 40.50 ± 1.23 | 50.00 ± 0.50 | 60.00 ± 2.00 | 55.56 ± 0.00 | 5.0 | - |",
+        "| mob | 262 | 5 | k-means \\| PCA | 2 | 30.00 ± 1.23 | 50.00 ± 0.50 | 60.00 ± 2.00 | 55.56 ± 0.00 | 5.0 | - |",
+        "| osmfish | 4839 | 11 | SemST | 2 | 20.00 ± 1.23 | 50.00 ± 0.50 | 60.00 ± 2.00 | 55.56 ± 0.00 | 5.0 | - |",
+        "| osmfish | 4839 | 11 | w/o LLM | - | failed | failed | failed | failed | - | - |",
+        "| osmfish | 4839 | 11 | k-means \\| PCA | - | not run | not run | not run | not run | - | - |",
     ])
+
+
+def test_a_table_gives_seconds_per_run_and_the_largest_peak_memory_where_it_was_measured():
+    peer = ok_cell("mob", "pca", 30.0)
+    peer.per_seed = [{"seed": 0, "seconds": 30.0, "peak_gib": 1.25}, {"seed": 1, "seconds": 50.0, "peak_gib": 1.5}]
+    data = report_data(cells=[ok_cell("mob", "semst", 45.0), peer])
+    rows = render_table(data.tables[0], data).splitlines()
+    assert rows[2].endswith("| 55.56 ± 0.00 | 5.0 | - |")  # in semst's process: no peak of its own
+    assert rows[4].endswith("| 55.56 ± 0.00 | 40.0 | 1.50 |")
 
 
 def test_a_metric_without_annotation_is_na_not_zero():
