@@ -88,7 +88,7 @@ test: setup model
 # `semst embed --ray` on a local Ray of two 1-CPU vLLM replicas against the in-process run (minutes;
 # needs pip install 'semst[distributed]').
 test-ray: setup model
-	$(BIN)/python -m pytest -q -m ray tests/test_embed_ray.py
+	$(BIN)/python -m pytest -q -m ray tests/embed/test_embed_ray.py
 
 bench: bench-embed bench-cluster
 bench-embed: setup model

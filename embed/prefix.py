@@ -9,7 +9,7 @@ hidden states, and runs only each prompt's suffix on top:
 - MEAN = (prefix sum + suffix sum) / (prefix length + suffix length),
 - LAST = the hidden state of the suffix's last token,
 
-equal to the whole prompt's up to float rounding (tests/test_prefix.py).
+equal to the whole prompt's up to float rounding (tests/embed/test_prefix.py).
 
 The shared prefix is the longest common token prefix of *full* tokenizations of the template rendered
 with different gene lists, not the tokenized instruction: the instruction's trailing space merges into

@@ -26,3 +26,12 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not available ({SHARED_DATA} is absent)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A seeded, randomly initialised llama-architecture decoder with SmolLM2's tokenizer
+    (tests/tiny_model.py): stage 1 end to end offline in seconds; built once per session."""
+    from tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")

@@ -48,7 +48,7 @@ def slide():
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    pythonpath = os.pathsep.join([str(ROOT.parent), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    pythonpath = os.pathsep.join([str(ROOT.parent), str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": pythonpath, **env}, cwd=ROOT, timeout=600)
 

@@ -19,7 +19,7 @@ from semst.shared.cache import EmbeddingCache, EmbeddingSpace, embedding_tag
 from semst.shared.config import load_cluster_config
 from semst.shared.hashing import prompt_hash
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def quiet(*a, **k):

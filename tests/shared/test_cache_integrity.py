@@ -25,7 +25,7 @@ import semst.shared.cache as cache_module
 from semst.experiments.cli import main
 from semst.shared.cache import FORMAT, CacheError, EmbeddingCache, EmbeddingSpace
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIM = 16
 SPACE = EmbeddingSpace(model="tiny", weights="e" * 64, pooling="mean", dtype="float32", dim=DIM)
 N = 2500  # three chunks of 1024 rows: damage in the middle one leaves rows on both sides

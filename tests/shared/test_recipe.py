@@ -32,7 +32,7 @@ from semst.shared.config import (
 from semst.shared.hashing import json_hash
 from semst.shared.preprocess import check_gene_supply, preprocess, top_k_genes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # -- recipe: config fields, precedence, refusals -------------------------------------------------------

@@ -26,7 +26,7 @@ from semst.experiments.peers.adapter import (
 )
 from semst.shared.config import ConfigError, load_cluster_config
 
-PEERS = Path(__file__).resolve().parents[1] / "experiments" / "peers"
+PEERS = Path(__file__).resolve().parents[2] / "experiments" / "peers"
 
 # A stand-in peer: the two halves of the slide by their x coordinate, through peer_io as a real one.
 GOOD = f"""
@@ -240,7 +240,7 @@ def test_a_grid_runs_peers_as_cells_and_a_failing_peer_is_a_row_saying_why(peer_
 def test_the_field_grid_runs_semst_and_every_peer_on_the_five_local_count_slides_with_three_seeds():
     from semst.experiments.grid import load_grid
 
-    grid = load_grid(Path(__file__).resolve().parents[1] / "experiments" / "field.toml")
+    grid = load_grid(Path(__file__).resolve().parents[2] / "experiments" / "field.toml")
     assert grid.datasets == ["dlpfc-151673", "dlpfc-151510", "mob", "starmap-mpfc", "osmfish"]
     assert len(grid.seeds) == 3
     assert [v.backbone for v in grid.variants] == ["semst", "graphst", "banksy", "spagcn", "stdcl", "cellcharter"]

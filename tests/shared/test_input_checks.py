@@ -19,7 +19,7 @@ from toy_slides import two_domain_slide
 
 from semst.experiments.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -89,9 +89,9 @@ def test_the_same_seed_gives_the_same_embedding_in_another_process(slide):
     import sys
     from pathlib import Path
 
-    code = _TRAIN_IN_A_FRESH_PROCESS.format(tests=str(Path(__file__).parent))
+    code = _TRAIN_IN_A_FRESH_PROCESS.format(tests=str(Path(__file__).resolve().parents[1]))
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parents[1]).stdout.strip() for _ in range(2)}
+                              cwd=Path(__file__).resolve().parents[2]).stdout.strip() for _ in range(2)}
     assert len(digests) == 1, digests
 
 

@@ -26,7 +26,7 @@ N_SPOTS = 120
 QUICK = {"stagate": {"hidden": 16, "latent": 4, "epochs": 5}}
 # Other tools (semst.experiments.peers), registered when the grid is imported: a stand-in script under
 # this interpreter keeps their contract without building their environments.
-STANDIN_PEER = {"python": sys.executable, "script": str(Path(__file__).with_name("peer_standin.py")),
+STANDIN_PEER = {"python": sys.executable, "script": str(Path(__file__).resolve().parents[1] / "peer_standin.py"),
                 "platform": "visium"}
 PEERS = ("graphst", "banksy", "spagcn", "stdcl", "cellcharter")
 QUICK.update({name: STANDIN_PEER for name in PEERS})

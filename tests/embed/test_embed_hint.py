@@ -17,7 +17,7 @@ import semst.cluster.run as cluster_run
 from semst.experiments.cli import main
 from semst.shared.cache import embedding_tag
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

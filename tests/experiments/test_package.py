@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from toy_slides import SYMBOLS, two_domain_slide
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Each floor may import only the floors below it: shared <- embed, cluster <- experiments.
 ALLOWED = {"shared": {"shared"}, "embed": {"shared", "embed"}, "cluster": {"shared", "cluster"},
            "experiments": {"shared", "embed", "cluster", "experiments"}}

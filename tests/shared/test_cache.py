@@ -24,7 +24,7 @@ from semst.shared.cache import (
     UncoveredSpotsError,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPACE = EmbeddingSpace(model="tiny", weights="f" * 64, pooling="mean", dtype="float32", dim=4)
 OTHER = EmbeddingSpace(model="tiny", weights="f" * 64, pooling="last", dtype="float32", dim=4)
 

@@ -22,7 +22,7 @@ from semst.shared import interrupt
 from semst.shared.cache import EmbeddingCache, EmbeddingSpace
 from semst.shared.config import ConfigError, load_cluster_config, load_embed_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from tiny_model import build_tiny_model
 
 from semst.embed.run import embed_dataset
 from semst.shared.cache import EmbeddingCache, embedding_tag
 from semst.shared.config import load_embed_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SYMBOLS = ["SNAP25", "GFAP", "MBP", "PLP1", "NRGN", "CALM2", "MOBP", "PCP4", "NEFL", "SCGB2A2",
            "AQP4", "CCK", "VSNL1", "ENC1", "CAMK2N1", "HPCAL1", "KRT17", "MT3", "SST", "NPY"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
 
 
 def write_slide(path: Path, n: int, seed: int = 0, repeat: int = 1) -> None:

@@ -196,7 +196,7 @@ def test_vllm_loads_after_numba_is_imported(tiny_model_dir):
     import subprocess
     import sys
 
-    code = (f"import numba, sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+    code = (f"import numba, sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
             "from semst.embed.backends import load_backend\n"
             f"b = load_backend('vllm', {str(tiny_model_dir)!r}, batch_size=2)\n"
             "print(b.embed(['hello there']).shape)")

@@ -13,7 +13,7 @@ from tiny_model import build_tiny_model
 
 from semst.experiments.grid import ExperimentError, cell_config, load_grid, parse_grid, run_experiment
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 BASE = {
     "grid": {"datasets": ["mob"], "seeds": [0, 1]},

@@ -17,7 +17,7 @@ from semst.shared.config import load_embed_config
 
 pytest.importorskip("ray.data.llm", reason="Ray is not installed: pip install 'semst[distributed]'")
 pytest.importorskip("vllm", reason="vLLM is not installed")
-MODEL = Path(__file__).resolve().parents[1] / "data" / "models" / "SmolLM2-135M-Instruct"
+MODEL = Path(__file__).resolve().parents[2] / "data" / "models" / "SmolLM2-135M-Instruct"
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
               pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="default model not converted (make model)")]

@@ -17,21 +17,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from test_embed_run import write_slide
-from tiny_model import build_tiny_model
 from toy_slides import two_domain_slide
 
 from semst.experiments.cli import main
 from semst.shared import interrupt
 from semst.shared.cache import EmbeddingCache
 
-REPO = Path(__file__).resolve().parents[1]
-SLOW_CLI = Path(__file__).with_name("slow_cli.py")
+REPO = Path(__file__).resolve().parents[2]
+SLOW_CLI = Path(__file__).resolve().parents[1] / "slow_cli.py"
 EXIT = {"SIGINT": 130, "SIGTERM": 143}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
 
 
 @pytest.fixture

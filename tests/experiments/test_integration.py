@@ -11,7 +11,7 @@ import pytest
 from semst.shared.cache import EmbeddingCache
 from semst.shared.paths import default_model_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.integration
