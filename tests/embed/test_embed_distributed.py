@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_embed_run import write_slide
-from tiny_model import build_tiny_model
 
 from semst.embed import ray_engine
 from semst.embed.run import EmbedError, embed_dataset
@@ -23,11 +22,6 @@ from semst.shared.cache import EmbeddingCache, EmbeddingSpace
 from semst.shared.config import ConfigError, load_cluster_config, load_embed_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
 
 
 @pytest.fixture
@@ -102,6 +96,29 @@ def test_shard_runs_into_their_own_stores_write_disjoint_slices_covering_the_uns
     for part in got:
         for h, v in part.items():
             np.testing.assert_array_equal(v, expected[h])
+
+
+def test_two_shard_runs_merged_and_finished_equal_one_unsharded_run(env):
+    """The route for hosts that share no lock: each shard fills its own store, `cache merge` joins them,
+    and `semst embed` on the merged cache computes nothing and writes the spot table."""
+    from semst.shared.cache import merge_caches
+
+    whole = embed_dataset(cfg(env), progress=False, log=quiet)
+    stores = [env["tmp"] / f"host{i}.zarr" for i in range(2)]
+    for i, store in enumerate(stores):
+        embed_dataset(cfg(env, cache=store), shard=Shard(i, 2), progress=False, log=quiet)
+    merged = env["tmp"] / "merged.zarr"
+    assert merge_caches(stores, merged)["problems"] == []
+    finish = embed_dataset(cfg(env, cache=merged), progress=False, log=quiet)
+    assert finish.n_computed == 0 and finish.tag == whole.tag
+    expected, got = rows(env["cache"]), rows(merged)
+    assert sorted(got) == sorted(expected)
+    for h, v in expected.items():
+        np.testing.assert_array_equal(got[h], v)
+    one, _ = EmbeddingCache(env["cache"], create=False).read_spot_table("toy", whole.tag)
+    two, _ = EmbeddingCache(merged, create=False).read_spot_table("toy", whole.tag)
+    assert one["prompt_hash"].tolist() == two["prompt_hash"].tolist()
+    assert EmbeddingCache(merged, create=False).verify() == []
 
 
 def test_a_shard_slices_only_what_its_store_is_missing(env):
