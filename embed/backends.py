@@ -108,6 +108,7 @@ class _TokenizingBackend:
     name = ""
     poolings = POOLINGS
     dtypes = DTYPES
+    reuses_prefix = True  # takes prefix_reuse= (embed/prefix.py); a backend without it is built without
 
     @classmethod
     def locate(cls, model: str) -> Path:
@@ -429,5 +430,5 @@ def load_backend(name: str, model: str, pooling: str = "mean", dtype: str = "flo
     if not isinstance(prefix_reuse, bool):
         raise BackendError(f"prefix_reuse must be True or False, got {prefix_reuse!r}")
     model_dir = cls.locate(model)
-    return cls(model_dir, pooling=pooling, dtype=dtype, batch_size=batch_size, max_tokens=max_tokens,
-               prefix_reuse=prefix_reuse)
+    reuse = {"prefix_reuse": prefix_reuse} if getattr(cls, "reuses_prefix", False) else {}
+    return cls(model_dir, pooling=pooling, dtype=dtype, batch_size=batch_size, max_tokens=max_tokens, **reuse)

@@ -164,7 +164,7 @@ class SentenceBackend:
         return {"encoder": cfg.model, "text": "plain"}
 
     def __init__(self, model_dir: Path, pooling: str = POOLING, dtype: str = "float32", batch_size: int = 64,
-                 max_tokens: int | None = None, prefix_reuse: bool = False):
+                 max_tokens: int | None = None):
         self.model_dir = Path(model_dir)
         self.prefix_reuse = False  # a sentence encoder attends both ways: no prefix is shared exactly
         self.batch_size = batch_size

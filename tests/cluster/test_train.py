@@ -75,7 +75,7 @@ def test_w_o_llm_needs_no_embedding_and_a_semantic_fusion_needs_one(slide):
 _TRAIN_IN_A_FRESH_PROCESS = """
 import hashlib, sys
 import numpy as np, scipy.sparse as sp
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{here!r}, {tests!r}]
 from test_train import slide, cfg, run
 s = slide.__wrapped__()
 print(hashlib.sha256(run(s, cfg(epochs=2, hidden1=256, hidden2=128), 5).latent.tobytes()).hexdigest())
@@ -89,7 +89,8 @@ def test_the_same_seed_gives_the_same_embedding_in_another_process(slide):
     import sys
     from pathlib import Path
 
-    code = _TRAIN_IN_A_FRESH_PROCESS.format(tests=str(Path(__file__).resolve().parents[1]))
+    code = _TRAIN_IN_A_FRESH_PROCESS.format(here=str(Path(__file__).resolve().parent),
+                                            tests=str(Path(__file__).resolve().parents[1]))
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).resolve().parents[2]).stdout.strip() for _ in range(2)}
     assert len(digests) == 1, digests
