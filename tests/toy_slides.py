@@ -1,6 +1,8 @@
 """Small synthetic slides for tests: a grid whose left and right halves differ in expression."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -22,3 +24,15 @@ def two_domain_slide(width: int = 10, height: int = 8, genes=SYMBOLS, seed: int 
     a.obsm["spatial"] = coords
     a.obs["ground_truth"] = np.where(left, "left", "right")
     return a
+
+
+def write_slide(path: Path, n: int, seed: int = 0, repeat: int = 1) -> None:
+    """n spots of raw counts over SYMBOLS; ``repeat`` > 1 repeats rows so prompts coincide."""
+    rng = np.random.default_rng(seed)
+    base = rng.poisson(rng.uniform(0.2, 6, size=len(SYMBOLS)), size=(n // repeat, len(SYMBOLS)))
+    X = np.repeat(base, repeat, axis=0)[:n].astype(np.float32)
+    a = ad.AnnData(X=X, obs=pd.DataFrame(index=[f"spot{i}" for i in range(n)]),
+                   var=pd.DataFrame(index=SYMBOLS))
+    a.obsm["spatial"] = rng.uniform(0, 100, size=(n, 2))
+    a.obs["ground_truth"] = rng.choice(["L1", "L2"], size=n)
+    a.write_h5ad(path)

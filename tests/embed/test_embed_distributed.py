@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_embed_run import write_slide
+from toy_slides import write_slide
 
 from semst.embed import ray_engine
 from semst.embed.run import EmbedError, embed_dataset

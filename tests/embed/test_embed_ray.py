@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_embed_distributed import quiet, rows
-from test_embed_run import write_slide
+from toy_slides import write_slide
 
 from semst.embed.run import embed_dataset
 from semst.shared.config import load_embed_config

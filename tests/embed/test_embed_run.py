@@ -12,28 +12,14 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
+from toy_slides import SYMBOLS, write_slide
 
 from semst.embed.run import embed_dataset
 from semst.shared.cache import EmbeddingCache, embedding_tag
 from semst.shared.config import load_embed_config
 
 REPO = Path(__file__).resolve().parents[2]
-SYMBOLS = ["SNAP25", "GFAP", "MBP", "PLP1", "NRGN", "CALM2", "MOBP", "PCP4", "NEFL", "SCGB2A2",
-           "AQP4", "CCK", "VSNL1", "ENC1", "CAMK2N1", "HPCAL1", "KRT17", "MT3", "SST", "NPY"]
-
-
-def write_slide(path: Path, n: int, seed: int = 0, repeat: int = 1) -> None:
-    """n spots of raw counts over SYMBOLS; ``repeat`` > 1 repeats rows so prompts coincide."""
-    rng = np.random.default_rng(seed)
-    base = rng.poisson(rng.uniform(0.2, 6, size=len(SYMBOLS)), size=(n // repeat, len(SYMBOLS)))
-    X = np.repeat(base, repeat, axis=0)[:n].astype(np.float32)
-    a = ad.AnnData(X=X, obs=pd.DataFrame(index=[f"spot{i}" for i in range(n)]),
-                   var=pd.DataFrame(index=SYMBOLS))
-    a.obsm["spatial"] = rng.uniform(0, 100, size=(n, 2))
-    a.obs["ground_truth"] = rng.choice(["L1", "L2"], size=n)
-    a.write_h5ad(path)
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_embed_run import write_slide
-from toy_slides import two_domain_slide
+from toy_slides import two_domain_slide, write_slide
 
 from semst.experiments.cli import main
 from semst.shared import interrupt
@@ -164,7 +163,8 @@ def test_a_signal_during_a_commit_waits_for_the_commit(env, monkeypatch):
 @pytest.mark.slow
 def test_sigint_during_a_vllm_embed_stops_after_the_batch(env):
     """The default backend, vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
-    proc = start(embed_args(env, "vllm"), {**env["vars"], "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    proc = start(embed_args(env, "vllm"), {**env["vars"], "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                            "SEMST_COMMIT_ROWS": "8"})  # commits before the run ends
     wait_for_parts(env["cache"], 1, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
