@@ -31,6 +31,7 @@ outside a clamp's range; softplus is the identity above 20); tests compare both 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -177,6 +178,9 @@ def _non_zero_entries(a, b, c, s, x, lgamma_x1, ridge: float, small: bool):
 _kernels: dict = {}
 
 
+_warm: set[tuple[str, int]] = set()  # kernels called (so compiled) once in this process
+
+
 def _compiled(fn, threads: int):
     """``fn`` compiled for ``threads`` threads, or ``fn`` itself where compiling is off or failed."""
     key = (fn.__name__, threads)
@@ -196,11 +200,20 @@ def _compiled(fn, threads: int):
 
 
 def _call(fn, threads: int, *args):
+    from semst.shared import interrupt
+
     kernel = _compiled(fn, threads)
     if kernel is fn:
         return fn(*args)
+    key = (fn.__name__, threads)
+    # The first call compiles (seconds: inductor and a C++ compiler): a signal raised inside it aborted
+    # the process (exit -6) instead of stopping it, so one received then takes effect when it returns.
+    guard = contextlib.nullcontext() if key in _warm else interrupt.critical()
     try:
-        return kernel(*args)
+        with guard:
+            result = kernel(*args)
+        _warm.add(key)
+        return result
     except Exception as exc:  # no C++ compiler, unsupported platform, ...: the same function uncompiled
         warnings.warn(f"torch.compile could not build the ZINB kernel ({type(exc).__name__}: "
                       f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); running it uncompiled "
