@@ -34,23 +34,18 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
-
-
-@pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", arch="qwen3")
 
 
 @pytest.fixture(scope="module")
-def backends(tiny_model_dir):
+def backends(tiny_model):
     """(backend name, pooling) -> backend on the tiny llama, loaded on first use."""
     loaded = {}
 
     def get(name: str, pooling: str):
         if (name, pooling) not in loaded:
-            loaded[name, pooling] = load_backend(name, str(tiny_model_dir), pooling=pooling, batch_size=3)
+            loaded[name, pooling] = load_backend(name, str(tiny_model), pooling=pooling, batch_size=3)
         return loaded[name, pooling]
 
     yield get
@@ -119,27 +114,27 @@ def test_no_prompts_give_an_empty_matrix(backends):
     assert backends("transformers", "mean").embed([]).shape == (0, HIDDEN)
 
 
-def test_a_prompt_longer_than_max_tokens_is_an_error(tiny_model_dir, prompts):
-    backend = load_backend("transformers", str(tiny_model_dir), max_tokens=16)
+def test_a_prompt_longer_than_max_tokens_is_an_error(tiny_model, prompts):
+    backend = load_backend("transformers", str(tiny_model), max_tokens=16)
     with pytest.raises(BackendError, match="max_tokens=16"):
         backend.embed(prompts[:1])
 
 
-def test_unknown_backend_is_an_error_suggesting_transformers(tiny_model_dir):
+def test_unknown_backend_is_an_error_suggesting_transformers(tiny_model):
     with pytest.raises(BackendError, match="--backend transformers"):
-        load_backend("llama.cpp", str(tiny_model_dir))
+        load_backend("llama.cpp", str(tiny_model))
 
 
 @pytest.mark.parametrize("option", [{"pooling": "cls"}, {"dtype": "int8"}, {"batch_size": 0}])
-def test_bad_options_are_errors(tiny_model_dir, option):
+def test_bad_options_are_errors(tiny_model, option):
     with pytest.raises(BackendError):
-        load_backend("transformers", str(tiny_model_dir), **option)
+        load_backend("transformers", str(tiny_model), **option)
 
 
-def test_vllm_not_importable_is_an_error_suggesting_transformers(tiny_model_dir, monkeypatch):
+def test_vllm_not_importable_is_an_error_suggesting_transformers(tiny_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail
     with pytest.raises(BackendError, match="--backend transformers"):
-        load_backend("vllm", str(tiny_model_dir))
+        load_backend("vllm", str(tiny_model))
 
 
 def seed_all(seed: int) -> None:
@@ -191,14 +186,14 @@ def test_loading_vllm_leaves_torchs_thread_control_working(backends):
         torch.set_num_threads(before)
 
 
-def test_vllm_loads_after_numba_is_imported(tiny_model_dir):
+def test_vllm_loads_after_numba_is_imported(tiny_model):
     """scanpy imports numba for preprocessing before stage 1 loads vLLM; that order must work."""
     import subprocess
     import sys
 
     code = (f"import numba, sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
             "from semst.embed.backends import load_backend\n"
-            f"b = load_backend('vllm', {str(tiny_model_dir)!r}, batch_size=2)\n"
+            f"b = load_backend('vllm', {str(tiny_model)!r}, batch_size=2)\n"
             "print(b.embed(['hello there']).shape)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -2,12 +2,9 @@
 the expression-weighted mean of its genes' vectors in stage 2."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from tiny_model import build_tiny_model
 from toy_slides import SYMBOLS, two_domain_slide
 
 from semst.cluster.gene_space import spot_vectors
@@ -23,11 +20,6 @@ from semst.shared.preprocess import top_k_genes
 
 def quiet(*a, **k):
     pass
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import gc
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tiny_model import build_tiny_model
 
 from semst.embed.backends import load_backend
 from semst.embed.prefix import common_prefix, group_by_prefix, template_prefixes
@@ -41,18 +40,13 @@ def assert_same_vectors(reused: np.ndarray, whole: np.ndarray) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
+def tiny(tiny_model):
     """(pooling, prefix_reuse) -> transformers backend on the tiny model (batch 4: mixed lengths)."""
     loaded = {}
 
     def get(pooling: str, reuse: bool):
         if (pooling, reuse) not in loaded:
-            loaded[pooling, reuse] = load_backend("transformers", str(tiny_dir), pooling=pooling, batch_size=4,
+            loaded[pooling, reuse] = load_backend("transformers", str(tiny_model), pooling=pooling, batch_size=4,
                                                   prefix_reuse=reuse)
         return loaded[pooling, reuse]
 
@@ -147,8 +141,8 @@ def test_reuse_off_means_no_prefix_is_computed(tiny, mixed_prompts):
 
 
 @pytest.fixture(scope="module")
-def vllm_last_reused(tiny_dir):
-    backend = load_backend("vllm", str(tiny_dir), pooling="last", batch_size=4, prefix_reuse=True)
+def vllm_last_reused(tiny_model):
+    backend = load_backend("vllm", str(tiny_model), pooling="last", batch_size=4, prefix_reuse=True)
     yield backend
     del backend
     gc.collect()
@@ -214,12 +208,12 @@ def test_a_prefix_reuse_that_is_not_a_boolean_is_a_config_error():
         validate_embed_config(EmbedConfig(dataset="toy", prefix_reuse="no"))
 
 
-def test_prefix_reuse_does_not_change_the_cache_space(tiny_dir):
+def test_prefix_reuse_does_not_change_the_cache_space(tiny_model):
     from semst.embed.run import embedding_space
     from semst.shared.config import EmbedConfig
 
-    on, off = EmbedConfig(model=str(tiny_dir)), EmbedConfig(model=str(tiny_dir), prefix_reuse=False)
-    assert embedding_space(tiny_dir, on).space_id == embedding_space(tiny_dir, off).space_id
+    on, off = EmbedConfig(model=str(tiny_model)), EmbedConfig(model=str(tiny_model), prefix_reuse=False)
+    assert embedding_space(tiny_model, on).space_id == embedding_space(tiny_model, off).space_id
 
 
 @pytest.mark.parametrize("flag,expected", [([], True), (["--no-prefix-reuse"], False), (["--prefix-reuse"], True)])
