@@ -308,6 +308,7 @@ def test_embed_with_ray_sends_only_missing_token_ids_and_commits_the_in_process_
             piece = missing[start:start + 6]
             yield piece, backend._embed_ids(ids[start:start + 6])
 
+    monkeypatch.setattr(ray_engine, "check_ray_ready", lambda address: None)  # Ray need not be installed
     monkeypatch.setattr(ray_engine, "replica_results", replicas)
     monkeypatch.setattr(ray_engine, "ray_session",
                         lambda *a, **k: contextlib.nullcontext(ray_engine.Cluster(2, gpu=False, local=True)))
@@ -345,8 +346,11 @@ def test_bad_ray_settings_are_config_errors(env, field, value, message):
         cfg(env, **{field: value})
 
 
-def test_a_ray_address_where_no_cluster_answers_is_refused_before_the_cache_is_created(env):
+def test_a_ray_address_where_no_cluster_answers_is_refused_before_the_cache_is_created(env, monkeypatch):
     import socket
+    import types
+
+    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))  # importable whether or not Ray is installed
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
