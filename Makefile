@@ -83,7 +83,7 @@ known-peers:
 
 test: setup model
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # `semst embed --ray` on a local Ray of two 1-CPU vLLM replicas against the in-process run (minutes;
 # needs pip install 'semst[distributed]').
@@ -91,8 +91,12 @@ test-ray: setup model
 	$(BIN)/python -m pytest -q -m ray tests/embed/test_embed_ray.py
 
 bench: bench-embed bench-cluster
+# Stage 1: prompts/s per backend with and without prefix reuse (and Ray, when installed), the cache's
+# commit and lookup time as it grows to 1M rows, the gene-level space (dlpfc-151673 and 1M cells).
 bench-embed: setup model
 	$(BIN)/python tests/benchmarks/bench_embed.py
+	$(BIN)/python tests/benchmarks/bench_cache.py --scaling 10000 100000 1000000
+	$(BIN)/python tests/benchmarks/bench_gene.py
 bench-cluster: setup
 	$(BIN)/python tests/benchmarks/bench_cluster.py
 

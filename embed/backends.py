@@ -4,13 +4,15 @@ LLM backends below, ``"sentence"`` is a sentence-transformers encoder (embed.sen
 
 LLM backends: rendered prompts -> pooled final-layer hidden states, one float32 vector each.
 
-Two interchangeable backends compute the same embedding space (tested to agree per prompt):
+Two interchangeable backends compute the same embedding space (tested to agree per prompt); the
+default ``"auto"`` takes vLLM where a GPU is and transformers on a CPU (:func:`resolve_backend`):
 
 - ``"vllm"``: vLLM in-process, the model run as a pooling model (``runner="pooling"``,
-  ``convert="embed"``) with MEAN or LAST pooling and no normalisation. The fast path.
+  ``convert="embed"``) with MEAN or LAST pooling and no normalisation. The fast path on a GPU, and
+  the engine of ``--ray``'s replicas.
 - ``"transformers"``: ``AutoModel`` (the decoder without its LM head) in padded batches with masked
-  mean / last-token pooling over ``last_hidden_state``. The reference, and the fallback where vLLM
-  does not install.
+  mean / last-token pooling over ``last_hidden_state``. The reference, the fallback where vLLM does
+  not install, and on a CPU the faster one with prefix reuse for MEAN pooling.
 
 "Final-layer hidden states" are the decoder's output after its final norm: transformers'
 ``last_hidden_state`` and what vLLM's pooler receives. Vectors are returned raw (not normalised).
@@ -404,10 +406,26 @@ from semst.embed.sentence_encoder import SentenceBackend  # noqa: E402 - it impo
 BACKENDS: dict[str, type] = {cls.name: cls for cls in (VLLMBackend, TransformersBackend, SentenceBackend)}
 
 
+AUTO = "auto"  # the default: vLLM where a GPU is, transformers with prefix reuse on a CPU (resolve_backend)
+
+
+def resolve_backend(name: str) -> str:
+    """The backend ``name`` stands for: itself, or for "auto" vLLM on a machine with a CUDA GPU and
+    transformers on a CPU-only one, where its exact prefix reuse for MEAN pooling (which vLLM refuses)
+    makes it the faster of the two (docs/benchmarks.md, "Stage 1 at scale"). Both compute the same
+    embedding space, so the choice changes no cache key."""
+    if name != AUTO:
+        return name
+    import torch
+
+    return VLLMBackend.name if torch.cuda.is_available() else TransformersBackend.name
+
+
 def backend_class(name: str) -> type:
-    """The class of backend ``name``; a BackendError naming the choices if there is none."""
+    """The class of backend ``name`` ("auto" resolved); a BackendError naming the choices if there is none."""
+    name = resolve_backend(name)
     if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} "
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join([AUTO, *BACKENDS])} "
                            "(--backend transformers works wherever PyTorch does)")
     return BACKENDS[name]
 
@@ -415,7 +433,7 @@ def backend_class(name: str) -> type:
 def load_backend(name: str, model: str, pooling: str = "mean", dtype: str = "float32", batch_size: int = 64,
                  max_tokens: int = MAX_TOKENS, prefix_reuse: bool = True) -> Backend:
     """Load ``model`` ("default", a checkpoint directory or a cached HF id; a sentence encoder's name
-    or directory) into backend ``name``.
+    or directory) into backend ``name`` ("auto": see :func:`resolve_backend`).
 
     ``prefix_reuse``: compute the prompts' shared leading tokens once (exact; embed/prefix.py) where
     the backend can: transformers for MEAN and LAST, vLLM for LAST. ``backend.prefix_reuse`` says

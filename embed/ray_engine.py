@@ -205,6 +205,7 @@ def ray_session(address: str, workers: int | None, log=print) -> Iterator[Cluste
     # Our progress bar and messages only: Ray's and Ray Data's go to Ray's log folder.
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if owned:
+        handlers = _signal_handlers()
         try:
             if local:
                 for name, value in LOCAL_ENGINE_ENV.items():
@@ -219,6 +220,10 @@ def ray_session(address: str, workers: int | None, log=print) -> Iterator[Cluste
             raise EmbedError(f"cannot start or join Ray at {address!r} ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); for a cluster run `ray start "
                              "--head` on its head node and pass --ray HEAD:6379") from None
+        finally:
+            # ray.init installs its own SIGTERM handler (sys.exit wherever it lands, even inside a cache
+            # commit); the command's own (semst.shared.interrupt: stop after the batch) are put back.
+            _restore_signal_handlers(handlers)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = context.print_on_execution_start = False
     try:
@@ -228,6 +233,23 @@ def ray_session(address: str, workers: int | None, log=print) -> Iterator[Cluste
     finally:
         if owned:
             ray.shutdown()
+
+
+def _signal_handlers() -> dict:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    import signal
+
+    for signum, handler in handlers.items():
+        if handler is not None and signal.getsignal(signum) is not handler:
+            signal.signal(signum, handler)
 
 
 def _cores() -> int:

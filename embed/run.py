@@ -238,7 +238,8 @@ def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, lo
                            batch_size=cfg.batch_size, prefix_reuse=cfg.prefix_reuse)
     reuse = getattr(backend, "prefix_reuse", False)
     why_not = " (not available for this backend and pooling)" if cfg.prefix_reuse and not reuse else ""
-    log(f"{backend.name} backend, {cfg.pooling} pooling, prefix reuse {'on' if reuse else 'off'}{why_not}")
+    chosen = f" (auto: {'a GPU' if backend.name == 'vllm' else 'no GPU'})" if cfg.backend == "auto" else ""
+    log(f"{backend.name} backend{chosen}, {cfg.pooling} pooling, prefix reuse {'on' if reuse else 'off'}{why_not}")
     # The label is ours (derived from the model string); everything else must agree exactly.
     got = backend.space()
     if (got.weights, got.pooling, got.dtype, got.dim) != (space.weights, space.pooling, space.dtype, space.dim):

@@ -69,6 +69,7 @@ class PreprocessConfig:
 # were fixed is in it only when it differs from its default, so older runs keep their names.
 NOT_IN_IDENTITY = {"identity": "never"}
 IN_IDENTITY_IF_SET = {"identity": "if-set"}
+LEGACY_BACKEND_IDENTITY = "vllm"  # see _embed_identity
 
 
 @dataclass
@@ -92,7 +93,9 @@ class EmbedConfig:
     template: str = "semst"  # prompt template name, see embed.prompts.TEMPLATES
     model: str = "default"  # "default" = the converted SmolLM2 in data/models, or any id / path
     pooling: str = "mean"  # "mean" (the paper's code) or "last", over the final layer
-    backend: str = "vllm"  # "vllm" or "transformers"
+    # "auto" (vLLM on a GPU, transformers on a CPU), "vllm", "transformers" or "sentence"; how, not
+    # which: every backend of a model computes the same space, so it is not part of a run's identity
+    backend: str = field(default="auto", metadata=NOT_IN_IDENTITY)
     dtype: str = "float32"
     batch_size: int = 64  # prompts per backend call (and per cache commit)
     # Compute the leading tokens all prompts share once (exact: same vectors up to float rounding, same
@@ -825,6 +828,11 @@ def _embed_identity(embed: EmbedConfig, values: dict[str, Any]) -> dict[str, Any
         kind = f.metadata.get("identity")
         if kind == "never" or (kind == "if-set" and getattr(embed, f.name) == f.default):
             kept.pop(f.name, None)
+    if "backend" in values:
+        # Which backend computes a vector changes no run (the cache holds one row per prompt and space,
+        # whichever backend wrote it), but run names were fixed while the default was "vllm": that
+        # value stays in the hash, so older runs keep their names whatever backend runs now.
+        kept["backend"] = LEGACY_BACKEND_IDENTITY
     if embed.semantic == "spot":  # the gene-level settings do nothing for per-spot prompts
         for name in ("semantic", "gene_weights", "gene_names"):
             kept.pop(name, None)

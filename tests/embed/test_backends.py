@@ -268,5 +268,24 @@ def test_a_backend_registered_by_name_runs_through_stage_1_and_stage_2_reads_it(
 
 
 def test_load_backend_names_every_registered_backend():
-    with pytest.raises(BackendError, match="choose one of vllm, transformers, sentence"):
+    with pytest.raises(BackendError, match="choose one of auto, vllm, transformers, sentence"):
         load_backend("llama.cpp", "default")
+
+
+@pytest.mark.parametrize("gpu,chosen", [(True, "vllm"), (False, "transformers")])
+def test_auto_is_vllm_with_a_gpu_and_transformers_without(monkeypatch, gpu, chosen):
+    import torch
+
+    from semst.embed.backends import resolve_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert resolve_backend("auto") == chosen
+    assert resolve_backend("vllm") == "vllm" and resolve_backend("transformers") == "transformers"  # as named
+
+
+def test_auto_on_this_cpu_loads_transformers_with_prefix_reuse(tiny_model, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    backend = load_backend("auto", str(tiny_model))
+    assert backend.name == "transformers" and backend.prefix_reuse

@@ -366,3 +366,25 @@ def test_a_ray_address_where_no_cluster_answers_is_refused_before_the_cache_is_c
 ])
 def test_which_ray_addresses_are_checked_for_an_answer_first(address, target):
     assert ray_engine._host_port(address) == target
+
+
+def test_ray_starting_leaves_the_commands_own_signal_handlers_in_place(monkeypatch):
+    """ray.init installs a SIGTERM handler that exits wherever it lands (even inside a cache commit);
+    the run's own handlers (stop after the batch being committed, exit 143) must be the ones in effect."""
+    import types
+
+    def ray_init(**kwargs):  # what Ray's init does to SIGTERM
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+    context = types.SimpleNamespace(enable_progress_bars=True, print_on_execution_start=True)
+    fake = types.ModuleType("ray")
+    fake.is_initialized, fake.init, fake.shutdown = (lambda: False), ray_init, (lambda: None)
+    fake.cluster_resources = lambda: {"CPU": 3}
+    fake.data = types.SimpleNamespace(DataContext=types.SimpleNamespace(get_current=lambda: context))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.data", fake.data)
+    with interrupt.stop_on_signals():
+        ours = signal.getsignal(signal.SIGTERM)
+        with ray_engine.ray_session("local", 2, log=quiet) as cluster:
+            assert signal.getsignal(signal.SIGTERM) is ours
+        assert cluster.replicas == 2

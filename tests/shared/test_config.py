@@ -279,16 +279,18 @@ def test_config_identity_and_run_name_are_those_of_before_the_sections(dataset, 
     assert default_run_name(cfg) == run_name
 
 
-def test_how_vectors_are_computed_does_not_rename_a_run():
-    """Settings marked NOT_IN_IDENTITY (e.g. prefix_reuse) change how stage 1 computes, not what."""
+@pytest.mark.parametrize("change", [{"prefix_reuse": False}, {"backend": "vllm"}, {"backend": "transformers"}])
+def test_how_vectors_are_computed_does_not_rename_a_run(change):
+    """Settings marked NOT_IN_IDENTITY (prefix_reuse, the backend) change how stage 1 computes, not what."""
     from semst.cluster.run import default_run_name
     from semst.shared.config import config_identity
 
     cache = {"cache": "/pinned/cache.zarr"}
-    on = load_cluster_config("mob", cache, embed_overrides=cache)
-    off = load_cluster_config("mob", cache, embed_overrides={**cache, "prefix_reuse": False})
-    assert off.embed.prefix_reuse is False
-    assert config_identity(on) == config_identity(off) and default_run_name(on) == default_run_name(off)
+    default = load_cluster_config("mob", cache, embed_overrides=cache)
+    changed = load_cluster_config("mob", cache, embed_overrides={**cache, **change})
+    assert all(getattr(changed.embed, k) == v != getattr(default.embed, k) for k, v in change.items())
+    assert config_identity(default) == config_identity(changed)
+    assert default_run_name(default) == default_run_name(changed)
 
 
 # -- the sections of [cluster] (issue 21) ---------------------------------------------------------------
