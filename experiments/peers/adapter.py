@@ -273,6 +273,12 @@ class PeerMethod(Method):
         self.folder = Path(self._tmp.name)
         self.h5ad = self.folder / "slide.h5ad"
         write_slide_h5ad(slide, self.h5ad)
+        # A peer with semst's FSM inside (Table 3) reads each spot's semantic vector, one .npy per seed.
+        self.semantic = None
+        if self.uses_semantic(self.cfg):
+            from semst.cluster.methods import SemanticVectors
+
+            self.semantic = SemanticVectors(self.cfg, slide.spot_ids, adata=slide.adata)
         self.fixed_seconds = time.perf_counter() - t0
         log(f"{self.cfg.dataset}: {self.name} ({self.platform}) from {self.python} on {slide.adata.n_obs} spots, "
             f"{slide.n_domains} domains, {slide.threads} thread(s)")
@@ -312,7 +318,11 @@ class PeerMethod(Method):
         out = self.folder / f"seed-{seed}"
         out.mkdir(exist_ok=True)
         what = f"{self.name} on {self.cfg.dataset}, seed {seed}"
-        run = run_process(self.command(seed, out), thread_environment(self.slide.threads), out / "stderr.txt",
+        command = self.command(seed, out)
+        if self.semantic is not None:
+            np.save(out / "semantic.npy", np.asarray(self.semantic.for_seed(seed), dtype=np.float32))
+            command += ["--semantic", str(out / "semantic.npy")]
+        run = run_process(command, thread_environment(self.slide.threads), out / "stderr.txt",
                           self.settings.timeout_seconds)
         if run.timed_out:
             raise PeerError(f"{what}: stopped after the timeout of {self.settings.timeout_seconds:g} s")
@@ -326,18 +336,25 @@ class PeerMethod(Method):
                                                      "clustering": str(info.get("clustering", ""))})
 
 
-def peer(name: str, title: str, method: str | None = None) -> type[PeerMethod]:
-    """Register the peer in ``experiments/peers/<name>/`` as method ``method`` (default ``name``)."""
-    cls = type(f"Peer_{name}", (PeerMethod,), {"name": method or name, "peer": name, "title": title,
-                                               "__doc__": f"{title}, run from its own package."})
+def peer(name: str, title: str, method: str | None = None, semantic: bool = False) -> type[PeerMethod]:
+    """Register the peer in ``experiments/peers/<name>/`` as method ``method`` (default ``name``).
+
+    ``semantic``: its script takes ``--semantic FILE`` (spots x d, semst's semantic vectors in the
+    h5ad's order) and modulates its own model with semst's FSM (Table 3); the grid embeds first unless
+    the variant's fusion is "none", and ``embedding = "random"`` gives the random-vector control."""
+    method = method or name
+    cls = type(f"Peer_{method.replace('-', '_')}", (PeerMethod,),
+               {"name": method, "peer": name, "title": title, "reads_semantic": semantic,
+                "__doc__": f"{title}, run from its own package."})
     return register_method(cls)
 
 
 GraphST = peer("graphst", "GraphST 1.1.1")
+GraphSTFSM = peer("graphst", "GraphST 1.1.1 with semst's FSM", method="graphst-fsm", semantic=True)
 BANKSY = peer("banksy", "BANKSY (pybanksy 1.3.5)")
 SpaGCN = peer("spagcn", "SpaGCN 1.2.7")
 StDCL = peer("stdcl", "stDCL 1.0.1")
 CellCharter = peer("cellcharter", "CellCharter")
 
-__all__ = ["PEERS_DIR", "BANKSY", "CellCharter", "GraphST", "PeerError", "PeerMethod", "PeerResult", "PeerRun",
+__all__ = ["PEERS_DIR", "BANKSY", "CellCharter", "GraphST", "GraphSTFSM", "PeerError", "PeerMethod", "PeerResult", "PeerRun",
            "PeerSettings", "SpaGCN", "StDCL", "peer", "read_outputs", "run_process"]

@@ -4,6 +4,7 @@ Runs inside a peer's own virtualenv, where semst is not installed: stdlib, numpy
 A script (``experiments/peers/<name>/run.py``) does::
 
     args = peer_io.arguments()            # --h5ad --out --seed --n-domains --threads --platform --technology
+                                          # [--semantic FILE.npy]
     adata = peer_io.read_slide(args)      # raw counts, obsm["spatial"]; seeds and threads fixed
     ...                                   # the tool's own documented pipeline
     peer_io.write_outputs(args, labels, embedding, {"clustering": "..."})
@@ -28,6 +29,8 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--platform", choices=("visium", "st", "imaging"), default="visium")
     p.add_argument("--technology", default="", help="e.g. osmFISH, STARmap, 10x Visium ('' if unknown)")
+    p.add_argument("--semantic", type=Path, default=None,
+                   help="a .npy of semst's semantic vectors (spots x d, the h5ad's order): modulate with them")
     return p.parse_args(argv)
 
 
@@ -56,6 +59,16 @@ def read_slide(args: argparse.Namespace):
     adata = ad.read_h5ad(args.h5ad)
     adata.var_names_make_unique()
     return adata
+
+
+def read_semantic(args: argparse.Namespace, n_spots: int):
+    """semst's semantic vectors given with --semantic (float32, spots x d), or None."""
+    if args.semantic is None:
+        return None
+    vectors = np.load(args.semantic, allow_pickle=False).astype(np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != n_spots:
+        raise SystemExit(f"--semantic {args.semantic}: shape {vectors.shape}, expected ({n_spots}, d)")
+    return vectors
 
 
 def write_outputs(args: argparse.Namespace, labels, embedding, info: dict | None = None) -> None:

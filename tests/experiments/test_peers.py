@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from toy_slides import two_domain_slide
 
@@ -80,6 +81,43 @@ def test_every_peer_is_a_registered_method_reading_no_semantic_vectors():
     for name in ("graphst", "banksy", "spagcn", "stdcl", "cellcharter"):
         assert METHODS[name].settings_key == "peer" and not METHODS[name].reads_semantic
         assert (PEERS / name / "run.py").is_file() and (PEERS / name / "requirements.txt").is_file()
+
+
+# A stand-in with semst's FSM inside: says which semantic vectors it was given.
+SEMANTIC = GOOD.replace('"median split",', '"median split", "semantic": None if args.semantic is None else '
+                        'peer_io.read_semantic(args, adata.n_obs)[:, 0].tolist(),')
+
+
+def test_graphst_with_the_fsm_is_graphst_reading_semantic_vectors_unless_fusion_is_none(tmp_path):
+    method = METHODS["graphst-fsm"]
+    assert method.peer == "graphst" and method.reads_semantic
+    assert method.uses_semantic(toy_config(tmp_path)) and not METHODS["graphst"].uses_semantic(toy_config(tmp_path))
+    assert not method.uses_semantic(load_cluster_config("toy", {"fusion": "none"}, tmp_path / "toy.toml"))
+
+
+@pytest.mark.parametrize("name,given", [("graphst-fsm", True), ("graphst", False)])
+def test_a_peer_with_the_fsm_gets_each_seeds_semantic_vectors_in_the_slides_order(tmp_path, monkeypatch, name, given):
+    class Vectors:  # what semst's SemanticVectors would read from the cache: here the seed in column 0
+        def __init__(self, cfg, spot_ids, **kwargs):
+            self.n = len(spot_ids)
+
+        def for_seed(self, seed):
+            return np.column_stack([np.full(self.n, seed + 0.5), np.arange(self.n)]).astype(np.float32)
+
+    seen = {}
+
+    def capture(out, n, what):
+        labels, emb, info = read_outputs(out, n, what)
+        seen[info["seed"]] = info["semantic"]
+        return labels, emb, info
+
+    monkeypatch.setattr("semst.cluster.methods.SemanticVectors", Vectors)
+    monkeypatch.setattr("semst.experiments.peers.adapter.read_outputs", capture)
+    run_peer(tmp_path, SEMANTIC, name=name)
+    if given:
+        assert seen == {0: [0.5] * 80, 1: [1.5] * 80}
+    else:
+        assert seen == {0: None, 1: None}
 
 
 def test_a_peers_labels_are_the_seeds_domains_with_its_seconds_and_peak_memory(tmp_path):
@@ -241,7 +279,18 @@ def test_the_field_grid_runs_semst_and_every_peer_on_the_five_local_count_slides
     from semst.experiments.grid import load_grid
 
     grid = load_grid(Path(__file__).resolve().parents[2] / "experiments" / "field.toml")
-    assert grid.datasets == ["dlpfc-151673", "dlpfc-151510", "mob", "starmap-mpfc", "osmfish"]
+    assert sorted(grid.datasets) == ["dlpfc-151510", "dlpfc-151673", "mob", "osmfish", "starmap-mpfc"]
     assert len(grid.seeds) == 3
-    assert [v.backbone for v in grid.variants] == ["semst", "graphst", "banksy", "spagcn", "stdcl", "cellcharter"]
-    assert grid.tables[0].variants == grid.figures[0].variants == [v.name for v in grid.variants]
+    table1, table3 = grid.tables
+    assert table1.variants == grid.figures[0].variants == ["semst", "graphst", "banksy", "spagcn", "stdcl",
+                                                           "cellcharter"]
+    assert [v.backbone for v in grid.variants if v.name in table1.variants] == table1.variants
+
+
+def test_the_field_grids_table_3_is_graphst_without_and_with_the_fsm_on_llm_and_on_random_vectors():
+    from semst.experiments.grid import load_grid
+
+    grid = load_grid(Path(__file__).resolve().parents[2] / "experiments" / "field.toml")
+    table3 = {v.name: v for v in grid.variants if v.name in grid.tables[1].variants}
+    assert [v.backbone for v in table3.values()] == ["graphst", "graphst-fsm", "graphst-fsm"]
+    assert table3["graphst-fsm-random"].cluster == {"embedding": "random"} and not table3["graphst-fsm"].cluster
