@@ -178,7 +178,7 @@ def real_prompts(shared_data_dir):
     lists = spot_gene_lists(load_embed_config("mob", {"k_genes": 20}), adata)
     from transformers import AutoTokenizer
 
-    prompts = render_prompts(lists[:12], AutoTokenizer.from_pretrained(default_model_dir()), "semst")
+    prompts = render_prompts(lists[:6], AutoTokenizer.from_pretrained(default_model_dir()), "semst")
     return default_model_dir(), prompts + ["a prompt that does not share the prefix"]
 
 
