@@ -86,7 +86,8 @@ def data_cmd(dataset, list_only, mirror):
 @click.option("--model", default=None, help="'default' (converted SmolLM2), a local directory or an HF id in the local HF cache.")
 @click.option("--k-genes", "k_genes", type=int, default=None, help="k_g: top expressed genes per spot (default from config, 20).")
 @click.option("--pooling", type=click.Choice(["mean", "last"]), default=None)
-@click.option("--backend", default=None, help="vllm, transformers or sentence (embed/backends.py BACKENDS).")
+@click.option("--backend", default=None, help="auto (the default: vllm on a GPU, transformers on a CPU), vllm, "
+              "transformers or sentence (embed/backends.py BACKENDS).")
 @click.option("--template", default=None, help="Prompt template: semst (the paper's) or nonbio (control).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--max-spots", type=int, default=None, help="Only the first N spots (quick checks).")
