@@ -238,7 +238,9 @@ def cluster_cmd(dataset, cache, config_path, out_dir, seeds, n_domains, fusion, 
 @click.option("--datasets", default=None, help="Comma-separated subset of the grid's datasets to run.")
 @click.option("--variants", default=None,
               help="Comma-separated subset of the grid's variants to run (a later whole run reuses their cells).")
-def experiment_cmd(grid, cache, out_dir, rerun, datasets, variants):
+@click.option("--report-only", is_flag=True,
+              help="Run nothing: write REPORT.md from the cells finished so far (e.g. while the grid runs).")
+def experiment_cmd(grid, cache, out_dir, rerun, datasets, variants, report_only):
     """Run a grid of datasets x methods x seeds (TOML) and write REPORT.md; exit 1 if a cell failed."""
     from semst.experiments.grid import load_grid, restrict_datasets, restrict_variants, run_experiment
 
@@ -247,7 +249,9 @@ def experiment_cmd(grid, cache, out_dir, rerun, datasets, variants):
         grid = restrict_datasets(grid, _csv(datasets))
     if variants:
         grid = restrict_variants(grid, _csv(variants))
-    outcome = run_experiment(grid, cache=cache, out_dir=out_dir, resume=not rerun)
+    if report_only and rerun:
+        raise click.UsageError("--report-only runs nothing, so it cannot --rerun")
+    outcome = run_experiment(grid, cache=cache, out_dir=out_dir, resume=not rerun, report_only=report_only)
     click.echo(f"{len(outcome.cells)} cells ({outcome.n_failed} failed), "
                f"{len(outcome.skipped)} datasets skipped; report: {outcome.report}")
     if outcome.n_failed:

@@ -97,12 +97,15 @@ def _same_embeddings(previous, cfg: ClusterConfig) -> bool:
 
 
 def run_experiment(grid: str | Path | Grid, cache: str | Path | None = None, out_dir: str | Path | None = None,
-                   resume: bool = True, progress: bool = True, log=print) -> ExperimentOutcome:
+                   resume: bool = True, progress: bool = True, log=print,
+                   report_only: bool = False) -> ExperimentOutcome:
     """Run every cell of ``grid`` (a path or a :class:`Grid`) and write ``<out>/REPORT.md``.
 
     ``cache`` overrides the grid's cache (default: the stage configs' shared cache); ``out_dir``
     overrides ``[grid] out``. With ``resume`` a cell already finished with identical settings by an
-    earlier run is reused (the report says so); otherwise every cell runs again.
+    earlier run is reused (the report says so); otherwise every cell runs again. ``report_only``:
+    run nothing, write the report of the cells finished so far with identical settings (a grid of
+    hours, read while it runs); the others are absent from its tables.
     """
     from semst.cluster.seeds import annotation
 
@@ -129,11 +132,27 @@ def run_experiment(grid: str | Path | Grid, cache: str | Path | None = None, out
         write_spots(out, dataset, adata, truth)
         for variant in grid.variants:
             done += 1
+            if report_only:
+                previous = _finished_cell(grid, variant, dataset, out, cache)
+                if previous is not None:
+                    cells.append(previous)
+                continue
             cells.append(_run_or_reuse(grid, variant, dataset, adata, out, cache, resume, embed_step,
                                        f"[{done}/{total}] {dataset} / {variant.name}", progress, log))
     report = write_experiment_report(grid, out, cells, skipped, datasets_info, cache, log=log)
     log(f"report: {report}")
     return ExperimentOutcome(report=report, cells=cells, skipped=skipped)
+
+
+def _finished_cell(grid: Grid, variant: Variant, dataset: str, out: Path, cache):
+    """The cell an earlier run finished with the settings it would have now (marked reused), or None."""
+    cfg = cell_config(grid, variant, dataset, cache)
+    previous = load_cell(out, dataset, variant.name)
+    if (previous is not None and previous.status == "ok"
+            and previous.config_hash == json_hash(cell_settings(grid, variant, cfg)) and _same_embeddings(previous, cfg)):
+        previous.reused = True
+        return previous
+    return None
 
 
 def _run_or_reuse(grid: Grid, variant: Variant, dataset: str, adata, out: Path, cache, resume: bool,
@@ -144,10 +163,8 @@ def _run_or_reuse(grid: Grid, variant: Variant, dataset: str, adata, out: Path, 
     cfg = cell_config(grid, variant, dataset, cache)
     config_hash = json_hash(cell_settings(grid, variant, cfg))
     if resume:
-        previous = load_cell(out, dataset, variant.name)
-        if (previous is not None and previous.status == "ok" and previous.config_hash == config_hash
-                and _same_embeddings(previous, cfg)):
-            previous.reused = True
+        previous = _finished_cell(grid, variant, dataset, out, cache)
+        if previous is not None:
             log(f"{head}: reused the result of {previous.finished}")
             return previous
     log(f"{head}: running")

@@ -281,6 +281,22 @@ def test_a_resumed_run_reuses_cells_with_unchanged_settings(first_run, on_path):
     assert outcome.skipped.keys() == {"toy-normalised"}
 
 
+def test_report_only_writes_the_finished_cells_and_runs_none(first_run, on_path):
+    from semst.experiments.grid import load_grid, restrict_variants
+
+    grid = load_grid(on_path["grid"])
+    out = on_path["root"] / "report-partial"
+    kept = grid.variants[0].name
+    run_experiment(restrict_variants(grid, [kept]), cache=on_path["cache"], out_dir=out, progress=False,
+                   log=lambda *a: None)
+    lines = []
+    outcome = run_experiment(grid, cache=on_path["cache"], out_dir=out, progress=False, log=lines.append,
+                             report_only=True)
+    assert [c.variant for c in outcome.cells] == [kept] and outcome.cells[0].reused
+    assert not any(": running" in line for line in lines)
+    assert outcome.report.is_file() and {p.stem for p in (out / "cells").rglob("*.json")} == {kept}
+
+
 # -- baselines ------------------------------------------------------------------------------------------
 
 def test_spatial_smoothing_averages_each_spot_over_its_neighbourhood():
@@ -352,3 +368,12 @@ def test_a_variant_can_ask_for_auto_n_domains_and_a_malformed_range_is_refused_a
     assert cell_config(grid, grid.variant("semst"), "mob").n_domains is None
     message = error_of(lambda d: d["variant"].append({"name": "bad", "cluster": {"n_domains": "auto:9-3"}}))
     assert "variant 'bad' on mob" in message and "the range is empty" in message
+
+
+def test_report_only_with_rerun_is_refused_before_anything_runs():
+    from click.testing import CliRunner
+
+    from semst.experiments.cli import main
+
+    done = CliRunner().invoke(main, ["experiment", str(REPO / "experiments" / "field.toml"), "--report-only", "--rerun"])
+    assert done.exit_code == 2 and "--report-only runs nothing" in done.output
