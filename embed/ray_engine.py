@@ -194,6 +194,7 @@ def ray_session(address: str, workers: int | None, log=print) -> Iterator[Cluste
     shut down (this driver's replicas end with it) however the run ends. A Ray the caller started
     (semst as a library) is used as it is and left running."""
     from semst.embed.run import EmbedError
+    from semst.shared import interrupt
 
     for name, value in ENGINE_ENV.items():
         os.environ.setdefault(name, value)
@@ -205,25 +206,23 @@ def ray_session(address: str, workers: int | None, log=print) -> Iterator[Cluste
     # Our progress bar and messages only: Ray's and Ray Data's go to Ray's log folder.
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if owned:
-        handlers = _signal_handlers()
-        try:
-            if local:
-                for name, value in LOCAL_ENGINE_ENV.items():
-                    os.environ.setdefault(name, value)
-                replicas = workers or _cores()
-                # One CPU more than the replicas take: with exactly as many, Ray Data's other
-                # operators find no CPU and the pipeline deadlocks (issue 22).
-                ray.init(num_cpus=replicas + 1, num_gpus=0, include_dashboard=False, **quiet)
-            else:
-                ray.init(address=address, **quiet)
-        except Exception as exc:  # ConnectionError, a timeout, a bad address
-            raise EmbedError(f"cannot start or join Ray at {address!r} ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}); for a cluster run `ray start "
-                             "--head` on its head node and pass --ray HEAD:6379") from None
-        finally:
-            # ray.init installs its own SIGTERM handler (sys.exit wherever it lands, even inside a cache
-            # commit); the command's own (semst.shared.interrupt: stop after the batch) are put back.
-            _restore_signal_handlers(handlers)
+        # ray.init installs its own SIGTERM handler (sys.exit wherever it lands, even inside a cache
+        # commit); the command's own (semst.shared.interrupt: stop after the batch) are put back.
+        with interrupt.handlers_kept():
+            try:
+                if local:
+                    for name, value in LOCAL_ENGINE_ENV.items():
+                        os.environ.setdefault(name, value)
+                    replicas = workers or _cores()
+                    # One CPU more than the replicas take: with exactly as many, Ray Data's other
+                    # operators find no CPU and the pipeline deadlocks (issue 22).
+                    ray.init(num_cpus=replicas + 1, num_gpus=0, include_dashboard=False, **quiet)
+                else:
+                    ray.init(address=address, **quiet)
+            except Exception as exc:  # ConnectionError, a timeout, a bad address
+                raise EmbedError(f"cannot start or join Ray at {address!r} ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); for a cluster run `ray start "
+                                 "--head` on its head node and pass --ray HEAD:6379") from None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = context.print_on_execution_start = False
     try:
@@ -233,23 +232,6 @@ def ray_session(address: str, workers: int | None, log=print) -> Iterator[Cluste
     finally:
         if owned:
             ray.shutdown()
-
-
-def _signal_handlers() -> dict:
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _restore_signal_handlers(handlers: dict) -> None:
-    import signal
-
-    for signum, handler in handlers.items():
-        if handler is not None and signal.getsignal(signum) is not handler:
-            signal.signal(signum, handler)
 
 
 def _cores() -> int:

@@ -144,7 +144,7 @@ def stop_on_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread() or _state.installed:
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in HANDLED}
+    previous = _handlers()
     _state.reset()
     _state.installed = True
     for sig in HANDLED:
@@ -152,6 +152,29 @@ def stop_on_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        _restore(previous)
         _state.reset()
+
+
+@contextlib.contextmanager
+def handlers_kept() -> Iterator[None]:
+    """Around a library call that installs its own SIGINT / SIGTERM handlers (``ray.init``'s SIGTERM
+    handler exits wherever it lands, even inside a cache commit): the ones in effect before are put
+    back when the block ends (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = _handlers()
+    try:
+        yield
+    finally:
+        _restore(previous)
+
+
+def _handlers() -> dict:
+    return {sig: signal.getsignal(sig) for sig in HANDLED}
+
+
+def _restore(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
