@@ -69,7 +69,12 @@ class PreprocessConfig:
 # were fixed is in it only when it differs from its default, so older runs keep their names.
 NOT_IN_IDENTITY = {"identity": "never"}
 IN_IDENTITY_IF_SET = {"identity": "if-set"}
-LEGACY_BACKEND_IDENTITY = "vllm"  # see _embed_identity
+
+
+def in_identity_as(value: Any) -> dict:
+    """Field metadata: a setting that cannot change a run's result but was in the hash when run names
+    were fixed; it stays there as that fixed ``value``, whatever the setting now is."""
+    return {"identity": "as", "value": value}
 
 
 @dataclass
@@ -93,9 +98,10 @@ class EmbedConfig:
     template: str = "semst"  # prompt template name, see embed.prompts.TEMPLATES
     model: str = "default"  # "default" = the converted SmolLM2 in data/models, or any id / path
     pooling: str = "mean"  # "mean" (the paper's code) or "last", over the final layer
-    # "auto" (vLLM on a GPU, transformers on a CPU), "vllm", "transformers" or "sentence"; how, not
-    # which: every backend of a model computes the same space, so it is not part of a run's identity
-    backend: str = field(default="auto", metadata=NOT_IN_IDENTITY)
+    # "auto" (vLLM on a GPU, transformers on a CPU), "vllm", "transformers" or "sentence". How, not
+    # which: every backend of a model computes the same space (the cache holds one row per prompt and
+    # space, whichever backend wrote it); run names were fixed while the default was "vllm".
+    backend: str = field(default="auto", metadata=in_identity_as("vllm"))
     dtype: str = "float32"
     batch_size: int = 64  # prompts per backend call (and per cache commit)
     # Compute the leading tokens all prompts share once (exact: same vectors up to float rounding, same
@@ -822,17 +828,15 @@ def _toml_value(v: Any) -> str:
 def _embed_identity(embed: EmbedConfig, values: dict[str, Any]) -> dict[str, Any]:
     """The embed settings that name a run: without those that cannot change its result
     (``NOT_IN_IDENTITY``: how the vectors are computed, not which), and without those added later
-    (``IN_IDENTITY_IF_SET``) while they hold their defaults, so older runs keep their names."""
+    (``IN_IDENTITY_IF_SET``) while they hold their defaults, so older runs keep their names; one
+    that was in it before it stopped mattering keeps its old value (:func:`in_identity_as`)."""
     kept = dict(values)
     for f in dataclasses.fields(embed):
         kind = f.metadata.get("identity")
         if kind == "never" or (kind == "if-set" and getattr(embed, f.name) == f.default):
             kept.pop(f.name, None)
-    if "backend" in values:
-        # Which backend computes a vector changes no run (the cache holds one row per prompt and space,
-        # whichever backend wrote it), but run names were fixed while the default was "vllm": that
-        # value stays in the hash, so older runs keep their names whatever backend runs now.
-        kept["backend"] = LEGACY_BACKEND_IDENTITY
+        elif kind == "as" and f.name in kept:
+            kept[f.name] = f.metadata["value"]
     if embed.semantic == "spot":  # the gene-level settings do nothing for per-spot prompts
         for name in ("semantic", "gene_weights", "gene_names"):
             kept.pop(name, None)
