@@ -230,7 +230,7 @@ def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, lo
 
     from tqdm import tqdm
 
-    from semst.embed.backends import load_backend
+    from semst.embed.backends import AUTO, load_backend
     from semst.shared import interrupt
 
     commit_rows, commit_seconds = _commit_every()
@@ -238,7 +238,7 @@ def _compute_missing(cfg, model_dir, space, cache, missing, unique, progress, lo
                            batch_size=cfg.batch_size, prefix_reuse=cfg.prefix_reuse)
     reuse = getattr(backend, "prefix_reuse", False)
     why_not = " (not available for this backend and pooling)" if cfg.prefix_reuse and not reuse else ""
-    chosen = f" (auto: {'a GPU' if backend.name == 'vllm' else 'no GPU'})" if cfg.backend == "auto" else ""
+    chosen = f" (auto: {'a GPU' if backend.name == 'vllm' else 'no GPU'})" if cfg.backend == AUTO else ""
     log(f"{backend.name} backend{chosen}, {cfg.pooling} pooling, prefix reuse {'on' if reuse else 'off'}{why_not}")
     # The label is ours (derived from the model string); everything else must agree exactly.
     got = backend.space()

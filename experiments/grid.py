@@ -133,7 +133,8 @@ def run_experiment(grid: str | Path | Grid, cache: str | Path | None = None, out
         for variant in grid.variants:
             done += 1
             if report_only:
-                previous = _finished_cell(grid, variant, dataset, out, cache)
+                cfg = cell_config(grid, variant, dataset, cache)
+                previous = _finished_cell(out, dataset, variant, cfg, json_hash(cell_settings(grid, variant, cfg)))
                 if previous is not None:
                     cells.append(previous)
                 continue
@@ -144,12 +145,11 @@ def run_experiment(grid: str | Path | Grid, cache: str | Path | None = None, out
     return ExperimentOutcome(report=report, cells=cells, skipped=skipped)
 
 
-def _finished_cell(grid: Grid, variant: Variant, dataset: str, out: Path, cache):
-    """The cell an earlier run finished with the settings it would have now (marked reused), or None."""
-    cfg = cell_config(grid, variant, dataset, cache)
+def _finished_cell(out: Path, dataset: str, variant: Variant, cfg: ClusterConfig, config_hash: str):
+    """The cell an earlier run finished with these settings (marked reused), or None."""
     previous = load_cell(out, dataset, variant.name)
-    if (previous is not None and previous.status == "ok"
-            and previous.config_hash == json_hash(cell_settings(grid, variant, cfg)) and _same_embeddings(previous, cfg)):
+    if (previous is not None and previous.status == "ok" and previous.config_hash == config_hash
+            and _same_embeddings(previous, cfg)):
         previous.reused = True
         return previous
     return None
@@ -163,7 +163,7 @@ def _run_or_reuse(grid: Grid, variant: Variant, dataset: str, adata, out: Path, 
     cfg = cell_config(grid, variant, dataset, cache)
     config_hash = json_hash(cell_settings(grid, variant, cfg))
     if resume:
-        previous = _finished_cell(grid, variant, dataset, out, cache)
+        previous = _finished_cell(out, dataset, variant, cfg, config_hash)
         if previous is not None:
             log(f"{head}: reused the result of {previous.finished}")
             return previous
